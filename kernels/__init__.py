@@ -1,0 +1,1 @@
+"""Triton kernels for ARES (the fused length head), each next to its torch reference."""
