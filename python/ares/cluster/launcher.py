@@ -1,0 +1,224 @@
+"""Start and stop a local PD cluster by PID. Each server runs in its own session, so stopping its process group
+stops exactly the processes it spawned (scheduler, detokenizer) and nothing else.
+
+A state file records every PID with its kernel start time, so `ares cluster down` from another shell stops exactly
+those processes, never a later process that reused a PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+
+from ares.cluster.spec import HOST, ClusterSpec, ServerSpec
+from ares.config import ENV_VAR
+
+
+class ClusterError(RuntimeError):
+    """A cluster process failed to start or become healthy."""
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (held open together so they are distinct)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _start_time(pid: int) -> int | None:
+    """Kernel start time of `pid` (clock ticks since boot), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces; fields after the closing parenthesis are fixed.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET `url` answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _stop_group(pid: int, start_time: int | None, grace_s: float) -> None:
+    """SIGTERM the process group led by `pid` (only if it is still the process we started), then SIGKILL."""
+    if start_time is not None and _start_time(pid) != start_time:
+        return  # gone, or the PID now belongs to someone else
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def default_state_file(name: str = "default") -> Path:
+    """Where `ares cluster up --name NAME` records its processes."""
+    base = os.environ.get("ARES_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ares")
+    return Path(base) / "clusters" / f"{name}.json"
+
+
+class Cluster:
+    """A running local PD cluster. Use as a context manager, or `start()` / `stop()`."""
+
+    def __init__(self, spec: ClusterSpec, log_dir: str | Path, state_file: str | Path | None = None):
+        self.spec = spec
+        self.log_dir = Path(log_dir)
+        self.state_file = Path(state_file) if state_file else None
+        self.servers: list[ServerSpec] = []
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._start_times: dict[str, int | None] = {}
+
+    # -- URLs ---------------------------------------------------------------------------------------------------
+    def _urls(self, role: str) -> list[str]:
+        return [s.url for s in self.servers if s.role == role]
+
+    @property
+    def prefill_urls(self) -> list[str]:
+        return self._urls("prefill")
+
+    @property
+    def decode_urls(self) -> list[str]:
+        return self._urls("decode")
+
+    @property
+    def router_url(self) -> str:
+        return self._urls("router")[0]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs.items()}
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 900.0) -> Cluster:
+        """Start every server, wait until all are healthy, then start the router. Stops everything on failure."""
+        spec = self.spec
+        self.servers = spec.servers(free_ports(2 * spec.n_prefill + spec.n_decode + 1))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            backends = [s for s in self.servers if s.role != "router"]
+            for s in backends:
+                self._launch(s)
+            self._wait_healthy(backends, timeout_s)
+            router = self.servers[-1]
+            self._launch(router)
+            self._wait_healthy([router], 120.0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self, s: ServerSpec) -> None:
+        env = dict(os.environ)
+        env.pop(ENV_VAR, None)  # each SGLang launcher derives its own ARES config from its flags
+        env["SGLANG_HOST_IP"] = HOST  # Mooncake would otherwise advertise the machine's external address
+        env["PYTHONUNBUFFERED"] = "1"
+        log = open(self.log_dir / f"{s.name}.log", "wb")  # noqa: SIM115 - owned by the child from here on
+        proc = subprocess.Popen(
+            list(s.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        self.procs[s.name] = proc
+        self._start_times[s.name] = _start_time(proc.pid)
+        self._write_state()
+
+    def _wait_healthy(self, servers: list[ServerSpec], timeout_s: float) -> None:
+        pending = {s.name: s for s in servers}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for name, s in list(pending.items()):
+                if self.procs[name].poll() is not None:
+                    raise ClusterError(f"{name} exited with {self.procs[name].returncode}:\n{self.log_tail(name)}")
+                if http_ok(s.url + "/health"):
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                raise ClusterError(f"not healthy after {timeout_s:.0f}s: {sorted(pending)}")
+            if pending:
+                time.sleep(1.0)
+
+    def log_tail(self, name: str, n_chars: int = 4000) -> str:
+        """The end of process `name`'s log."""
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-n_chars:] if path.exists() else ""
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Stop every process this cluster started (router first), by PID; remove the state file."""
+        for name in reversed(list(self.procs)):
+            _stop_group(self.procs[name].pid, self._start_times.get(name), grace_s)
+            try:
+                self.procs[name].wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+        if self.state_file and self.state_file.exists():
+            self.state_file.unlink()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- state file ---------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """JSON-able description: URLs, PIDs (with start times) and logs of every process."""
+        return {
+            "spec": {k: v for k, v in asdict(self.spec).items() if k != "python"},
+            "router_url": self.router_url if self._urls("router") else None,
+            "processes": [
+                {"name": s.name, "role": s.role, "url": s.url, "pid": self.procs[s.name].pid,
+                 "start_time": self._start_times[s.name], "log": str(self.log_dir / f"{s.name}.log"),
+                 "bootstrap_port": s.bootstrap_port}
+                for s in self.servers if s.name in self.procs
+            ],
+        }  # fmt: skip
+
+    def _write_state(self) -> None:
+        if self.state_file:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            self.state_file.write_text(json.dumps(self.state(), indent=2))
+
+
+def load_state(state_file: str | Path) -> dict:
+    """Read a cluster state file written by `Cluster`."""
+    return json.loads(Path(state_file).read_text())
+
+
+def stop_state(state_file: str | Path, grace_s: float = 15.0) -> list[int]:
+    """Stop the processes recorded in `state_file` (router first); return the PIDs stopped."""
+    state = load_state(state_file)
+    stopped = []
+    for p in reversed(state["processes"]):
+        _stop_group(p["pid"], p["start_time"], grace_s)
+        stopped.append(p["pid"])
+    Path(state_file).unlink()
+    return stopped

@@ -1,0 +1,88 @@
+"""What a local PD cluster consists of, and the exact command line of each process (pure: no I/O)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One process of the cluster: its role, where it listens, and how it is started."""
+
+    role: str  # "prefill" | "decode" | "router"
+    index: int
+    port: int
+    argv: tuple[str, ...]
+    bootstrap_port: int | None = None  # prefill only: Mooncake bootstrap server
+
+    @property
+    def name(self) -> str:
+        return self.role if self.role == "router" else f"{self.role}{self.index}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A local cluster: `n_prefill` prefill and `n_decode` decode SGLang servers behind one PD router."""
+
+    model_path: str
+    n_prefill: int = 1
+    n_decode: int = 2
+    ares: bool = False  # start decode servers with --ares
+    device: str = "cpu"
+    max_total_tokens: int = 8192  # KV pool per server (CPU mode would size it from RAM otherwise)
+    router_policy: str = "round_robin"
+    extra_server_args: tuple[str, ...] = ()
+    python: str = field(default=sys.executable)
+
+    def servers(self, ports: list[int]) -> list[ServerSpec]:
+        """All processes, given 2*n_prefill + n_decode + 1 free ports (prefill HTTP+bootstrap, decode, router)."""
+        need = 2 * self.n_prefill + self.n_decode + 1
+        if len(ports) != need:
+            raise ValueError(f"need {need} ports, got {len(ports)}")
+        if self.n_prefill < 1 or self.n_decode < 1:
+            raise ValueError("a PD cluster needs at least one prefill and one decode server")
+        it = iter(ports)
+        out: list[ServerSpec] = []
+        for i in range(self.n_prefill):
+            port, boot = next(it), next(it)
+            out.append(ServerSpec("prefill", i, port, self._server_argv(port, "prefill", boot), bootstrap_port=boot))
+        for i in range(self.n_decode):
+            port = next(it)
+            out.append(ServerSpec("decode", i, port, self._server_argv(port, "decode")))
+        router_port = next(it)
+        out.append(ServerSpec("router", 0, router_port, self._router_argv(router_port, out)))
+        return out
+
+    def _server_argv(self, port: int, mode: str, bootstrap_port: int | None = None) -> tuple[str, ...]:
+        argv = [
+            self.python, "-m", "sglang.launch_server",
+            "--model-path", self.model_path,
+            "--host", HOST, "--port", str(port),
+            "--device", self.device,
+            "--max-total-tokens", str(self.max_total_tokens),
+            "--disaggregation-mode", mode,
+            # Mooncake with its TCP transport: no RDMA device needed, loopback only.
+            "--disaggregation-transfer-backend", "mooncake_tcp",
+        ]  # fmt: skip
+        if bootstrap_port is not None:
+            argv += ["--disaggregation-bootstrap-port", str(bootstrap_port)]
+        if mode == "decode" and self.ares:
+            argv.append("--ares")
+        return tuple(argv) + self.extra_server_args
+
+    def _router_argv(self, port: int, servers: list[ServerSpec]) -> tuple[str, ...]:
+        argv = [self.python, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+                "--host", HOST, "--port", str(port), "--policy", self.router_policy]  # fmt: skip
+        for s in servers:
+            if s.role == "prefill":
+                argv += ["--prefill", s.url, str(s.bootstrap_port)]
+            elif s.role == "decode":
+                argv += ["--decode", s.url]
+        return tuple(argv)

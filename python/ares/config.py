@@ -1,0 +1,95 @@
+"""ARES server-side configuration: the `--ares*` flags, parsed out of SGLang's argv and handed to spawned children.
+
+SGLang's ServerArgs is a sealed record, so ARES keeps its own settings. The launcher process parses them once and
+stores them as JSON in an environment variable, which SGLang's scheduler/detokenizer subprocesses inherit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+ENV_VAR = "ARES_SERVER_CONFIG"
+
+
+@dataclass(frozen=True)
+class AresServerConfig:
+    """What the plugin does in this server: nothing unless `enabled` or `cpu_mode`."""
+
+    enabled: bool = False  # --ares: length prediction and load reporting on a decode server
+    cpu_mode: bool = False  # the server runs with --device cpu: apply ares.cpu patches
+    predictor: str | None = None  # --ares-predictor: head checkpoint directory
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> AresServerConfig:
+        """The configuration the launcher process stored; the default (all off) when none was stored."""
+        raw = (environ if environ is not None else os.environ).get(ENV_VAR)
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def add_ares_args(parser: argparse.ArgumentParser) -> None:
+    """Add the `--ares*` flags (an argument group in `--help`)."""
+    group = parser.add_argument_group("ARES (adaptive decode rescheduling)")
+    group.add_argument(
+        "--ares",
+        action="store_true",
+        help="Enable ARES on this decode server (requires --disaggregation-mode decode; "
+        "implies --return-hidden-states-mode last).",
+    )
+    group.add_argument(
+        "--ares-predictor",
+        type=str,
+        default=None,
+        metavar="DIR",
+        help="ARES length-predictor checkpoint directory (safetensors + JSON config); must match the model's "
+        "hidden size.",
+    )
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """Value of `--flag X` or `--flag=X` in argv (last one wins, as argparse does), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def split_ares_args(argv: list[str]) -> tuple[AresServerConfig, list[str]]:
+    """Parse the `--ares*` flags out of SGLang's argv; return the ARES config and argv without them.
+
+    Raises ValueError for `--ares` on a server that is not a PD decode server.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_ares_args(parser)
+    known, rest = parser.parse_known_args(argv)
+    mode = _flag_value(rest, "--disaggregation-mode") or "null"
+    if known.ares and mode != "decode":
+        raise ValueError(
+            f"--ares is only valid on a PD decode server (--disaggregation-mode decode); this server has "
+            f"--disaggregation-mode {mode}"
+        )
+    if known.ares_predictor and not known.ares:
+        raise ValueError("--ares-predictor needs --ares")
+    config = AresServerConfig(
+        enabled=known.ares,
+        cpu_mode=_flag_value(rest, "--device") == "cpu",
+        predictor=known.ares_predictor,
+    )
+    hidden_mode = _flag_value(rest, "--return-hidden-states-mode")
+    if config.enabled and hidden_mode is None:
+        # The length head reads the final hidden state of every decode step.
+        rest = [*rest, "--return-hidden-states-mode", "last"]
+    elif config.enabled and hidden_mode != "last":
+        raise ValueError(f"--ares needs --return-hidden-states-mode last (got {hidden_mode})")
+    return config, rest

@@ -1,0 +1,60 @@
+"""SGLang plugin entry point (`sglang.srt.plugins` group): adds the `--ares*` flags and installs ARES's hooks.
+
+`register()` runs in every SGLang process. In the launcher process it only extends the argument parser and wraps
+`prepare_server_args`, which splits off ARES's flags and stores the resulting config in the environment. Spawned
+children (scheduler, detokenizer) read that config when their own `register()` runs. With neither `--ares` nor
+`--device cpu`, no runtime hook is installed anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from ares.config import ENV_VAR, AresServerConfig, add_ares_args, split_ares_args
+
+logger = logging.getLogger(__name__)
+
+ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
+PREPARE_SERVER_ARGS = "sglang.srt.server_args.prepare_server_args"
+CLI_HOOK_TARGETS = (ADD_CLI_ARGS, PREPARE_SERVER_ARGS)
+
+
+def _after_add_cli_args(_result, parser, *args, **kwargs):
+    add_ares_args(parser)
+
+
+def _around_prepare_server_args(original, argv, *args, **kwargs):
+    config, argv = split_ares_args(list(argv))
+    if config.cpu_mode:
+        from ares.cpu import add_cpu_default_flags
+
+        argv = add_cpu_default_flags(argv, decode="decode" in argv)
+    # Children spawned from here on inherit it; a stale value from the caller's shell is overwritten.
+    os.environ[ENV_VAR] = config.to_env()
+    install_runtime_hooks(config)
+    return original(argv, *args, **kwargs)
+
+
+def install_runtime_hooks(config: AresServerConfig) -> list[str]:
+    """Install what `config` asks for in this process; return what was installed (empty when all is off)."""
+    installed: list[str] = []
+    if config.cpu_mode:
+        from ares.cpu import apply_cpu_patches
+
+        apply_cpu_patches()
+        installed.append("cpu")
+    if config.enabled:
+        logger.info("ARES enabled on this decode server: %s", config)
+        installed.append("ares")
+    HookRegistry.apply_hooks()
+    return installed
+
+
+def register() -> None:
+    """Plugin entry point, called by SGLang's `load_plugins()` in every process."""
+    HookRegistry.register(ADD_CLI_ARGS, _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register(PREPARE_SERVER_ARGS, _around_prepare_server_args, HookType.AROUND)
+    install_runtime_hooks(AresServerConfig.from_env())
