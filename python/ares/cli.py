@@ -11,6 +11,9 @@ import sys
 COMMAND_MODULES = [
     "ares.models.cli",
     "ares.cluster.cli",
+    "ares.demo",
+    "ares.predictor.cli",
+    "ares.sim.cli",
 ]
 
 

@@ -43,7 +43,7 @@ def _unavailable(*_args, **_kwargs):
 
 
 def install_vllm_stand_in() -> bool:
-    """Make `from vllm._custom_ops import rotary_embedding` importable when vllm is absent. Returns True if installed."""
+    """Make `from vllm._custom_ops import rotary_embedding` importable when vllm is absent; True if installed."""
     if "vllm._custom_ops" in sys.modules or importlib.util.find_spec("vllm") is not None:
         return False
     vllm = types.ModuleType("vllm")

@@ -24,9 +24,13 @@ def _up(args: argparse.Namespace) -> int:
         print(f"cluster {args.name!r} already recorded in {state_file}; run `ares cluster down --name {args.name}`")
         return 1
     spec = ClusterSpec(
-        model_path=resolve_model(args.model), n_prefill=args.prefill, n_decode=args.decode, ares=args.ares,
-        max_total_tokens=args.max_total_tokens, router_policy=args.router_policy,
-    )  # fmt: skip
+        model_path=resolve_model(args.model),
+        n_prefill=args.prefill,
+        n_decode=args.decode,
+        ares=args.ares,
+        max_total_tokens=args.max_total_tokens,
+        router_policy=args.router_policy,
+    )
     log_dir = Path(args.log_dir or state_file.with_suffix(""))
     cluster = Cluster(spec, log_dir=log_dir, state_file=state_file)
     t0 = time.monotonic()
@@ -83,8 +87,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the servers' health")
     up.add_argument("--log-dir", default=None, help="server logs (default: next to the state file)")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the cluster")
-    for q in (up, csub.add_parser("down", help="stop exactly the processes `up` started"),
-              csub.add_parser("status", help="print the recorded URLs and PIDs")):  # fmt: skip
+    for q in (
+        up,
+        csub.add_parser("down", help="stop exactly the processes `up` started"),
+        csub.add_parser("status", help="print the recorded URLs and PIDs"),
+    ):
         q.add_argument("--name", default="default", help="cluster name (several may run side by side)")
     up.set_defaults(func=_up)
     csub.choices["down"].set_defaults(func=_down)

@@ -143,9 +143,13 @@ class Cluster:
         env["PYTHONUNBUFFERED"] = "1"
         log = open(self.log_dir / f"{s.name}.log", "wb")  # noqa: SIM115 - owned by the child from here on
         proc = subprocess.Popen(
-            list(s.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
-        )  # fmt: skip
+            list(s.argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         log.close()
         self.procs[s.name] = proc
         self._start_times[s.name] = _start_time(proc.pid)
@@ -195,12 +199,19 @@ class Cluster:
             "spec": {k: v for k, v in asdict(self.spec).items() if k != "python"},
             "router_url": self.router_url if self._urls("router") else None,
             "processes": [
-                {"name": s.name, "role": s.role, "url": s.url, "pid": self.procs[s.name].pid,
-                 "start_time": self._start_times[s.name], "log": str(self.log_dir / f"{s.name}.log"),
-                 "bootstrap_port": s.bootstrap_port}
-                for s in self.servers if s.name in self.procs
+                {
+                    "name": s.name,
+                    "role": s.role,
+                    "url": s.url,
+                    "pid": self.procs[s.name].pid,
+                    "start_time": self._start_times[s.name],
+                    "log": str(self.log_dir / f"{s.name}.log"),
+                    "bootstrap_port": s.bootstrap_port,
+                }
+                for s in self.servers
+                if s.name in self.procs
             ],
-        }  # fmt: skip
+        }
 
     def _write_state(self) -> None:
         if self.state_file:

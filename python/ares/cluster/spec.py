@@ -62,15 +62,25 @@ class ClusterSpec:
 
     def _server_argv(self, port: int, mode: str, bootstrap_port: int | None = None) -> tuple[str, ...]:
         argv = [
-            self.python, "-m", "sglang.launch_server",
-            "--model-path", self.model_path,
-            "--host", HOST, "--port", str(port),
-            "--device", self.device,
-            "--max-total-tokens", str(self.max_total_tokens),
-            "--disaggregation-mode", mode,
+            self.python,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            self.model_path,
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--device",
+            self.device,
+            "--max-total-tokens",
+            str(self.max_total_tokens),
+            "--disaggregation-mode",
+            mode,
             # Mooncake with its TCP transport: no RDMA device needed, loopback only.
-            "--disaggregation-transfer-backend", "mooncake_tcp",
-        ]  # fmt: skip
+            "--disaggregation-transfer-backend",
+            "mooncake_tcp",
+        ]
         if bootstrap_port is not None:
             argv += ["--disaggregation-bootstrap-port", str(bootstrap_port)]
         if mode == "decode" and self.ares:
@@ -78,8 +88,18 @@ class ClusterSpec:
         return tuple(argv) + self.extra_server_args
 
     def _router_argv(self, port: int, servers: list[ServerSpec]) -> tuple[str, ...]:
-        argv = [self.python, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-                "--host", HOST, "--port", str(port), "--policy", self.router_policy]  # fmt: skip
+        argv = [
+            self.python,
+            "-m",
+            "sglang_router.launch_router",
+            "--pd-disaggregation",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--policy",
+            self.router_policy,
+        ]
         for s in servers:
             if s.role == "prefill":
                 argv += ["--prefill", s.url, str(s.bootstrap_port)]

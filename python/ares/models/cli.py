@@ -18,7 +18,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="prepare the models ARES serves (SmolLM2-135M, tiny random)")
     msub = p.add_subparsers(dest="model_command", required=True)
     prep = msub.add_parser("prepare", help="convert/build models into the cache (idempotent); prints their paths")
-    prep.add_argument("models", nargs="*", default=list(MODEL_NAMES), choices=MODEL_NAMES, metavar="MODEL",
-                      help=f"models to prepare (default: all of {', '.join(MODEL_NAMES)})")
+    prep.add_argument(
+        "models",
+        nargs="*",
+        default=list(MODEL_NAMES),
+        choices=MODEL_NAMES,
+        metavar="MODEL",
+        help=f"models to prepare (default: all of {', '.join(MODEL_NAMES)})",
+    )
     prep.add_argument("--force", action="store_true", help="rebuild even when cached")
     prep.set_defaults(func=_prepare)

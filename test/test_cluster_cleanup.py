@@ -1,0 +1,139 @@
+"""The launcher stops every process it started (servers, their SGLang children, router), also on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from ares.cluster import Cluster, ClusterError, ClusterSpec
+
+
+def group_members(pgids: set[int]) -> set[int]:
+    """PIDs of all live processes in the given process groups (servers run one session/group each)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) in pgids:
+                out.add(int(d.name))
+    return out
+
+
+def test_failed_startup_stops_everything(tiny_model, tmp_path):
+    """A server failing during startup tears the whole cluster down, SGLang's child processes included."""
+    cluster = Cluster(
+        ClusterSpec(model_path=str(tiny_model), n_prefill=1, n_decode=1, max_total_tokens=2048), log_dir=tmp_path
+    )
+    seen: set[int] = set()
+
+    def fail_once_children_run(servers, timeout_s):
+        # Each SGLang server spawns a scheduler and a detokenizer: wait for them, then fail the startup.
+        deadline = time.monotonic() + 300
+        while len(seen) < 3 * len(servers) and time.monotonic() < deadline:
+            time.sleep(1)
+            seen.update(group_members(set(cluster.pids.values())))
+        raise ClusterError("injected startup failure")
+
+    cluster._wait_healthy = fail_once_children_run
+    with pytest.raises(ClusterError, match="injected"):
+        cluster.start()
+    assert len(seen) >= 6, f"servers and their children should have been running: {seen}"
+    assert not [p for p in seen if _alive(p)]
+    assert cluster.pids == {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+INNER_TEST = textwrap.dedent(
+    """
+    import json, os
+    from ares.cluster import Cluster, ClusterSpec
+
+    def test_fails_while_cluster_runs(tmp_path):
+        with Cluster(ClusterSpec(model_path=os.environ["TINY"], n_prefill=1, n_decode=1, max_total_tokens=2048),
+                     log_dir=tmp_path) as cluster:
+            with open(os.environ["PIDS_OUT"], "w") as f:
+                json.dump(cluster.pids, f)
+            assert False, "this test fails on purpose while the cluster runs"
+    """
+)
+
+
+def test_cluster_stopped_when_a_test_fails(tiny_model, tmp_path):
+    """A pytest run whose test fails mid-cluster leaves no process behind."""
+    (tmp_path / "test_inner.py").write_text(INNER_TEST)
+    pids_out = tmp_path / "pids.json"
+    env = {**os.environ, "TINY": str(tiny_model), "PIDS_OUT": str(pids_out)}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout[-3000:]
+    pids = json.loads(pids_out.read_text())
+    assert set(pids) == {"prefill0", "decode0", "router"}
+    assert not group_members(set(pids.values())), "processes of the failed test's cluster are still alive"
+
+
+def test_cli_up_status_down(tmp_path):
+    """`ares cluster up` leaves a recorded, healthy cluster; `ares cluster down` stops exactly those PIDs."""
+    env = {**os.environ, "ARES_CACHE_DIR": str(tmp_path / "cache")}
+    # The models are already in the default cache; point this run's cache there for them only.
+    env_models = Path(os.environ.get("ARES_CACHE_DIR") or Path.home() / ".cache" / "ares") / "models"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(env_models)
+    ares = [sys.executable, "-m", "ares.cli", "cluster"]
+    up = subprocess.run(
+        [
+            *ares,
+            "up",
+            "--model",
+            "tiny",
+            "--prefill",
+            "1",
+            "--decode",
+            "1",
+            "--name",
+            "t",
+            "--max-total-tokens",
+            "2048",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert "router: http://127.0.0.1:" in up.stdout
+        state = json.loads(
+            subprocess.run([*ares, "status", "--name", "t"], capture_output=True, text=True, env=env, check=True).stdout
+        )
+        pids = {p["pid"] for p in state["processes"]}
+        assert len(pids) == 3 and all(p["url"].startswith("http://127.0.0.1:") for p in state["processes"])
+        members = group_members(pids)
+        assert len(members) > len(pids)  # SGLang's scheduler/detokenizer children share their server's group
+    finally:
+        down = subprocess.run([*ares, "down", "--name", "t"], capture_output=True, text=True, env=env, timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped 't': pids" in down.stdout
+    assert not group_members(pids)
+    assert not (tmp_path / "cache" / "clusters" / "t.json").exists()

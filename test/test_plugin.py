@@ -1,0 +1,108 @@
+"""The SGLang plugin: `--ares*` flags in SGLang's own CLI, startup errors, and no hooks when ARES is off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from ares.config import ENV_VAR, AresServerConfig, split_ares_args
+from ares.cpu import add_cpu_default_flags
+
+
+def _launch_server(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    return subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_help_lists_ares_flags():
+    out = _launch_server("--help")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--ares " in out.stdout and "--ares-predictor" in out.stdout
+
+
+def test_ares_on_prefill_server_is_a_startup_error(tiny_model):
+    out = _launch_server(
+        "--model-path", str(tiny_model), "--device", "cpu", "--disaggregation-mode", "prefill", "--ares"
+    )
+    assert out.returncode != 0
+    assert "--ares is only valid on a PD decode server" in out.stderr + out.stdout
+
+
+def test_split_ares_args_on_decode_implies_hidden_states():
+    argv = ["--model-path", "m", "--disaggregation-mode", "decode", "--ares", "--device", "cpu"]
+    config, rest = split_ares_args(argv)
+    assert config == AresServerConfig(enabled=True, cpu_mode=True, predictor=None)
+    assert "--ares" not in rest
+    assert rest[-2:] == ["--return-hidden-states-mode", "last"]
+
+
+def test_split_ares_args_off_changes_nothing():
+    argv = ["--model-path", "m", "--disaggregation-mode=decode", "--port", "30000"]
+    config, rest = split_ares_args(argv)
+    assert config == AresServerConfig()
+    assert rest == argv
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ares"], "--disaggregation-mode null"),
+        (["--ares", "--disaggregation-mode", "prefill"], "--disaggregation-mode prefill"),
+        (["--ares", "--disaggregation-mode", "decode", "--return-hidden-states-mode", "full"], "last"),
+        (["--ares-predictor", "x", "--disaggregation-mode", "decode"], "needs --ares"),
+    ],
+)
+def test_split_ares_args_rejects(argv, message):
+    with pytest.raises(ValueError, match=message):
+        split_ares_args(argv)
+
+
+def test_config_round_trips_through_environment():
+    config = AresServerConfig(enabled=True, cpu_mode=False, predictor="/ckpt")
+    assert AresServerConfig.from_env({ENV_VAR: config.to_env()}) == config
+    assert AresServerConfig.from_env({}) == AresServerConfig()
+
+
+def test_cpu_flags_respect_user_choices():
+    argv = add_cpu_default_flags(["--attention-backend=triton", "--disaggregation-mode", "decode"], decode=True)
+    assert argv.count("--attention-backend=triton") == 1 and "torch_native" not in argv
+    assert argv[argv.index("--disaggregation-decode-retraction-backup") + 1] == "cpu_tensor"
+    assert "--disaggregation-decode-retraction-backup" not in add_cpu_default_flags([], decode=False)
+
+
+_PROBE = """
+import json, sys
+from sglang.srt.plugins import load_plugins
+from sglang.srt.plugins.hook_registry import HookRegistry
+load_plugins()
+print(json.dumps({"targets": sorted(HookRegistry._hooks), "vllm": "vllm" in sys.modules}))
+"""
+
+
+def _probe_hooks(env_config: AresServerConfig | None) -> dict:
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    if env_config is not None:
+        env[ENV_VAR] = env_config.to_env()
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_plugin_without_ares_installs_only_cli_hooks():
+    """SGLang loads the installed plugin; with ARES off it adds flags and nothing else."""
+    from ares.plugin import CLI_HOOK_TARGETS
+
+    probe = _probe_hooks(None)
+    assert sorted(probe["targets"]) == sorted(CLI_HOOK_TARGETS)
+    assert probe["vllm"] is False
+
+
+def test_plugin_cpu_mode_installs_cpu_patches_in_children():
+    probe = _probe_hooks(AresServerConfig(cpu_mode=True))
+    assert probe["vllm"] is True
