@@ -106,3 +106,16 @@ def test_plugin_without_ares_installs_only_cli_hooks():
 def test_plugin_cpu_mode_installs_cpu_patches_in_children():
     probe = _probe_hooks(AresServerConfig(cpu_mode=True))
     assert probe["vllm"] is True
+
+
+def test_predictor_of_the_wrong_size_fails_at_startup(tiny_model, tmp_path):
+    """A head trained for another hidden size stops the server before it loads anything, naming both sizes."""
+    from ares.predictor.head import HeadConfig, LengthHead, save_head
+
+    save_head(LengthHead(HeadConfig(hidden_size=32)), tmp_path / "head")
+    out = _launch_server(
+        "--model-path", str(tiny_model), "--device", "cpu", "--disaggregation-mode", "decode", "--ares",
+        "--ares-predictor", str(tmp_path / "head"),
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "checkpoint hidden size 32 does not match model hidden size 64" in out.stderr + out.stdout

@@ -20,7 +20,7 @@ class AresServerConfig:
 
     enabled: bool = False  # --ares: length prediction and load reporting on a decode server
     cpu_mode: bool = False  # the server runs with --device cpu: apply ares.cpu patches
-    predictor: str | None = None  # --ares-predictor: head checkpoint directory
+    predictor: str | None = None  # --ares-predictor: head checkpoint path (without suffix)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -48,13 +48,13 @@ def add_ares_args(parser: argparse.ArgumentParser) -> None:
         "--ares-predictor",
         type=str,
         default=None,
-        metavar="DIR",
-        help="ARES length-predictor checkpoint directory (safetensors + JSON config); must match the model's "
-        "hidden size.",
+        metavar="PATH",
+        help="ARES length-predictor checkpoint (PATH.safetensors + PATH.json); checked at startup against the "
+        "model's hidden size.",
     )
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
+def flag_value(argv: list[str], flag: str) -> str | None:
     """Value of `--flag X` or `--flag=X` in argv (last one wins, as argparse does), else None."""
     value = None
     for i, arg in enumerate(argv):
@@ -73,7 +73,7 @@ def split_ares_args(argv: list[str]) -> tuple[AresServerConfig, list[str]]:
     parser = argparse.ArgumentParser(add_help=False)
     add_ares_args(parser)
     known, rest = parser.parse_known_args(argv)
-    mode = _flag_value(rest, "--disaggregation-mode") or "null"
+    mode = flag_value(rest, "--disaggregation-mode") or "null"
     if known.ares and mode != "decode":
         raise ValueError(
             f"--ares is only valid on a PD decode server (--disaggregation-mode decode); this server has "
@@ -83,13 +83,32 @@ def split_ares_args(argv: list[str]) -> tuple[AresServerConfig, list[str]]:
         raise ValueError("--ares-predictor needs --ares")
     config = AresServerConfig(
         enabled=known.ares,
-        cpu_mode=_flag_value(rest, "--device") == "cpu",
+        cpu_mode=flag_value(rest, "--device") == "cpu",
         predictor=known.ares_predictor,
     )
-    hidden_mode = _flag_value(rest, "--return-hidden-states-mode")
+    hidden_mode = flag_value(rest, "--return-hidden-states-mode")
     if config.enabled and hidden_mode is None:
         # The length head reads the final hidden state of every decode step.
         rest = [*rest, "--return-hidden-states-mode", "last"]
     elif config.enabled and hidden_mode != "last":
         raise ValueError(f"--ares needs --return-hidden-states-mode last (got {hidden_mode})")
     return config, rest
+
+
+def check_predictor(checkpoint: str, model_path: str | None) -> None:
+    """Fail at startup when the head checkpoint cannot be read or does not fit the model's hidden size.
+
+    Only a local model directory can be checked here; a hub id is checked when the scheduler loads the head.
+    """
+    from ares.predictor.head import load_head
+
+    hidden = None
+    config_file = os.path.join(model_path, "config.json") if model_path else None
+    if config_file and os.path.isfile(config_file):
+        with open(config_file) as f:
+            cfg = json.load(f)
+        hidden = cfg.get("hidden_size") or cfg.get("text_config", {}).get("hidden_size")
+    try:
+        load_head(checkpoint, model_hidden_size=hidden)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--ares-predictor {checkpoint}: {e}") from e

@@ -13,7 +13,7 @@ import os
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from ares.config import ENV_VAR, AresServerConfig, add_ares_args, split_ares_args
+from ares.config import ENV_VAR, AresServerConfig, add_ares_args, check_predictor, flag_value, split_ares_args
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ def _after_add_cli_args(_result, parser, *args, **kwargs):
 
 def _around_prepare_server_args(original, argv, *args, **kwargs):
     config, argv = split_ares_args(list(argv))
+    if config.predictor:
+        check_predictor(config.predictor, flag_value(argv, "--model-path"))
     if config.cpu_mode:
         from ares.cpu import add_cpu_default_flags
 
