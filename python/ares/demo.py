@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -63,8 +64,14 @@ def benchmark_command(router_url: str, model_dir: str, args: argparse.Namespace,
     ]
 
 
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    # Turn SIGTERM into SystemExit so the cluster's context manager stops every server it started.
+    sys.exit(128 + signum)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Start the cluster, run the workload, print and save the summary, stop the cluster."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     model_dir = resolve_model(args.model)
     spec = ClusterSpec(
         model_path=model_dir, n_prefill=1, n_decode=args.decode, ares=args.ares, max_total_tokens=args.max_total_tokens

@@ -29,6 +29,7 @@ def _up(args: argparse.Namespace) -> int:
         n_decode=args.decode,
         ares=args.ares,
         max_total_tokens=args.max_total_tokens,
+        router=args.router,
         router_policy=args.router_policy,
     )
     log_dir = Path(args.log_dir or state_file.with_suffix(""))
@@ -47,8 +48,10 @@ def _up(args: argparse.Namespace) -> int:
         print(f"stop with: ares cluster down --name {args.name}")
         return 0
     print("running in the foreground; Ctrl-C stops it")
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # delivered to sigwait, not to Python's handlers
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        signal.sigwait(stop_signals)
     finally:
         cluster.stop()
     return 0
@@ -83,7 +86,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--ares", action="store_true", help="start the decode servers with --ares")
     up.add_argument("--model", default="smollm2", help=f"{' | '.join(MODEL_NAMES)} | a model directory")
     up.add_argument("--max-total-tokens", type=int, default=8192, help="KV cache tokens per server")
-    up.add_argument("--router-policy", default="round_robin", help="sglang_router policy")
+    up.add_argument("--router", default="sglang", choices=["sglang", "ares"], help="which PD router to start")
+    up.add_argument("--router-policy", default="round_robin", help="policy of the router (sglang_router's or ARES's)")
     up.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the servers' health")
     up.add_argument("--log-dir", default=None, help="server logs (default: next to the state file)")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the cluster")

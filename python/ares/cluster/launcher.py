@@ -59,25 +59,31 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _stop_group(pid: int, start_time: int | None, grace_s: float) -> None:
-    """SIGTERM the process group led by `pid` (only if it is still the process we started), then SIGKILL."""
-    if start_time is not None and _start_time(pid) != start_time:
-        return  # gone, or the PID now belongs to someone else
+def _group_alive(pgid: int) -> bool:
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pgid, 0)
+        return True
     except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+        return False
+
+
+def stop_groups(processes: list[tuple[int, int | None]], grace_s: float) -> None:
+    """Stop the process groups led by these (pid, start_time) pairs: SIGTERM all at once, SIGKILL what is left
+    after `grace_s`. A pid whose start time no longer matches is someone else's process and is left alone."""
+    ours = [pid for pid, start in processes if start is None or _start_time(pid) == start]
+    for pid in ours:
         try:
-            os.killpg(pid, 0)
+            os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_group_alive(pid) for pid in ours):
         time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for pid in ours:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def default_state_file(name: str = "default") -> Path:
@@ -141,6 +147,11 @@ class Cluster:
         env.pop(ENV_VAR, None)  # each SGLang launcher derives its own ARES config from its flags
         env["SGLANG_HOST_IP"] = HOST  # Mooncake would otherwise advertise the machine's external address
         env["PYTHONUNBUFFERED"] = "1"
+        if self.spec.device == "cpu" and "OMP_NUM_THREADS" not in env:
+            # torch's OpenMP pool defaults to one thread per core in every server; several servers on a small
+            # CPU machine then oversubscribe it with spinning threads. Give each server its share instead.
+            n_backends = self.spec.n_prefill + self.spec.n_decode
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_backends))
         log = open(self.log_dir / f"{s.name}.log", "wb")  # noqa: SIM115 - owned by the child from here on
         proc = subprocess.Popen(
             list(s.argv),
@@ -175,11 +186,11 @@ class Cluster:
         return path.read_text(errors="replace")[-n_chars:] if path.exists() else ""
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """Stop every process this cluster started (router first), by PID; remove the state file."""
-        for name in reversed(list(self.procs)):
-            _stop_group(self.procs[name].pid, self._start_times.get(name), grace_s)
+        """Stop every process this cluster started, by PID (each with its children); remove the state file."""
+        stop_groups([(p.pid, self._start_times.get(name)) for name, p in self.procs.items()], grace_s)
+        for proc in self.procs.values():
             try:
-                self.procs[name].wait(timeout=5)
+                proc.wait(timeout=5)  # reap, so no zombie is left
             except subprocess.TimeoutExpired:
                 pass
         self.procs.clear()
@@ -225,11 +236,8 @@ def load_state(state_file: str | Path) -> dict:
 
 
 def stop_state(state_file: str | Path, grace_s: float = 15.0) -> list[int]:
-    """Stop the processes recorded in `state_file` (router first); return the PIDs stopped."""
-    state = load_state(state_file)
-    stopped = []
-    for p in reversed(state["processes"]):
-        _stop_group(p["pid"], p["start_time"], grace_s)
-        stopped.append(p["pid"])
+    """Stop the processes recorded in `state_file`; return the PIDs stopped."""
+    processes = [(p["pid"], p["start_time"]) for p in load_state(state_file)["processes"]]
+    stop_groups(processes, grace_s)
     Path(state_file).unlink()
-    return stopped
+    return [pid for pid, _ in processes]

@@ -37,6 +37,7 @@ class ClusterSpec:
     ares: bool = False  # start decode servers with --ares
     device: str = "cpu"
     max_total_tokens: int = 8192  # KV pool per server (CPU mode would size it from RAM otherwise)
+    router: str = "sglang"  # "sglang": SGLang's PD router (sglang_router) | "ares": the ARES router (ares_router)
     router_policy: str = "round_robin"
     extra_server_args: tuple[str, ...] = ()
     python: str = field(default=sys.executable)
@@ -88,11 +89,13 @@ class ClusterSpec:
         return tuple(argv) + self.extra_server_args
 
     def _router_argv(self, port: int, servers: list[ServerSpec]) -> tuple[str, ...]:
+        if self.router not in ("sglang", "ares"):
+            raise ValueError(f"router must be 'sglang' or 'ares', got {self.router!r}")
+        module = ["ares_router"] if self.router == "ares" else ["sglang_router.launch_router", "--pd-disaggregation"]
         argv = [
             self.python,
             "-m",
-            "sglang_router.launch_router",
-            "--pd-disaggregation",
+            *module,
             "--host",
             HOST,
             "--port",
