@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from types import MappingProxyType
 
 import numpy as np
@@ -107,7 +108,10 @@ class InstanceState:
     generated: np.ndarray = field(default_factory=lambda: np.zeros(0))
     predicted_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0))
     predicted_upper: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    pending: tuple[PendingRequest, ...] = ()
+    # requests dispatched here but not yet reported running, in column form (see `PendingRequest`)
+    pending_ids: Sequence[Hashable] = ()
+    pending_prompt: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pending_predicted: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: unknown
 
     @classmethod
     def from_requests(
@@ -136,13 +140,15 @@ class InstanceState:
                 [nan if r.predicted_remaining is None else r.predicted_remaining for r in requests]
             ),
             predicted_upper=_f64([nan if r.predicted_upper is None else r.predicted_upper for r in requests]),
-            pending=tuple(pending),
+            pending_ids=tuple(p.request_id for p in pending),
+            pending_prompt=_f64([p.prompt_tokens for p in pending]),
+            pending_predicted=_f64([nan if p.predicted_output is None else p.predicted_output for p in pending]),
         )
 
     @property
-    def pending_tokens(self) -> int:
+    def pending_tokens(self) -> float:
         """KV tokens the pending requests will need on arrival."""
-        return sum(p.prompt_tokens for p in self.pending)
+        return float(self.pending_prompt.sum())
 
 
 @dataclass(frozen=True)
@@ -167,9 +173,14 @@ class LoadModel:
     use_upper: bool = False  # plan with the upper quantile where the predictor gives one
     default_output_tokens: float | None = None  # assumed output of a new request without a prediction
 
+    @cached_property
+    def _grids(self) -> tuple[np.ndarray, np.ndarray]:
+        s = np.linspace(0.0, float(self.horizon_tokens), self.points + 1)
+        return s, np.concatenate(([-1.0], s[:-1]))  # interval 0 is the present: everyone is alive
+
     def grid(self) -> np.ndarray:
         """Step offsets s_0 = 0 < ... < s_G = horizon."""
-        return np.linspace(0.0, float(self.horizon_tokens), self.points + 1)
+        return self._grids[0]
 
     def remaining(self, inst: InstanceState) -> np.ndarray:
         """Remaining tokens used for planning: NaN (no prediction) becomes +inf with no growth."""
@@ -180,10 +191,9 @@ class LoadModel:
 
     def contributions(self, lengths: np.ndarray, remaining: np.ndarray) -> np.ndarray:
         """[n_requests, points+1] upper-bound KV demand of each request on each grid interval."""
-        s = self.grid()
+        s, s_prev = self._grids
         known = ~np.isnan(remaining)
         rem = np.where(known, np.maximum(remaining, 0.0), np.inf)
-        s_prev = np.concatenate(([-1.0], s[:-1]))  # interval 0 is the present: everyone is alive
         alive = rem[:, None] > s_prev[None, :]
         grow = np.where(known, 1.0, 0.0)[:, None] * np.minimum(rem[:, None], s[None, :])
         return np.where(alive, lengths[:, None] + grow, 0.0)
@@ -191,8 +201,11 @@ class LoadModel:
     def pending_curve(self, prompt_tokens: float, predicted_output: float | None) -> np.ndarray:
         """Demand curve of one request not yet running (a new or pending request)."""
         out = predicted_output if predicted_output is not None else self.default_output_tokens
-        rem = np.array([math.nan if out is None else float(out)])
-        return self.contributions(np.array([float(prompt_tokens)]), rem)[0]
+        s, s_prev = self._grids
+        if out is None:
+            return np.full(s.size, float(prompt_tokens))
+        out = max(float(out), 0.0)
+        return np.where(out > s_prev, prompt_tokens + np.minimum(out, s), 0.0)
 
     def instance_curve(self, inst: InstanceState) -> np.ndarray:
         """[points+1] demand curve of one instance, pending requests and unexplained tokens included."""
@@ -200,8 +213,11 @@ class LoadModel:
         if inst.lengths.size:
             curve += self.contributions(inst.lengths, self.remaining(inst)).sum(axis=0)
         curve += max(0.0, inst.used_tokens - float(inst.lengths.sum()))
-        for p in inst.pending:
-            curve += self.pending_curve(p.prompt_tokens, p.predicted_output)
+        if inst.pending_prompt.size:
+            out = inst.pending_predicted
+            if self.default_output_tokens is not None:
+                out = np.where(np.isnan(out), float(self.default_output_tokens), out)
+            curve += self.contributions(inst.pending_prompt, out).sum(axis=0)
         return curve
 
 
@@ -245,21 +261,13 @@ class ClusterSnapshot:
         raise KeyError(instance_id)
 
     def with_dispatch(self, index: int, request: NewRequest) -> ClusterSnapshot:
-        """The snapshot after `request` was sent to instance `index` (added as pending)."""
-        pend = PendingRequest(request.request_id, request.prompt_tokens, request.predicted_output)
-        insts = list(self.instances)
-        insts[index] = replace(insts[index], pending=insts[index].pending + (pend,))
+        """The snapshot after `request` was sent to instance `index`: the aggregates (`used`, `demand`,
+        `dispatch_count`) count it as pending; `instances` stays the polled state (cheap for bursts)."""
         used = self.used.copy()
         used[index] += request.prompt_tokens
         demand = self.demand.copy()
         demand[index] += self.load_model.pending_curve(request.prompt_tokens, request.predicted_output)
-        return replace(
-            self,
-            instances=tuple(insts),
-            dispatch_count=self.dispatch_count + 1,
-            used=used,
-            demand=demand,
-        )
+        return replace(self, dispatch_count=self.dispatch_count + 1, used=used, demand=demand)
 
 
 def build_snapshot(
@@ -344,13 +352,19 @@ class PredictedPeakDispatch:
     """ARES placement: lowest predicted peak demand over the horizon once the request is added.
 
     score = peak fraction + mean_weight * mean fraction over the horizon (the mean stands for the step-time
-    cost every co-running request pays); ties broken by current usage, then index.
+    cost every co-running request pays); ties broken by current usage, then index. Only instances that can
+    admit the request now with `admit_margin` of capacity to spare are considered (a request placed where
+    memory frees only later waits in the queue: TTFT); if none can, all eligible ones are.
     """
 
     mean_weight: float = 0.5
+    admit_margin: float = 0.1
 
     def dispatch(self, snapshot: ClusterSnapshot, request: NewRequest, rng: np.random.Generator) -> int:
         cand = eligible(snapshot, request.prompt_tokens)
+        room = snapshot.capacity[cand] * (1 - self.admit_margin) - snapshot.used[cand] >= request.prompt_tokens
+        if room.any():
+            cand = cand[room]
         add = snapshot.load_model.pending_curve(request.prompt_tokens, request.predicted_output)
         curves = (snapshot.demand[cand] + add[None, :]) / snapshot.capacity[cand, None]
         score = curves.max(axis=1) + self.mean_weight * curves.mean(axis=1)
@@ -446,18 +460,24 @@ class PredictedRebalance:
         demand = snapshot.demand.copy()
         peak = demand.max(axis=1) / cap
         limit = self.max_per_round or max(1, healthy.size // 2)
-        busy: set[int] = set()
+        avail = np.zeros(len(cap), dtype=bool)
+        avail[healthy] = True  # not yet a source or target this round
         out: list[Migration] = []
         for src in healthy[np.argsort(-peak[healthy], kind="stable")]:
             src = int(src)
             if len(out) >= limit:
                 break
-            free = [int(d) for d in healthy if int(d) not in busy and int(d) != src]
-            if src in busy or not free:
+            if not avail[src]:
                 continue
-            free_arr = np.array(free)
+            avail[src] = False
+            free_arr = np.flatnonzero(avail)
+            if free_arr.size == 0:
+                break
             low = float(peak[free_arr].min())
             if not (peak[src] > self.high_watermark or peak[src] - low > self.gap):
+                avail[src] = True
+                if peak[src] - low <= self.gap and peak[src] <= self.high_watermark:
+                    break  # sources come in decreasing peak order: no later one triggers either
                 continue
             inst = snapshot.instances[src]
             if inst.lengths.size == 0:
@@ -485,7 +505,7 @@ class PredictedRebalance:
             demand[dst] += contrib[r]
             peak[src] = demand[src].max() / cap[src]
             peak[dst] = demand[dst].max() / cap[dst]
-            busy.update((src, dst))
+            avail[dst] = False
         return out
 
 
@@ -514,7 +534,11 @@ POLICIES: Mapping[str, Callable[[], Policy]] = MappingProxyType(
         "current_migrate": lambda: Policy("current_migrate", LeastKVDispatch(), CurrentLoadRebalance()),
         "ares": lambda: Policy("ares", PredictedPeakDispatch(), PredictedRebalance(), uses_predictions=True),
         "oracle": lambda: Policy(
-            "oracle", PredictedPeakDispatch(), PredictedRebalance(), needs_true_lengths=True, uses_predictions=True
+            "oracle",
+            PredictedPeakDispatch(),
+            PredictedRebalance(),
+            needs_true_lengths=True,
+            uses_predictions=True,
         ),
     }
 )

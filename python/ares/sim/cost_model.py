@@ -104,7 +104,8 @@ def roofline(
         note=(
             f"roofline: {params / 1e9:.1f}B params, {layers} layers x {kv_heads} kv heads x {head_dim} dim, "
             f"{kv_bytes} KV B/token, HBM {hbm_bytes / 1e9:.0f} GB @ {hbm_bytes_per_s / 1e12:.2f} TB/s x "
-            f"{mem_efficiency}, {flops / 1e12:.0f} TFLOP/s x MFU {mfu_decode}, overhead {step_overhead_s * 1e3:.0f} ms"
+            f"{mem_efficiency}, {flops / 1e12:.0f} TFLOP/s x MFU {mfu_decode}, "
+            f"overhead {step_overhead_s * 1e3:.0f} ms"
         ),
     )
 
@@ -131,7 +132,7 @@ def _cpu_estimate() -> CostModel:
 PRESETS = {
     # Llama-2-7B shapes (MHA: 32 layers x 32 KV heads x 128): 0.5 MB of KV per token, ~111k tokens per H100.
     "h100-llama2-7b": lambda: roofline("h100-llama2-7b", 6.74e9, 32, 32, 128),
-    # DeepSeek-R1-Distill-Qwen-7B / Qwen2.5-7B shapes (GQA: 28 layers x 4 KV heads x 128): ~1M tokens per H100.
+    # R1-Distill-Qwen-7B / Qwen2.5-7B shapes (GQA: 28 layers x 4 KV heads x 128): ~1M tokens per H100.
     "h100-qwen2.5-7b": lambda: roofline("h100-qwen2.5-7b", 7.62e9, 28, 4, 128),
     "cpu-smollm2-135m-estimate": _cpu_estimate,
 }

@@ -36,7 +36,6 @@ from ares_router.policy import (
     LoadModel,
     NewRequest,
     NoRebalance,
-    PendingRequest,
     build_snapshot,
     get_policy,
 )
@@ -65,6 +64,7 @@ class SimConfig:
     seed: int = 0
     max_time_factor: float = 20.0  # give up draining at duration * factor (unfinished requests fail SLOs)
     record_kv_instances: int = 64  # keep the per-instance KV trace only up to this many decode instances
+    check_invariants: bool = False  # assert KV bookkeeping at every step boundary (tests)
 
 
 class _Req:
@@ -350,7 +350,7 @@ class ClusterSim:
             req = inst.waiting[0]
             need = req.prompt + req.gen_now - 1
             free = inst.cap - inst.K - inst.held - need
-            if free < 0 or (inst.n > 0 and free < cfg.reserve_tokens * (inst.n + 1)):
+            if free < 1 or (inst.n > 0 and free < cfg.reserve_tokens * (inst.n + 1)):
                 break
             inst.waiting.popleft()
             if req.retractions:  # retracted: recompute prompt + generated tokens (SGLang without backup)
@@ -361,7 +361,8 @@ class ClusterSim:
             order = sorted(inst.running.values(), key=lambda r: (r.gen0 + inst.steps - r.join_step, -r.prompt))
             retracted = []
             for req in order:
-                if inst.n <= 1 or inst.cap - inst.K - inst.held >= inst.n * cfg.retract_steps:
+                free = inst.cap - inst.K - inst.held
+                if free >= inst.n * cfg.retract_steps or (inst.n == 1 and free >= 1):
                     break
                 self._remove(inst, req)
                 req.retractions += 1
@@ -371,11 +372,19 @@ class ClusterSim:
                     self.decode[req.migrate_to].held -= req.reserved
                     req.migrate_to = -1
             inst.waiting.extendleft(reversed(retracted))
+        if cfg.check_invariants:
+            assert 0 <= inst.K and 0 <= inst.held and inst.K + inst.held <= inst.cap, (inst.K, inst.held)
+            assert inst.n == len(inst.running) and inst.K == sum(
+                r.len0 + inst.steps - r.join_step for r in inst.running.values()
+            )
         # 6. next segment
         if inst.n == 0:
             return
-        while heap and inst.running.get(heap[0][2]) is None or (heap and heap[0][1] != inst.running[heap[0][2]].epoch):
-            heapq.heappop(heap)
+        while heap:
+            top = inst.running.get(heap[0][2])
+            if top is not None and top.epoch == heap[0][1]:
+                break
+            heapq.heappop(heap)  # stale: retracted or migrated since it was pushed
         k_fin = heap[0][0] - inst.steps
         k_oom = max(1, (inst.cap - inst.K - inst.held) // inst.n)
         k = max(1, min(k_fin, k_oom))
@@ -420,20 +429,28 @@ class ClusterSim:
         cur = inst.steps + j
         reqs = list(inst.running.values())
         used = inst.K + inst.n * j + inst.held
-        pending = []
         em = self.cfg.error_model
-        for r in inst.pending.values():
-            need = r.prompt + r.gen_now - 1
-            if self.needs_truth:
-                pred = float(r.out - r.gen_now)
-            elif self.uses_pred and (r.retractions or self.cfg.dispatch_prediction):
-                f = r.gen_now / r.out
-                pred = float(em.predict(np.array(r.out - r.gen_now, float), np.array(f), np.array(r.z)))
-            else:
-                pred = None
-            pending.append(PendingRequest(r.i, need, pred))
+        pend = list(inst.pending.values())
+        m = len(pend)
+        gen_p = np.fromiter((r.gen_now for r in pend), np.float64, m)
+        p_prompt = np.fromiter((r.prompt for r in pend), np.float64, m) + gen_p - 1
+        p_pred = np.full(m, np.nan)
+        if m and self.uses_pred:
+            out_p = np.fromiter((r.out for r in pend), np.float64, m)
+            rem_p = out_p - gen_p
+            if not self.needs_truth:
+                rem_p = em.predict(rem_p, gen_p / out_p, np.fromiter((r.z for r in pend), np.float64, m))
+            if self.needs_truth or self.cfg.dispatch_prediction:
+                p_pred = rem_p
+            else:  # the head has seen only the retracted ones decode
+                p_pred = np.where(gen_p > 1, rem_p, np.nan)
+        pending = {
+            "pending_ids": [r.i for r in pend],
+            "pending_prompt": p_prompt,
+            "pending_predicted": p_pred,
+        }
         if not reqs:
-            return InstanceState(inst.idx, inst.cap, used, pending=tuple(pending))
+            return InstanceState(inst.idx, inst.cap, used, **pending)
         join = np.fromiter((r.join_step for r in reqs), np.float64, len(reqs))
         d = cur - join
         lengths = np.fromiter((r.len0 for r in reqs), np.float64, len(reqs)) + d
@@ -458,7 +475,7 @@ class ClusterSim:
             generated=gen,
             predicted_remaining=pred,
             predicted_upper=upper,
-            pending=tuple(pending),
+            **pending,
         )
 
     def _build_snapshot(self, t: float) -> ClusterSnapshot:
@@ -468,7 +485,7 @@ class ClusterSim:
     def _poll(self, t: float) -> None:
         snap = self._build_snapshot(t)
         self.snapshot = snap
-        frac = snap.used / snap.capacity
+        frac = np.array([s.used_tokens for s in snap.instances], float) / snap.capacity  # without pending
         self.kv_times.append(t)
         self.kv_stats.append((float(frac.mean()), float(frac.min()), float(frac.max()), float(frac.std())))
         if len(self.decode) <= self.cfg.record_kv_instances:

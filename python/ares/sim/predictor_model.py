@@ -9,8 +9,8 @@ request, not freshly wrong every step), shrinking as the request progresses:
 Empirical: `benchmark/results/predictor_accuracy.json` (written by the predictor work). Read fields:
   * optional `"log_sigma_by_progress": {"progress": [f0, f1, ...], "sigma": [s0, s1, ...]}`, either at the top
     level or per method under `"methods": {name: {...}}`: sigma(f) is interpolated from it;
-  * else `"mae": {method: tokens}`: sigma0 is calibrated so that the model's mean absolute error of the remaining
-    length, at a uniformly random point of each request of the workload, equals the method's MAE.
+  * else `"mae": {method: tokens}`: sigma0 is calibrated so that the model's mean absolute error of the
+    remaining length, at a uniformly random point of each request of the workload, equals the method's MAE.
 Everything else in the file is ignored; a missing or malformed file falls back to the parametric model.
 """
 

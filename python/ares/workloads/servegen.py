@@ -58,8 +58,9 @@ def _fill_missing(pmfs: list) -> tuple:
     present = [i for i, p in enumerate(pmfs) if p is not None]
     if not present:
         return tuple(pmfs)
-    return tuple(pmfs[i] if pmfs[i] is not None else pmfs[min(present, key=lambda j: abs(j - i))] for i in
-                 range(len(pmfs)))
+    return tuple(
+        pmfs[i] if pmfs[i] is not None else pmfs[min(present, key=lambda j: abs(j - i))] for i in range(len(pmfs))
+    )
 
 
 @lru_cache(maxsize=4)

@@ -26,9 +26,7 @@ def _finish(name: str, t: np.ndarray, prompt: np.ndarray, output: np.ndarray, ra
     return wl.head(duration_s) if duration_s is not None else wl
 
 
-def read_azure_conv(
-    rate: float | None = None, duration_s: float | None = None, path: Path | None = None
-) -> Workload:
+def read_azure_conv(rate: float | None = None, duration_s: float | None = None, path: Path | None = None) -> Workload:
     """Azure LLM inference trace 2023, conversation (Splitwise): real arrivals, time-scaled to `rate`."""
     path = path or traces_dir() / "azure2023" / "AzureLLMInferenceTrace_conv.csv"
     stamps, prompt, output = [], [], []

@@ -1,0 +1,66 @@
+"""Simulator speed at scale: 256 decode instances, one simulated hour of the R1 workload at ~70% KV use.
+
+Reports simulated requests per wall second and writes benchmark/results/sim_speed.json.
+Rerun: `python benchmark/sim_speed.py` (flags: --decode, --duration, --rate-per-instance, --policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ares.sim.cost_model import get_cost_model
+from ares.sim.engine import SimConfig, simulate
+from ares.sim.metrics import SLO, summarize
+from ares.workloads import load_workload
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--decode", type=int, default=256)
+    p.add_argument("--duration", type=float, default=3600.0)
+    # ~0.81 req/s per decode instance puts the h100-llama2-7b cluster at ~70% mean KV use on R1 (measured at
+    # 8 instances: 6 req/s -> 65%, 7 req/s -> 75%); the measured value is reported below.
+    p.add_argument("--rate-per-instance", type=float, default=0.81)
+    p.add_argument("--policy", default="ares")
+    p.add_argument("--poll", type=float, default=1.0, help="router poll interval (s)")
+    p.add_argument("--cost", default="h100-llama2-7b")
+    args = p.parse_args()
+    rate = args.rate_per_instance * args.decode
+    t0 = time.perf_counter()
+    work = load_workload("r1", rate, args.duration, seed=0)
+    t1 = time.perf_counter()
+    cost = get_cost_model(args.cost)
+    cfg = SimConfig(n_decode=args.decode, cost=cost, policy=args.policy, poll_interval_s=args.poll)
+    res = simulate(work, cfg)
+    t2 = time.perf_counter()
+    s = summarize(res, SLO.for_cost(cost), cost)
+    doc = {
+        "decode": args.decode,
+        "policy": args.policy,
+        "cost_model": args.cost,
+        "simulated_s": args.duration,
+        "rate_rps": rate,
+        "requests": len(work),
+        "workload_build_s": t1 - t0,
+        "simulate_wall_s": t2 - t1,
+        "requests_per_wall_s": len(work) / (t2 - t1),
+        "events": res.events,
+        "mean_kv_utilisation": s["kv_mean"],
+        "slo_attainment": s["slo_attainment"],
+        "p99_tpot_ms": s["tpot_p99"] * 1e3,
+        "migrations": s["migrations"],
+        "under_10_min": (t2 - t0) < 600,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "sim_speed.json").write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
