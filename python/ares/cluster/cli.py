@@ -57,10 +57,17 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded(name: str) -> Path | None:
+    """The state file of cluster `name`, or None (with a message) when no such cluster is recorded."""
+    state_file = default_state_file(name)
+    if state_file.exists():
+        return state_file
+    print(f"no cluster named {name!r} is recorded ({state_file})")
+    return None
+
+
 def _down(args: argparse.Namespace) -> int:
-    state_file = default_state_file(args.name)
-    if not state_file.exists():
-        print(f"no cluster named {args.name!r} is recorded ({state_file})")
+    if not (state_file := _recorded(args.name)):
         return 1
     pids = stop_state(state_file)
     print(f"stopped {args.name!r}: pids {' '.join(map(str, pids))}")
@@ -68,9 +75,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    state_file = default_state_file(args.name)
-    if not state_file.exists():
-        print(f"no cluster named {args.name!r} is recorded")
+    if not (state_file := _recorded(args.name)):
         return 1
     print(json.dumps(load_state(state_file), indent=2))
     return 0
