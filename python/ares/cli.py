@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "ares.demo",
     "ares.predictor.cli",
     "ares.sim.cli",
+    "ares_router.cli",
 ]
 
 

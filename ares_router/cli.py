@@ -1,0 +1,147 @@
+"""`python -m ares_router ...` and `ares router ...`: the router process's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from ares_router.config import ROUTER_POLICIES, RouterConfig
+from ares_router.estimate import OutputEstimator
+from ares_router.policy import LoadModel
+
+
+class _PrefillAction(argparse.Action):
+    """`--prefill URL [BOOTSTRAP_PORT]`, repeatable (sglang_router's syntax)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not 1 <= len(values) <= 2:
+            parser.error("--prefill takes URL [BOOTSTRAP_PORT]")
+        port = None
+        if len(values) == 2 and values[1].lower() != "none":
+            try:
+                port = int(values[1])
+            except ValueError:
+                parser.error(f"--prefill bootstrap port must be an integer, got {values[1]!r}")
+        getattr(namespace, self.dest).append((values[0], port))
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the router's flags to `p`."""
+    p.add_argument(
+        "--prefill",
+        nargs="+",
+        action=_PrefillAction,
+        default=[],
+        metavar=("URL", "BOOTSTRAP_PORT"),
+        help="a prefill server and its KV bootstrap port (repeat per server)",
+    )
+    p.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode server (repeat per server)")
+    p.add_argument("--policy", default="ares", choices=ROUTER_POLICIES, help="decode placement policy")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=30000, help="port to listen on (0: any free port)")
+    p.add_argument("--poll-interval", type=float, default=0.1, help="seconds between polls of every server")
+    p.add_argument("--poll-timeout", type=float, default=2.0, help="seconds before a poll counts as failed")
+    p.add_argument(
+        "--stale-after",
+        type=float,
+        default=3.0,
+        help="seconds without a successful poll before a server is no longer chosen",
+    )
+    p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect to a backend")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds for a whole request (default: none)")
+    p.add_argument("--retries", type=int, default=1, help="attempts on another server when one fails before a token")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random policy")
+    p.add_argument("--horizon-tokens", type=int, default=LoadModel.horizon_tokens, help="load-model horizon (steps)")
+    p.add_argument("--horizon-points", type=int, default=LoadModel.points, help="load-model grid points")
+    p.add_argument("--use-upper", action="store_true", help="plan with the predicted upper quantile when reported")
+    e = OutputEstimator()
+    p.add_argument(
+        "--estimate-base",
+        type=float,
+        default=e.base_tokens,
+        help="initial output estimate: base tokens (until the decode head reports)",
+    )
+    p.add_argument(
+        "--estimate-per-prompt-token",
+        type=float,
+        default=e.per_prompt_token,
+        help="initial output estimate: tokens per prompt token",
+    )
+    p.add_argument("--estimate-cap", type=float, default=e.cap_tokens, help="initial output estimate: upper bound")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs latency)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    """A `RouterConfig` from parsed flags."""
+    return RouterConfig(
+        prefill=list(args.prefill),
+        decode=list(args.decode),
+        policy=args.policy,
+        host=args.host,
+        port=args.port,
+        poll_interval_s=args.poll_interval,
+        poll_timeout_s=args.poll_timeout,
+        stale_after_s=args.stale_after,
+        connect_timeout_s=args.connect_timeout,
+        request_timeout_s=args.request_timeout,
+        retries=args.retries,
+        seed=args.seed,
+        load_model=LoadModel(horizon_tokens=args.horizon_tokens, points=args.horizon_points, use_upper=args.use_upper),
+        estimator=OutputEstimator(
+            base_tokens=args.estimate_base,
+            per_prompt_token=args.estimate_per_prompt_token,
+            cap_tokens=args.estimate_cap,
+        ),
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the router and serve until SIGINT/SIGTERM."""
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"ares router: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        import uvloop  # lower per-request overhead when available (SGLang depends on it)
+
+        uvloop.install()
+    except ImportError:
+        pass
+    from ares_router.app import serve  # aiohttp is imported only when actually serving
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await serve(config)
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `ares router`."""
+    p = sub.add_parser("router", help="run the ARES PD router (OpenAI-compatible; places requests by predicted load)")
+    configure_parser(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ares_router`."""
+    parser = configure_parser(argparse.ArgumentParser(prog="python -m ares_router", description=__doc__))
+    return run(parser.parse_args(argv))

@@ -1,0 +1,43 @@
+"""Router configuration: one dataclass, filled from the command line (`ares_router.cli`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ares_router.estimate import OutputEstimator
+from ares_router.policy import POLICIES, LoadModel
+
+ROUTER_POLICIES = tuple(name for name in POLICIES if not POLICIES[name]().needs_true_lengths)
+
+
+@dataclass
+class RouterConfig:
+    """Everything the router process needs; defaults work for a local cluster."""
+
+    prefill: list[tuple[str, int | None]]  # (url, bootstrap port)
+    decode: list[str]
+    policy: str = "ares"
+    host: str = "127.0.0.1"
+    port: int = 30000
+    poll_interval_s: float = 0.1
+    poll_timeout_s: float = 2.0
+    stale_after_s: float = 3.0  # a server with no successful poll for this long is not chosen
+    ares_state_reprobe_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float | None = None  # None: no limit (long generations are legitimate)
+    retries: int = 1  # extra attempts on another instance when a backend fails before the first token
+    seed: int | None = None
+    load_model: LoadModel = field(default_factory=LoadModel)
+    estimator: OutputEstimator = field(default_factory=OutputEstimator)
+    log_level: str = "info"
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prefill or not self.decode:
+            raise ValueError("the router needs at least one --prefill and one --decode server")
+        if self.stale_after_s <= self.poll_interval_s:
+            raise ValueError("--stale-after must be longer than --poll-interval")
+        if self.retries < 0:
+            raise ValueError("--retries must be >= 0")
+        if self.policy not in ROUTER_POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(ROUTER_POLICIES)}")

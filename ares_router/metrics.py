@@ -1,0 +1,107 @@
+"""Prometheus metrics of the router (`GET /metrics`).
+
+Per-instance gauges are read from the router state at scrape time (a collector), so the request path pays only
+for the counters and histograms it updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from ares_router.state import RouterState
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01)
+
+
+class _StateCollector:
+    """Per-instance gauges from the current snapshot."""
+
+    def __init__(self, state: RouterState):
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.state
+        snap = s.snapshot
+        peaks = s.predicted_peak_tokens()
+        labels = ["instance", "url"]
+        g = {
+            "healthy": GaugeMetricFamily("ares_decode_healthy", "1 if the decode instance is chosen", labels=labels),
+            "cap": GaugeMetricFamily("ares_decode_capacity_tokens", "KV pool size (tokens)", labels=labels),
+            "used": GaugeMetricFamily("ares_decode_used_tokens", "KV tokens in use (polled/tracked)", labels=labels),
+            "pend": GaugeMetricFamily(
+                "ares_decode_used_tokens_with_pending",
+                "KV tokens incl. requests dispatched, not yet running",
+                labels=labels,
+            ),
+            "pred": GaugeMetricFamily(
+                "ares_decode_predicted_peak_tokens",
+                "predicted peak KV demand over the load-model horizon",
+                labels=labels,
+            ),
+            "run": GaugeMetricFamily("ares_decode_running_requests", "running requests (as polled)", labels=labels),
+            "queue": GaugeMetricFamily("ares_decode_queued_requests", "queued requests (as polled)", labels=labels),
+            "infl": GaugeMetricFamily("ares_decode_inflight_requests", "router requests in flight", labels=labels),
+        }
+        for j, d in enumerate(s.decodes):
+            lv = [d.name, d.url]
+            g["healthy"].add_metric(lv, float(snap.healthy[j]))
+            g["cap"].add_metric(lv, float(snap.capacity[j]))
+            g["used"].add_metric(lv, float(snap.instances[j].used_tokens))
+            g["pend"].add_metric(lv, float(snap.used[j]))
+            g["pred"].add_metric(lv, float(peaks[j]))
+            g["run"].add_metric(lv, float(d.load.running_reqs if d.load else 0))
+            g["queue"].add_metric(lv, float(d.load.queued_reqs if d.load else 0))
+            g["infl"].add_metric(lv, float(d.inflight))
+        ph = GaugeMetricFamily("ares_prefill_healthy", "1 if the prefill instance is chosen", labels=labels)
+        pi = GaugeMetricFamily("ares_prefill_inflight_requests", "router requests in flight", labels=labels)
+        for p in s.prefills:
+            ph.add_metric([p.name, p.url], float(p.healthy))
+            pi.add_metric([p.name, p.url], float(p.inflight))
+        yield from g.values()
+        yield ph
+        yield pi
+
+
+class RouterMetrics:
+    """The router's metric families, in a registry of their own."""
+
+    def __init__(self, state: RouterState):
+        self.registry = CollectorRegistry()
+        self.registry.register(_StateCollector(state))
+        self.dispatches = Counter(
+            "ares_dispatch", "requests dispatched, by decode instance", ["instance", "policy"], registry=self.registry
+        )
+        self.requests = Counter(
+            "ares_requests", "requests answered, by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+        self.retries = Counter("ares_retries", "requests retried on another instance", ["role"], registry=self.registry)
+        self.aborts = Counter("ares_aborts", "requests aborted on the backends", ["reason"], registry=self.registry)
+        self.latency = Histogram(
+            "ares_request_latency_seconds",
+            "end-to-end request latency seen by the router",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "ares_time_to_first_token_seconds",
+            "time to the first relayed chunk (streaming requests)",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.decision = Histogram(
+            "ares_policy_decision_seconds",
+            "time to choose a decode instance",
+            buckets=DECISION_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """Prometheus text exposition."""
+        return generate_latest(self.registry)

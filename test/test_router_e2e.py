@@ -1,0 +1,497 @@
+"""The ARES router against real SGLang servers: 1 prefill + 2 decode (tiny model, Mooncake TCP, CPU).
+
+One cluster for the whole module (its router is the ARES router, policy least_kv); tests that need another policy
+or other backends start extra router processes on free ports against the same servers and stop them by PID.
+The last test kills decode1, so it must stay last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import aiohttp
+import pytest
+from ares.cluster import Cluster, ClusterSpec
+from ares.cluster.launcher import free_ports
+
+HOST = "127.0.0.1"
+LONG_PROMPT = list(range(1000, 1400))  # 400 token ids
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+def _request(url: str, body: object = None, headers: dict | None = None, timeout: float = 120.0):
+    """(status, headers, body bytes) of a GET (body None) or POST (JSON body, or raw bytes)."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _json(url: str) -> dict:
+    status, _, body = _request(url)
+    assert status == 200, (url, status, body[:300])
+    return json.loads(body)
+
+
+def _loads(decode_url: str) -> dict:
+    return _json(decode_url + "/v1/loads?include=core,disagg,queues")["loads"][0]
+
+
+def _busy(load: dict) -> int:
+    """Requests a decode server holds in any state (running, waiting, preallocating, transferring, retracted)."""
+    d = load.get("disaggregation") or {}
+    return (
+        load["num_running_reqs"]
+        + load["num_waiting_reqs"]
+        + sum(d.get(k, 0) for k in ("decode_prealloc_queue_reqs", "decode_transfer_queue_reqs"))
+        + d.get("decode_retracted_queue_reqs", 0)
+    )
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _sse_events(raw: bytes) -> list[bytes]:
+    return [ln[len(b"data: ") :] for ln in raw.splitlines() if ln.startswith(b"data: ")]
+
+
+def _dead_url() -> str:
+    return f"http://{HOST}:{free_ports(1)[0]}"  # nothing listens there
+
+
+@dataclass
+class RouterProc:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def ares_router(tmp: Path, prefill: list[tuple[str, int]], decode: list[str], policy: str, *extra: str):
+    """A `python -m ares_router` process on a free port, stopped by PID (its own process group) at the end."""
+    port = free_ports(1)[0]
+    log = tmp / f"router-{policy}-{port}.log"
+    argv = [sys.executable, "-m", "ares_router", "--host", HOST, "--port", str(port), "--policy", policy]
+    for url, boot in prefill:
+        argv += ["--prefill", url, str(boot)]
+    for url in decode:
+        argv += ["--decode", url]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*argv, *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    r = RouterProc(f"http://{HOST}:{port}", proc, log)
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, f"router exited:\n{r.log_text()}"
+            try:
+                return _request(r.url + "/ares/cluster", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        _wait(up, 60, "the router to listen")
+        yield r
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+class _FailingBackend(BaseHTTPRequestHandler):
+    """Healthy to the poller, broken for generation (500): a server that fails before the first token."""
+
+    server: _Fake
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the router gave up on this attempt already
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/v1/loads"):
+            loads = {"num_running_reqs": 0, "num_used_tokens": 0, "max_total_num_tokens": 4096}
+            return self._reply(200, json.dumps({"loads": [loads]}).encode())
+        return self._reply(404, b"{}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.posts.append((self.path, body))
+        if self.path == "/abort_request":
+            return self._reply(200, b"{}")
+        return self._reply(500, b'{"error": "broken backend"}')
+
+
+class _Fake(ThreadingHTTPServer):
+    posts: list
+
+
+@contextmanager
+def failing_backend() -> Iterator[_Fake]:
+    srv = _Fake((HOST, 0), _FailingBackend)
+    srv.posts = []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# -- fixtures -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory):
+    """1 prefill + 2 decode real servers behind the ARES router (least_kv)."""
+    spec = ClusterSpec(
+        model_path=str(tiny_model),
+        n_prefill=1,
+        n_decode=2,
+        max_total_tokens=4096,
+        router="ares",
+        router_policy="least_kv",
+    )
+    with Cluster(spec, log_dir=tmp_path_factory.mktemp("router-cluster") / "logs") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def backends(cluster) -> dict:
+    st = cluster.state()["processes"]
+    prefill = [(p["url"], p["bootstrap_port"]) for p in st if p["role"] == "prefill"]
+    return {"prefill": prefill, "decode": cluster.decode_urls, "router": cluster.router_url}
+
+
+@pytest.fixture()
+def tmp(tmp_path) -> Path:
+    return tmp_path
+
+
+def _assert_backends_idle(backends: dict, timeout: float = 30.0) -> None:
+    for url in backends["decode"]:
+        _wait(lambda u=url: _busy(_loads(u)) == 0, timeout, f"{url} to hold no request")
+
+
+def _chat(router: str, content: str = "hello", max_tokens: int = 4, stream: bool = False, **kw):
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "stream": stream, **kw}
+    return _request(router + "/v1/chat/completions", body)
+
+
+# -- tests --------------------------------------------------------------------------------------------------------
+def test_endpoints_answer_and_echo_request_ids(cluster, backends):
+    r = backends["router"]
+    assert json.loads(_request(r + "/health")[2])["status"] == "ok"
+    assert json.loads(_request(r + "/v1/models")[2])["data"][0]["id"]
+    status, headers, body = _chat(r, max_tokens=5, ignore_eos=True)
+    assert status == 200 and headers["X-Ares-Decode"] in ("decode0", "decode1")
+    out = json.loads(body)
+    assert out["usage"]["completion_tokens"] == 5 and out["choices"][0]["message"]["content"]
+    assert len(headers["X-Request-Id"]) == 32
+    status, headers, body = _request(
+        r + "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True, "ignore_eos": True},
+        headers={"X-Request-Id": "client-chosen-id"},
+    )
+    events = _sse_events(body)
+    assert status == 200 and headers["X-Request-Id"] == "client-chosen-id" and events[-1] == b"[DONE]"
+    assert len(json.loads(events[0])["id"]) == 32  # backends get a router-made, prefix-free rid
+    status, _, body = _request(r + "/v1/completions", {"prompt": "Once upon", "max_tokens": 3, "ignore_eos": True})
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
+    gen = {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}
+    status, headers, body = _request(r + "/generate", {**gen, "rid": "body-chosen-id"})
+    out = json.loads(body)
+    assert status == 200 and len(out["output_ids"]) == 3
+    assert headers["X-Request-Id"] == "body-chosen-id"
+    log = (cluster.log_dir / "router.log").read_text()
+    assert f"rid=body-chosen-id /generate attempt 1 -> prefill0, {headers['X-Ares-Decode']} (backend rid " in log
+    assert "rid=client-chosen-id /v1/chat/completions attempt 1" in log
+    status, _, body = _request(r + "/generate", {**gen, "stream": True})
+    events = _sse_events(body)
+    assert status == 200 and events[-1] == b"[DONE]" and json.loads(events[-2])["meta_info"]["completion_tokens"] == 3
+    snap = _json(r + "/ares/cluster")
+    assert snap["policy"] == "least_kv" and snap["dispatch_count"] >= 5 and snap["inflight"] == 0
+    assert [d["healthy"] for d in snap["decode"]] == [True, True] and snap["decode"][0]["capacity_tokens"] == 4096
+    metrics = _request(r + "/metrics")[2].decode()
+    for needle in (
+        'ares_decode_used_tokens{instance="decode0"',
+        'ares_decode_predicted_peak_tokens{instance="decode1"',
+        'ares_decode_running_requests{instance="decode0"',
+        'ares_dispatch_total{instance="decode',
+        'ares_request_latency_seconds_bucket{endpoint="/v1/chat/completions"',
+        "ares_policy_decision_seconds_count",
+    ):
+        assert needle in metrics, needle
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b'{"messages": [', "not valid JSON"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "'max_tokens' must be an integer"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "'n' = 3 is not supported"),
+        ({"messages": "hi"}, "'messages' must be"),
+    ],
+)
+def test_bad_requests_get_4xx_and_never_reach_a_backend(backends, body, fragment):
+    before = _json(backends["router"] + "/ares/cluster")["dispatch_count"]
+    status, headers, raw = _request(backends["router"] + "/v1/chat/completions", body)
+    err = json.loads(raw)["error"]
+    assert status == 400 and fragment in err["message"] and err["type"] == "invalid_request_error"
+    assert headers["X-Request-Id"]
+    assert _json(backends["router"] + "/ares/cluster")["dispatch_count"] == before
+
+
+def test_sglang_benchmark_serving_has_no_failed_request(backends, tiny_model, tmp):
+    out = tmp / "bench.jsonl"
+    n = 24
+    cmd = [
+        sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang-oai-chat",
+        "--base-url", backends["router"], "--model", str(tiny_model), "--tokenizer", str(tiny_model),
+        "--dataset-name", "random-ids", "--num-prompts", str(n), "--random-input-len", "64",
+        "--random-output-len", "16", "--random-range-ratio", "0.5", "--request-rate", "8", "--seed", "1",
+        "--output-file", str(out), "--disable-tqdm",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert result["completed"] == n, proc.stdout[-3000:]
+    assert "Failed requests" not in proc.stdout or "Failed requests: 0" in proc.stdout.replace("  ", " ")
+
+
+async def _preload(prefill: tuple[str, int], decode: str, n: int, stop: asyncio.Event) -> list[str]:
+    """Direct PD requests (not through any router) with long prompts and outputs on one decode server; they run
+    until `stop` is set, then are aborted."""
+    rids = [f"preload-{i}-{time.monotonic_ns()}" for i in range(n)]
+    async with aiohttp.ClientSession() as s:
+
+        async def one(i: int) -> None:
+            body = {
+                "input_ids": LONG_PROMPT,
+                "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True},
+                "stream": True,
+                "rid": rids[i],
+                "bootstrap_host": HOST,
+                "bootstrap_port": prefill[1],
+                "bootstrap_room": 1_000_000 + i + time.monotonic_ns() % 1_000_000,
+            }
+
+            async def run_prefill() -> None:
+                async with s.post(prefill[0] + "/generate", json=body) as resp:
+                    await resp.read()  # read to the end: SGLang aborts a stream whose client hangs up
+
+            p = asyncio.create_task(run_prefill())
+            try:
+                async with s.post(decode + "/generate", json=body) as resp:
+                    async for _ in resp.content.iter_any():
+                        if stop.is_set():
+                            break
+            finally:
+                p.cancel()
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        await stop.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for b in (prefill[0], decode):
+            for rid in rids:
+                async with s.post(b + "/abort_request", json={"rid": rid}) as resp:
+                    await resp.read()
+    return rids
+
+
+def _policy_choices(router: str, k: int) -> list[str]:
+    out = []
+    for i in range(k):
+        status, headers, body = _chat(router, content=f"short request {i}", max_tokens=2)
+        assert status == 200, body
+        out.append(headers["X-Ares-Decode"])
+    return out
+
+
+def test_policies_place_by_load(backends, tmp):
+    """decode0 carries long requests the routers do not relay: least_kv and ares send new requests to decode1;
+    round_robin alternates regardless."""
+    stop = asyncio.Event()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(
+        target=loop.run_until_complete, args=(_preload(backends["prefill"][0], backends["decode"][0], 2, stop),)
+    )
+    thread.start()
+    try:
+        _wait(lambda: _loads(backends["decode"][0])["num_used_tokens"] >= 800, 120, "decode0 to be pre-loaded")
+        with ares_router(tmp, backends["prefill"], backends["decode"], "ares") as ares:
+            time.sleep(0.5)  # a few polls
+            snap = _json(ares.url + "/ares/cluster")["decode"]
+            assert snap[0]["used_tokens"] >= 800 and snap[0]["predicted_peak_tokens"] > snap[1]["predicted_peak_tokens"]
+            assert _policy_choices(ares.url, 4) == ["decode1"] * 4
+        assert _policy_choices(backends["router"], 4) == ["decode1"] * 4  # the cluster's router: least_kv
+        with ares_router(tmp, backends["prefill"], backends["decode"], "round_robin") as rr:
+            choices = _policy_choices(rr.url, 4)
+            assert choices in (["decode0", "decode1"] * 2, ["decode1", "decode0"] * 2), choices
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=60)
+        loop.close()
+    _assert_backends_idle(backends)
+
+
+async def _disconnect_streaming(router: str) -> tuple[str, str]:
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(router + "/generate", json=body, headers={"X-Request-Id": "disconnect-stream"})
+        events = 0
+        async for chunk in resp.content.iter_any():
+            events += chunk.count(b"data:")
+            if events >= 3:
+                break
+        decode = resp.headers["X-Ares-Decode"]
+        resp.close()  # the client goes away mid-stream
+    return decode, "disconnect-stream"
+
+
+def test_client_disconnect_aborts_on_prefill_and_decode(cluster, backends):
+    r = backends["router"]
+    decode_name, rid = asyncio.run(_disconnect_streaming(r))
+    decode_url = backends["decode"][int(decode_name[-1])]
+    _wait(lambda: _busy(_loads(decode_url)) == 0, 30, "the aborted stream to leave the decode server")
+    # Non-streaming: the client hangs up while the request is generating on the decode server.
+    sock = socket.create_connection((HOST, int(r.rsplit(":", 1)[1])))
+    payload = json.dumps({"input_ids": [8, 9], "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}})
+    sock.sendall(
+        (
+            f"POST /generate HTTP/1.1\r\nHost: x\r\nX-Request-Id: disconnect-blocking\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}"
+        ).encode()
+    )
+    _wait(lambda: any(_loads(u)["num_running_reqs"] for u in backends["decode"]), 60, "the request to run")
+    sock.close()
+    _assert_backends_idle(backends)
+    assert _wait(lambda: _json(r + "/ares/cluster")["inflight"] == 0, 10, "router bookkeeping to drain")
+    log = (cluster.log_dir / "router.log").read_text()
+    for rid in ("disconnect-stream", "disconnect-blocking"):
+        assert f"rid={rid} client disconnected; aborting" in log
+
+
+def test_backend_failing_before_first_token_is_retried_elsewhere(backends, tmp):
+    with failing_backend() as fake:
+        fake_url = f"http://{HOST}:{fake.server_address[1]}"
+        # Decode side: the broken server looks emptiest, so least_kv picks it first; the retry lands on decode1.
+        with ares_router(tmp, backends["prefill"], [fake_url, backends["decode"][1]], "least_kv") as r:
+            status, headers, body = _chat(r.url, max_tokens=3, ignore_eos=True, stream=True)
+            assert status == 200 and _sse_events(body)[-1] == b"[DONE]", body
+            assert headers["X-Ares-Decode"] == "decode1"
+            rid = headers["X-Request-Id"]
+            assert [p for p, _ in fake.posts] == ["/v1/chat/completions", "/abort_request"]
+            assert fake.posts[1][1] == {"rid": rid}  # the failed attempt is aborted where it ran
+            assert 'ares_retries_total{role="decode"} 1.0' in _request(r.url + "/metrics")[2].decode()
+        # Prefill side: the broken prefill is first in turn; the decode that waited for its KV is aborted.
+        fake.posts.clear()
+        prefills = [(fake_url, 1), *backends["prefill"]]
+        with ares_router(tmp, prefills, backends["decode"], "least_kv") as r:
+            status, headers, body = _chat(r.url, max_tokens=3, ignore_eos=True)
+            assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
+            assert headers["X-Ares-Prefill"] == "prefill1" and fake.posts[0][0] == "/v1/chat/completions"
+        # Both servers broken: one retry, then a 502 with the reason.
+        with ares_router(tmp, [(fake_url, 1)], [fake_url], "least_kv") as r:
+            status, _, body = _chat(r.url)
+            message = json.loads(body)["error"]["message"]
+            assert status == 502 and "failed before the first token" in message and "no other healthy" in message
+    _assert_backends_idle(backends)
+
+
+def test_no_healthy_backend_gives_503_and_is_reported(backends, tmp):
+    with ares_router(tmp, backends["prefill"], [_dead_url()], "ares") as r:
+        status, _, body = _chat(r.url)
+        assert status == 503 and "no healthy decode server" in json.loads(body)["error"]["message"]
+        assert _request(r.url + "/health")[0] == 503
+        snap = _json(r.url + "/ares/cluster")["decode"][0]
+        assert snap["healthy"] is False and "Connect" in snap["last_error"]
+        assert 'ares_decode_healthy{instance="decode0"' in _request(r.url + "/metrics")[2].decode()
+    with ares_router(tmp, [(_dead_url(), 1)], backends["decode"], "ares") as r:
+        status, _, body = _chat(r.url)
+        assert status == 503 and "no healthy prefill server" in json.loads(body)["error"]["message"]
+    _assert_backends_idle(backends)
+
+
+async def _many_streams(router: str, n: int) -> list[tuple[int, bytes]]:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
+    ) as s:
+
+        async def one(i: int) -> tuple[int, bytes]:
+            body = {"messages": [{"role": "user", "content": f"client {i}"}], "max_tokens": 4, "stream": True}
+            async with s.post(router + "/v1/chat/completions", json=body) as resp:
+                return resp.status, await resp.read()
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_200_concurrent_streaming_clients(backends):
+    results = asyncio.run(_many_streams(backends["router"], 200))
+    bad = [(s, b[:200]) for s, b in results if s != 200 or _sse_events(b)[-1:] != [b"[DONE]"] or b'"error"' in b]
+    assert not bad, bad[:3]
+    snap = _json(backends["router"] + "/ares/cluster")
+    assert snap["inflight"] == 0 and all(d["dispatched"] > 50 for d in snap["decode"])  # both took a share
+    _assert_backends_idle(backends)
+
+
+def test_dead_decode_is_detected_reported_and_retried(cluster, backends, tmp):
+    """Runs last: kills decode1 (a process this module started). A router that has not noticed yet retries on
+    decode0; the polling router marks decode1 unhealthy in /ares/cluster and /metrics."""
+    with ares_router(
+        tmp, backends["prefill"], backends["decode"], "round_robin", "--poll-interval", "60", "--stale-after", "600"
+    ) as slow:
+        os.killpg(cluster.procs["decode1"].pid, signal.SIGKILL)
+        cluster.procs["decode1"].wait(timeout=30)
+        for _ in range(2):  # round robin: one of the two goes to dead decode1 first
+            status, headers, body = _chat(slow.url, max_tokens=2)
+            assert status == 200 and headers["X-Ares-Decode"] == "decode0", body
+        assert 'retries_total{role="decode"} 1.0' in _request(slow.url + "/metrics")[2].decode()
+    r = backends["router"]
+    _wait(lambda: not _json(r + "/ares/cluster")["decode"][1]["healthy"], 10, "decode1 to be marked unhealthy")
+    assert (
+        'ares_decode_healthy{instance="decode1",url="' + backends["decode"][1] + '"} 0.0'
+        in _request(r + "/metrics")[2].decode()
+    )
+    status, headers, _ = _chat(r, max_tokens=2)
+    assert status == 200 and headers["X-Ares-Decode"] == "decode0"
