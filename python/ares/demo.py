@@ -1,7 +1,8 @@
 """`ares demo`: the demo cluster on SmolLM2-135M under a short workload, measured with SGLang's own benchmark client.
 
-Brings up 1 prefill + 2 decode servers and a router on 127.0.0.1, runs `python -m sglang.benchmark.serving` against
-the router (OpenAI chat API), prints the latency summary, writes the raw result JSON lines, and stops everything.
+Brings up 1 prefill + 2 decode servers and the ARES router on 127.0.0.1, runs `python -m sglang.benchmark.serving`
+against the router (OpenAI chat API), prints the latency summary, writes the raw result JSON lines, and stops
+everything.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
     result = json.loads(raw.read_text().strip().splitlines()[-1])
     summary = {
         "model": args.model,
+        "router": f"{args.router}:{args.router_policy}",
         "decode_instances": args.decode,
         "ares": args.ares,
         "cluster_startup_s": round(startup_s, 1),
@@ -113,6 +115,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a model directory")
     p.add_argument("--decode", type=int, default=2, help="decode instances")
     p.add_argument("--ares", action="store_true", help="start the decode servers with --ares")
+    p.add_argument("--router", default="ares", choices=["ares", "sglang"], help="which PD router to start")
+    p.add_argument("--router-policy", default="ares", help="the router's placement policy")
     p.add_argument("--num-prompts", type=int, default=24)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=96)
