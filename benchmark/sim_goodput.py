@@ -12,12 +12,13 @@ import json
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ares.sim.cli import add_sim_arguments, spec_from_args
 from ares.sim.engine import simulate
 from ares.sim.plots import plot_goodput_bars, plot_kv_usage, plot_tpot_vs_rate
 from ares.sim.sweep import capacity_rate, find_goodput, run_point
 from ares.workloads import load_workload
-from tqdm import tqdm
 
 OUT = Path(__file__).resolve().parent / "results"
 # Simulated seconds per workload: R1 needs long runs (outputs up to 32k tokens take minutes to decode);

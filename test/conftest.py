@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
 from ares.cluster import Cluster, ClusterSpec
 from ares.models import prepare_model
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from ares.config import ENV_VAR, AresServerConfig, split_ares_args
 from ares.cpu import add_cpu_default_flags
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
 from ares.cluster import Cluster, ClusterSpec
 from ares.cluster.launcher import free_ports
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ares.sim.cost_model import CostModel, get_cost_model
 from ares.sim.engine import SimConfig, simulate
 from ares.sim.metrics import SLO, request_latencies, summarize

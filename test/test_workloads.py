@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ares.workloads import load_workload, renewal_arrivals, rescale_to_rate, traces_dir
 
 pytestmark = pytest.mark.skipif(not traces_dir().is_dir(), reason="shared trace data not available")

@@ -1,4 +1,4 @@
-"""`ares model prepare|path`: build or locate the cached model directories."""
+"""`ares model prepare`: build the cached model directories (idempotent) and print their paths."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ import argparse
 from ares.models.prepare import MODEL_NAMES, prepare_model
 
 
+def _model_name(name: str) -> str:
+    # A `type` check, not `choices`: argparse would test an empty `nargs="*"` list against `choices` as a whole.
+    if name not in MODEL_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown model {name!r} (choose from {', '.join(MODEL_NAMES)})")
+    return name
+
+
 def _prepare(args: argparse.Namespace) -> int:
-    for name in args.models:
+    for name in args.models or MODEL_NAMES:
         print(f"{name}: {prepare_model(name, force=args.force)}", flush=True)
     return 0
 
@@ -21,8 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     prep.add_argument(
         "models",
         nargs="*",
-        default=list(MODEL_NAMES),
-        choices=MODEL_NAMES,
+        type=_model_name,
         metavar="MODEL",
         help=f"models to prepare (default: all of {', '.join(MODEL_NAMES)})",
     )
