@@ -7,6 +7,7 @@ slots, so one long (1,024-token) answer does not stall a whole batch.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from ares.predictor.generations import (
     read_generations,
     rewrite_generations,
 )
+from ares.predictor.hidden_store import DEFAULT_STATES_DIR, write_state_shard
 from ares.predictor.prompts import SOURCES, Prompt, load_prompts
 
 
@@ -31,13 +33,16 @@ class CollectConfig:
     model: str = "smollm2"
     out: Path = DEFAULT_PATH
     limit: int | None = None
+    offset: int = 0  # start this far into the interleaved list (a second worker takes a disjoint range)
     max_new_tokens: int = 1024
     max_prompt_tokens: int = 1024
     batch_size: int = 16
     sources: tuple[str, ...] = SOURCES
     seed: int = 0
-    threads: int = 2
-    flush_every: int = 16
+    threads: int = 1
+    flush_every: int = 1  # records are small; appending each one means a stop loses nothing finished
+    # Hidden states captured during generation (the decode-step tensors), outside the repo: they are large.
+    states_dir: Path | None = DEFAULT_STATES_DIR
 
 
 @dataclass
@@ -46,6 +51,9 @@ class _Row:
     prompt_ids: list[int]
     pos: int  # position id of the next token = real tokens so far
     out: list[int] = field(default_factory=list)
+    # Hidden states that produced each token of `out`: (final-norm, middle layer), one [H] pair per token.
+    final: list[torch.Tensor] = field(default_factory=list)
+    mid: list[torch.Tensor] = field(default_factory=list)
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -61,8 +69,13 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 class ContinuousGreedy:
     """Greedy decoding of many prompts with a fixed number of batch slots refilled as rows finish."""
 
-    def __init__(self, model, eos_id: int, pad_id: int, max_new_tokens: int, batch_size: int):
+    def __init__(
+        self, model, eos_id: int, pad_id: int, max_new_tokens: int, batch_size: int, mid_layer: int | None = None
+    ):
         self.model = model
+        # hidden_states[-1] of HF Llama is the final-norm output (lm_head input), the tensor SGLang exposes.
+        n_layers = model.config.num_hidden_layers
+        self.mid_layer = n_layers // 2 if mid_layer is None else mid_layer
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.max_new = max_new_tokens
@@ -83,12 +96,25 @@ class ContinuousGreedy:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
             logits_to_keep=1,
+            output_hidden_states=True,
         )
         first = out.logits[:, -1].argmax(-1).tolist()
         rows = [_Row(key, p, len(p)) for key, p in items]
+        self._capture(rows, out.hidden_states)
         return rows, out.past_key_values, mask, first
+
+    def _capture(self, rows: list[_Row], hidden_states) -> None:
+        final = hidden_states[-1][:, -1].to(torch.float16)
+        mid = hidden_states[self.mid_layer][:, -1].to(torch.float16)
+        for i, row in enumerate(rows):
+            row.final.append(final[i])
+            row.mid.append(mid[i])
 
     def _merge(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
         if not self.rows:
@@ -116,14 +142,14 @@ class ContinuousGreedy:
             layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
             layer.values = layer.values.index_select(0, idx)[:, :, start:]
 
-    def _append(self, tokens: list[int]) -> list[tuple[object, list[int], str]]:
+    def _append(self, tokens: list[int]) -> list[tuple[object, list[int], str, _Row]]:
         done, keep = [], []
         for i, (row, tok) in enumerate(zip(self.rows, tokens, strict=True)):
             row.out.append(tok)
             if tok == self.eos_id:
-                done.append((row.key, row.out, "eos"))
+                done.append((row.key, row.out, "eos", row))
             elif len(row.out) >= self.max_new:
-                done.append((row.key, row.out, "length"))
+                done.append((row.key, row.out, "length", row))
             else:
                 keep.append(i)
         if len(keep) < len(self.rows):
@@ -131,8 +157,11 @@ class ContinuousGreedy:
         return done
 
     @torch.inference_mode()
-    def run(self, items: Iterable[tuple[object, list[int]]]) -> Iterator[tuple[object, list[int], str]]:
-        """Yield ``(key, response_ids, finish)`` for every ``(key, prompt_ids)`` of `items`, in finish order."""
+    def run(self, items: Iterable[tuple[object, list[int]]]) -> Iterator[tuple[object, list[int], str, _Row]]:
+        """Yield ``(key, response_ids, finish, row)`` for every ``(key, prompt_ids)`` of `items`, in finish order.
+
+        ``row.final[j]`` / ``row.mid[j]`` are the hidden states of the step that produced ``response_ids[j]``.
+        """
         queue = iter(items)
         exhausted = False
         while True:
@@ -160,13 +189,18 @@ class ContinuousGreedy:
             pos = torch.tensor([[r.pos + len(r.out) - 1] for r in self.rows], dtype=torch.long)
             self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], 1)
             out = self.model(
-                input_ids=last, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                input_ids=last,
+                attention_mask=self.mask,
+                position_ids=pos,
+                past_key_values=self.cache,
                 use_cache=True,
+                output_hidden_states=True,
             )
             self.cache = out.past_key_values
+            self._capture(self.rows, out.hidden_states)
             yield from self._append(out.logits[:, -1].argmax(-1).tolist())
 
-    def _append_new(self, n_old: int, first: list[int]) -> list[tuple[object, list[int], str]]:
+    def _append_new(self, n_old: int, first: list[int]) -> list[tuple[object, list[int], str, _Row]]:
         """Record the prefill's token for rows ``n_old:``; finished ones leave the batch."""
         done, keep = [], list(range(n_old))
         for j, tok in enumerate(first):
@@ -174,14 +208,25 @@ class ContinuousGreedy:
             row = self.rows[i]
             row.out.append(tok)
             if tok == self.eos_id:
-                done.append((row.key, row.out, "eos"))
+                done.append((row.key, row.out, "eos", row))
             elif len(row.out) >= self.max_new:
-                done.append((row.key, row.out, "length"))
+                done.append((row.key, row.out, "length", row))
             else:
                 keep.append(i)
         if len(keep) < len(self.rows):
             self._keep(keep)
         return done
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _flush(cfg: CollectConfig, records: list[Generation], states: dict, mid_layer: int) -> None:
+    # States first: a generation record on disk always has its captured states (or none were asked for).
+    if cfg.states_dir is not None:
+        write_state_shard(cfg.states_dir, {k: (f.numpy(), m.numpy()) for k, (f, m) in states.items()}, mid_layer)
+    append_generations(cfg.out, records)
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
@@ -210,6 +255,7 @@ def collect(cfg: CollectConfig, progress: Callable | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = load_prompts(sources=cfg.sources, seed=cfg.seed)
+    prompts = prompts[cfg.offset :]
     if cfg.limit is not None:
         prompts = prompts[: cfg.limit]
     todo = [p for p in prompts if p.id not in done_ids]
@@ -230,18 +276,27 @@ def collect(cfg: CollectConfig, progress: Callable | None = None) -> int:
 
     gen = ContinuousGreedy(model, eos, pad, cfg.max_new_tokens, cfg.batch_size)
     pending: list[Generation] = []
+    pending_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     n_tokens, t0 = 0, time.time()
     bar = tqdm(total=len(todo), desc="collect", unit="req", smoothing=0.05)
-    for prompt_and_ids, response, finish in gen.run(items()):
-        p, ids = prompt_and_ids
-        pending.append(Generation(p.id, p.source, ids, list(response), finish, cfg.max_new_tokens))
-        n_tokens += len(response)
-        bar.update(1)
-        bar.set_postfix(tok_s=f"{n_tokens / (time.time() - t0):.0f}", skipped=skipped)
-        if len(pending) >= cfg.flush_every:
-            append_generations(cfg.out, pending)
-            pending = []
-    if pending:
-        append_generations(cfg.out, pending)
-    bar.close()
+    # `kill PID` (SIGTERM) stops like Ctrl-C: finished records are written, in-flight ones are dropped.
+    old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for prompt_and_ids, response, finish, row in gen.run(items()):
+            p, ids = prompt_and_ids
+            pending.append(Generation(p.id, p.source, ids, list(response), finish, cfg.max_new_tokens))
+            pending_states[p.id] = (torch.stack(row.final), torch.stack(row.mid))
+            n_tokens += len(response)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{n_tokens / (time.time() - t0):.0f}", skipped=skipped)
+            if len(pending) >= cfg.flush_every:
+                _flush(cfg, pending, pending_states, gen.mid_layer)
+                pending, pending_states = [], {}
+    except KeyboardInterrupt:
+        print("\ninterrupted: writing finished records, dropping in-flight ones")
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        if pending:
+            _flush(cfg, pending, pending_states, gen.mid_layer)
+        bar.close()
     return len(read_generations(cfg.out))

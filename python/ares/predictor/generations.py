@@ -32,14 +32,18 @@ class Generation:
 
 
 def read_generations(path: Path = DEFAULT_PATH) -> list[Generation]:
-    """All complete records of `path` (a torn last gzip member, from a killed run, is ignored)."""
+    """All complete records of `path`, first occurrence of each id (a torn last gzip member is ignored)."""
     out: list[Generation] = []
+    seen: set[str] = set()
     if not Path(path).exists():
         return out
     try:
         with gzip.open(path, "rt") as f:
             for line in f:
-                out.append(Generation(**json.loads(line)))
+                g = Generation(**json.loads(line))
+                if g.id not in seen:
+                    seen.add(g.id)
+                    out.append(g)
     except (EOFError, gzip.BadGzipFile, zlib.error, json.JSONDecodeError):
         pass
     return out
@@ -59,3 +63,16 @@ def rewrite_generations(path: Path, records: list[Generation]) -> None:
     tmp.unlink(missing_ok=True)
     append_generations(tmp, records)
     tmp.replace(path)
+
+
+def merge_generations(dst: Path, *srcs: Path) -> int:
+    """Fold the records of `srcs` (e.g. a second worker's file) into `dst`, first copy of each id wins."""
+    merged = read_generations(dst)
+    seen = {g.id for g in merged}
+    for src in srcs:
+        for g in read_generations(src):
+            if g.id not in seen:
+                seen.add(g.id)
+                merged.append(g)
+    rewrite_generations(dst, merged)
+    return len(merged)
