@@ -7,11 +7,12 @@ is a pure function of the id.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from ares.shared_data import data_root
 
 SOURCES = ("alpaca_eval", "gsm8k", "arena_hard_v2", "sharegpt")
 
@@ -26,12 +27,8 @@ class Prompt:
 
 
 def default_data_root() -> Path:
-    """``$ARES_SHARED_DATA/text`` or the repository's sibling ``../shared/data/text``."""
-    env = os.environ.get("ARES_SHARED_DATA")
-    if env:
-        return Path(env) / "text"
-    repo = Path(__file__).resolve().parents[3]
-    return repo.parent / "shared" / "data" / "text"
+    """The prompt sets: ``text/`` in the shared data folder (see :func:`ares.shared_data.data_root`)."""
+    return data_root() / "text"
 
 
 def _alpaca(root: Path) -> Iterator[Prompt]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ares.shared_data import data_root
 
 
 @dataclass(frozen=True)
@@ -40,18 +41,6 @@ class Workload:
         """Requests arriving before `duration_s`."""
         keep = self.arrival_s < duration_s
         return Workload(self.name, self.arrival_s[keep], self.prompt_tokens[keep], self.output_tokens[keep])
-
-
-def data_root() -> Path:
-    """The shared data folder: $ARES_DATA_DIR, else the first `shared/data` found walking up from here."""
-    env = os.environ.get("ARES_DATA_DIR")
-    if env:
-        return Path(env)
-    for parent in Path(__file__).resolve().parents:
-        cand = parent / "shared" / "data"
-        if (cand / "traces").is_dir():
-            return cand
-    return Path("../shared/data")
 
 
 def traces_dir() -> Path:
