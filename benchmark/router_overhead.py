@@ -22,8 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ares.cluster.launcher import free_ports, stop_groups
 
 OUT = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
@@ -100,17 +100,6 @@ async def _loopback_backend(prefill_port: int, decode_port: int, chunks: int) ->
 # ---------------------------------------------------------------------------------------------------------------
 # Added latency
 # ---------------------------------------------------------------------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _wait_http(url: str, timeout_s: float = 60.0) -> None:
     import urllib.request
 
@@ -126,13 +115,8 @@ def _wait_http(url: str, timeout_s: float = 60.0) -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    stop_groups([(proc.pid, None)], grace_s=10)
+    proc.wait()
 
 
 async def _measure(router: str, decode: str, n: int, warmup: int, stream: bool) -> dict[str, np.ndarray]:
@@ -166,7 +150,7 @@ def _pct(x: np.ndarray) -> dict[str, float]:
 
 def added_latency(args: argparse.Namespace) -> dict:
     """Start the loopback backend and a router; measure direct vs routed latency, non-streaming and streaming."""
-    pp, dp, rp = _free_ports(3)
+    pp, dp, rp = free_ports(3)
     logs = Path(tempfile.mkdtemp(prefix="ares-router-overhead-"))  # process logs, kept for a look after the run
     backend = subprocess.Popen(
         [sys.executable, __file__, "--loopback-backend", str(pp), str(dp), "--stream-chunks", str(args.stream_chunks)],

@@ -13,21 +13,7 @@ from pathlib import Path
 import pytest
 
 from ares.cluster import Cluster, ClusterError, ClusterSpec
-
-
-def group_members(pgids: set[int]) -> set[int]:
-    """PIDs of all live processes in the given process groups (servers run one session/group each)."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[2]) in pgids:
-                out.add(int(d.name))
-    return out
+from ares.cluster.launcher import group_members
 
 
 def test_failed_startup_stops_everything(tiny_model, tmp_path):

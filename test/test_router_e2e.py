@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 
 from ares.cluster import Cluster, ClusterSpec
-from ares.cluster.launcher import free_ports
+from ares.cluster.launcher import free_ports, stop_groups
 
 HOST = "127.0.0.1"
 LONG_PROMPT = list(range(1000, 1400))  # 400 token ids
@@ -121,13 +121,8 @@ def ares_router(tmp: Path, prefill: list[tuple[str, int]], decode: list[str], po
         _wait(up, 60, "the router to listen")
         yield r
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_groups([(proc.pid, None)], grace_s=10)
+        proc.wait()
 
 
 class _FailingBackend(BaseHTTPRequestHandler):

@@ -59,12 +59,20 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+def group_members(pgids: set[int]) -> set[int]:
+    """PIDs of the live processes in these process groups. Zombies do not count: a stopped server stays one until
+    its parent (this launcher) reaps it, and waiting for it to vanish would wait out the whole grace period."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) in pgids:
+            members.add(int(entry.name))
+    return members
 
 
 def stop_groups(processes: list[tuple[int, int | None]], grace_s: float) -> None:
@@ -77,7 +85,7 @@ def stop_groups(processes: list[tuple[int, int | None]], grace_s: float) -> None
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_group_alive(pid) for pid in ours):
+    while time.monotonic() < deadline and group_members(set(ours)):
         time.sleep(0.2)
     for pid in ours:
         try:

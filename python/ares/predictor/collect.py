@@ -142,9 +142,11 @@ class ContinuousGreedy:
             layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
             layer.values = layer.values.index_select(0, idx)[:, :, start:]
 
-    def _append(self, tokens: list[int]) -> list[tuple[object, list[int], str, _Row]]:
-        done, keep = [], []
-        for i, (row, tok) in enumerate(zip(self.rows, tokens, strict=True)):
+    def _append(self, tokens: list[int], start: int = 0) -> list[tuple[object, list[int], str, _Row]]:
+        """Record one new token for each row from ``start`` on; finished rows leave the batch."""
+        done, keep = [], list(range(start))
+        for i, tok in enumerate(tokens, start):
+            row = self.rows[i]
             row.out.append(tok)
             if tok == self.eos_id:
                 done.append((row.key, row.out, "eos", row))
@@ -180,7 +182,7 @@ class ContinuousGreedy:
                     n_old = len(self.rows)
                     self._merge(rows, cache, mask)
                     # The first token comes from the prefill; it belongs to the new rows only.
-                    yield from self._append_new(n_old, first)
+                    yield from self._append(first, start=n_old)
             if not self.rows:
                 if exhausted:
                     return
@@ -199,23 +201,6 @@ class ContinuousGreedy:
             self.cache = out.past_key_values
             self._capture(self.rows, out.hidden_states)
             yield from self._append(out.logits[:, -1].argmax(-1).tolist())
-
-    def _append_new(self, n_old: int, first: list[int]) -> list[tuple[object, list[int], str, _Row]]:
-        """Record the prefill's token for rows ``n_old:``; finished ones leave the batch."""
-        done, keep = [], list(range(n_old))
-        for j, tok in enumerate(first):
-            i = n_old + j
-            row = self.rows[i]
-            row.out.append(tok)
-            if tok == self.eos_id:
-                done.append((row.key, row.out, "eos", row))
-            elif len(row.out) >= self.max_new:
-                done.append((row.key, row.out, "length", row))
-            else:
-                keep.append(i)
-        if len(keep) < len(self.rows):
-            self._keep(keep)
-        return done
 
 
 def _raise_interrupt(signum, frame) -> None:
