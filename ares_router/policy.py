@@ -207,6 +207,32 @@ class LoadModel:
         out = max(float(out), 0.0)
         return np.where(out > s_prev, prompt_tokens + np.minimum(out, s), 0.0)
 
+    def demand_matrix(self, instances: Sequence[InstanceState]) -> np.ndarray:
+        """[instances, points+1]: `instance_curve` of every instance, computed in one pass over all requests."""
+        n, g = len(instances), self.points + 1
+        out = np.zeros((n, g))
+        if n == 0:
+            return out
+        idx = np.arange(n)
+        sizes = [inst.lengths.size for inst in instances]
+        if sum(sizes):
+            owner = np.repeat(idx, sizes)
+            lengths = np.concatenate([inst.lengths for inst in instances])
+            rem = np.concatenate([self.remaining(inst) for inst in instances])
+            out += _sum_rows(self.contributions(lengths, rem), owner, n)
+        explained = np.array([float(inst.lengths.sum()) for inst in instances])
+        used = np.array([float(inst.used_tokens) for inst in instances])
+        out += np.maximum(0.0, used - explained)[:, None]
+        sizes = [inst.pending_prompt.size for inst in instances]
+        if sum(sizes):
+            owner = np.repeat(idx, sizes)
+            prompt = np.concatenate([inst.pending_prompt for inst in instances])
+            pred = np.concatenate([inst.pending_predicted for inst in instances])
+            if self.default_output_tokens is not None:
+                pred = np.where(np.isnan(pred), float(self.default_output_tokens), pred)
+            out += _sum_rows(self.contributions(prompt, pred), owner, n)
+        return out
+
     def instance_curve(self, inst: InstanceState) -> np.ndarray:
         """[points+1] demand curve of one instance, pending requests and unexplained tokens included."""
         curve = np.zeros(self.points + 1)
@@ -219,6 +245,11 @@ class LoadModel:
                 out = np.where(np.isnan(out), float(self.default_output_tokens), out)
             curve += self.contributions(inst.pending_prompt, out).sum(axis=0)
         return curve
+
+
+def _sum_rows(rows: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """[n, cols]: the sum of `rows` grouped by `owner` (0..n-1)."""
+    return np.stack([np.bincount(owner, weights=rows[:, k], minlength=n) for k in range(rows.shape[1])], axis=1)
 
 
 @dataclass(frozen=True)
@@ -247,11 +278,7 @@ class ClusterSnapshot:
         if self.healthy is None:
             object.__setattr__(self, "healthy", np.array([i.healthy for i in self.instances], dtype=bool))
         if self.demand is None:
-            lm = self.load_model
-            demand = np.zeros((len(self.instances), lm.points + 1))
-            for j, inst in enumerate(self.instances):
-                demand[j] = lm.instance_curve(inst)
-            object.__setattr__(self, "demand", demand)
+            object.__setattr__(self, "demand", self.load_model.demand_matrix(self.instances))
 
     def index_of(self, instance_id: Hashable) -> int:
         """Position of an instance in `instances`."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ares.predictor.collect import CollectConfig, ContinuousGreedy, collect
+from ares.predictor.collect import CollectConfig, SlotGreedy, collect
 from ares.predictor.features import teacher_forced_states
 from ares.predictor.generations import read_generations
 from ares.predictor.hidden_store import read_state_shards
@@ -27,7 +27,7 @@ def test_continuous_batching_matches_greedy_and_teacher_forcing(tiny):
     prompts = [rng.integers(10, 5000, size=int(n)).tolist() for n in (5, 17, 9, 30, 3)]
     # A small EOS id that the random model does emit, so rows finish at different steps and slots are refilled.
     eos = 7
-    gen = ContinuousGreedy(tiny, eos_id=eos, pad_id=0, max_new_tokens=12, batch_size=2)
+    gen = SlotGreedy(tiny, eos_id=eos, max_new_tokens=12, batch_size=2, max_prompt_tokens=32)
     results = {k: (out, finish, row) for k, out, finish, row in gen.run(list(enumerate(prompts)))}
     assert sorted(results) == list(range(len(prompts)))
     mid = gen.mid_layer
@@ -42,6 +42,8 @@ def test_continuous_batching_matches_greedy_and_teacher_forcing(tiny):
         captured = torch.stack(row.final).float().numpy()
         assert captured.shape == tf["final_norm"].shape
         np.testing.assert_allclose(captured, tf["final_norm"].astype(np.float32), atol=2e-2, rtol=2e-2)
+        captured_mid = torch.stack(row.mid).float().numpy()
+        np.testing.assert_allclose(captured_mid, tf[f"layer_{mid}"].astype(np.float32), atol=2e-2, rtol=2e-2)
 
 
 def test_collect_is_resumable(tmp_path, monkeypatch, tiny):

@@ -91,7 +91,7 @@ class _Req:
 
 class _Decode:
     __slots__ = (
-        "idx", "cap", "running", "heap", "waiting", "incoming", "outgoing", "pending", "n", "K", "held",
+        "idx", "cap", "running", "heap", "waiting", "incoming", "outgoing", "n", "K", "held",
         "steps", "busy", "version", "t0", "extra", "alpha", "quad", "seg_k",
     )  # fmt: skip
 
@@ -102,7 +102,6 @@ class _Decode:
         self.waiting: deque[_Req] = deque()
         self.incoming: list[tuple[_Req, int]] = []
         self.outgoing: list[int] = []
-        self.pending: dict[int, _Req] = {}  # dispatched here, not running (prefill, queue, retracted)
         self.n = 0
         self.K = 0  # KV tokens of running requests
         self.held = 0  # KV held for migrations (outgoing in flight, incoming reserved)
@@ -183,6 +182,19 @@ class ClusterSim:
             for i, (a, p, o, zz) in enumerate(zip(workload.arrival_s, prompt, out, z, strict=True))
         ]
         self.decode = [_Decode(j, cap) for j in range(config.n_decode)]
+        # The router's view, column-wise over all requests, so a poll is a few numpy passes rather than a
+        # Python loop over every running request (the cost that dominates at 256 instances). Written where a
+        # request changes state (rare), read at polls.
+        n = len(self.reqs)
+        self.col_running = np.full(n, -1, np.int64)  # decode instance running it, -1: none
+        self.col_pending = np.full(n, -1, np.int64)  # dispatched there, not running (prefill, queue, retracted)
+        self.col_join = np.zeros(n)  # the instance's step count when it joined
+        self.col_len0 = np.zeros(n)  # KV tokens when it joined
+        self.col_gen0 = np.zeros(n)  # tokens generated when it joined
+        self.col_gen_now = np.ones(n)  # generated tokens while not running
+        self.col_prompt = prompt.astype(np.float64)
+        self.col_out = out.astype(np.float64)
+        self.col_z = z
         n_prefill = config.n_prefill or max(1, config.n_decode // 2)
         self.prefill = [(0.0, p) for p in range(n_prefill)]
         self.events: list = []
@@ -253,7 +265,7 @@ class ClusterSim:
         self.snapshot = self.snapshot.with_dispatch(idx, new)
         self.dispatched += 1
         req.inst = idx
-        self.decode[idx].pending[req.i] = req
+        self.col_pending[req.i] = idx
         busy_until, p = heapq.heappop(self.prefill)
         end = max(t, busy_until) + self.cost.prefill_time(req.prompt)
         heapq.heappush(self.prefill, (end, p))
@@ -274,13 +286,15 @@ class ClusterSim:
     def _join(self, inst: _Decode, req: _Req, length: int, gen: int, t: float) -> None:
         if math.isnan(req.t_first):
             req.t_first = t
-        inst.pending.pop(req.i, None)
+        self.col_pending[req.i] = -1
         req.inst = inst.idx
         if gen >= req.out:  # nothing left to decode (one-token outputs)
             self._finish(req, t)
             return
         req.epoch += 1
         req.join_step, req.gen0, req.len0 = inst.steps, gen, length
+        i = req.i
+        self.col_running[i], self.col_join[i], self.col_gen0[i], self.col_len0[i] = inst.idx, inst.steps, gen, length
         inst.running[req.i] = req
         inst.n += 1
         inst.K += length
@@ -289,6 +303,7 @@ class ClusterSim:
     def _finish(self, req: _Req, t: float) -> None:
         req.t_finish = t
         req.gen_now = req.out
+        self.col_gen_now[req.i] = req.out
         self.finished += 1
 
     def _remove(self, inst: _Decode, req: _Req) -> tuple[int, int]:
@@ -300,6 +315,8 @@ class ClusterSim:
         length = req.len0 + d
         inst.K -= length
         req.gen_now = req.gen0 + d
+        self.col_running[req.i] = -1
+        self.col_gen_now[req.i] = req.gen_now
         return length, req.gen_now
 
     def _boundary(self, inst: _Decode, t: float, k: int) -> None:
@@ -366,7 +383,7 @@ class ClusterSim:
                     break
                 self._remove(inst, req)
                 req.retractions += 1
-                inst.pending[req.i] = req
+                self.col_pending[req.i] = inst.idx
                 retracted.append(req)
                 if req.migrate_to >= 0:
                     self.decode[req.migrate_to].held -= req.reserved
@@ -424,62 +441,71 @@ class ClusterSim:
         self._wake(src, t)  # freed KV may admit queued requests
 
     # ------------------------------------------------------------------ polling (the router's view)
-    def _instance_state(self, inst: _Decode, t: float) -> InstanceState:
-        j = inst.steps_done(t - inst.t0) if inst.busy else 0
-        cur = inst.steps + j
-        reqs = list(inst.running.values())
-        used = inst.K + inst.n * j + inst.held
+    def _build_snapshot(self, t: float) -> ClusterSnapshot:
+        D = len(self.decode)
         em = self.cfg.error_model
-        pend = list(inst.pending.values())
-        m = len(pend)
-        gen_p = np.fromiter((r.gen_now for r in pend), np.float64, m)
-        p_prompt = np.fromiter((r.prompt for r in pend), np.float64, m) + gen_p - 1
-        p_pred = np.full(m, np.nan)
-        if m and self.uses_pred:
-            out_p = np.fromiter((r.out for r in pend), np.float64, m)
+        cur = np.empty(D)
+        used = np.empty(D, np.int64)
+        for j, inst in enumerate(self.decode):
+            k = inst.steps_done(t - inst.t0) if inst.busy else 0
+            cur[j] = inst.steps + k
+            used[j] = inst.K + inst.n * k + inst.held
+        # running requests grouped by instance (ascending request index within one)
+        run = np.flatnonzero(self.col_running >= 0)
+        owner = self.col_running[run]
+        order = np.argsort(owner, kind="stable")
+        run, owner = run[order], owner[order]
+        d = cur[owner] - self.col_join[run]
+        lengths = self.col_len0[run] + d
+        gen = self.col_gen0[run] + d
+        pred = upper = np.full(run.size, np.nan)
+        if self.uses_pred:
+            rem = np.maximum(self.col_out[run] - gen, 0.0)
+            if self.needs_truth:
+                pred = rem
+            else:
+                f = gen / self.col_out[run]
+                pred = em.predict(rem, f, self.col_z[run])
+                upper = em.upper(pred, f)
+        # pending requests (prefill, transfer, queue, retracted)
+        pend = np.flatnonzero(self.col_pending >= 0)
+        p_owner = self.col_pending[pend]
+        order = np.argsort(p_owner, kind="stable")
+        pend, p_owner = pend[order], p_owner[order]
+        gen_p = self.col_gen_now[pend]
+        p_prompt = self.col_prompt[pend] + gen_p - 1
+        p_pred = np.full(pend.size, np.nan)
+        if pend.size and self.uses_pred:
+            out_p = self.col_out[pend]
             rem_p = out_p - gen_p
             if not self.needs_truth:
-                rem_p = em.predict(rem_p, gen_p / out_p, np.fromiter((r.z for r in pend), np.float64, m))
+                rem_p = em.predict(rem_p, gen_p / out_p, self.col_z[pend])
             if self.needs_truth or self.cfg.dispatch_prediction:
                 p_pred = rem_p
             else:  # the head has seen only the retracted ones decode
                 p_pred = np.where(gen_p > 1, rem_p, np.nan)
-        pending = {
-            "pending_ids": [r.i for r in pend],
-            "pending_prompt": p_prompt,
-            "pending_predicted": p_pred,
-        }
-        if not reqs:
-            return InstanceState(inst.idx, inst.cap, used, **pending)
-        join = np.fromiter((r.join_step for r in reqs), np.float64, len(reqs))
-        d = cur - join
-        lengths = np.fromiter((r.len0 for r in reqs), np.float64, len(reqs)) + d
-        gen = np.fromiter((r.gen0 for r in reqs), np.float64, len(reqs)) + d
-        nan = np.full(len(reqs), np.nan)
-        pred, upper = nan, nan
-        if self.uses_pred:
-            out = np.fromiter((r.out for r in reqs), np.float64, len(reqs))
-            rem = np.maximum(out - gen, 0.0)
-            if self.needs_truth:
-                pred = rem
-            else:
-                f = gen / out
-                pred = em.predict(rem, f, np.fromiter((r.z for r in reqs), np.float64, len(reqs)))
-                upper = em.upper(pred, f)
-        return InstanceState(
-            inst.idx,
-            inst.cap,
-            used,
-            request_ids=[r.i for r in reqs],
-            lengths=lengths,
-            generated=gen,
-            predicted_remaining=pred,
-            predicted_upper=upper,
-            **pending,
-        )
-
-    def _build_snapshot(self, t: float) -> ClusterSnapshot:
-        states = [self._instance_state(inst, t) for inst in self.decode]
+        edges = np.searchsorted(owner, np.arange(D + 1))
+        p_edges = np.searchsorted(p_owner, np.arange(D + 1))
+        ids, p_ids = run.tolist(), pend.tolist()
+        states = []
+        for j, inst in enumerate(self.decode):
+            a, b = edges[j], edges[j + 1]
+            pa, pb = p_edges[j], p_edges[j + 1]
+            states.append(
+                InstanceState(
+                    j,
+                    inst.cap,
+                    int(used[j]),
+                    request_ids=ids[a:b],
+                    lengths=lengths[a:b],
+                    generated=gen[a:b],
+                    predicted_remaining=pred[a:b],
+                    predicted_upper=upper[a:b],
+                    pending_ids=p_ids[pa:pb],
+                    pending_prompt=p_prompt[pa:pb],
+                    pending_predicted=p_pred[pa:pb],
+                )
+            )
         return build_snapshot(states, self.cfg.load_model, self.cost.migration_cost(), self.dispatched)
 
     def _poll(self, t: float) -> None:
