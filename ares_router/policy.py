@@ -268,6 +268,8 @@ class ClusterSnapshot:
     used: np.ndarray | None = None
     healthy: np.ndarray | None = None
     demand: np.ndarray | None = None
+    count: np.ndarray | None = None  # requests running or pending per instance
+
 
     def __post_init__(self) -> None:
         if self.capacity is None:
@@ -279,6 +281,9 @@ class ClusterSnapshot:
             object.__setattr__(self, "healthy", np.array([i.healthy for i in self.instances], dtype=bool))
         if self.demand is None:
             object.__setattr__(self, "demand", self.load_model.demand_matrix(self.instances))
+        if self.count is None:
+            count = _f64([len(i.request_ids) + len(i.pending_ids) for i in self.instances])
+            object.__setattr__(self, "count", count)
 
     def index_of(self, instance_id: Hashable) -> int:
         """Position of an instance in `instances`."""
@@ -289,12 +294,14 @@ class ClusterSnapshot:
 
     def with_dispatch(self, index: int, request: NewRequest) -> ClusterSnapshot:
         """The snapshot after `request` was sent to instance `index`: the aggregates (`used`, `demand`,
-        `dispatch_count`) count it as pending; `instances` stays the polled state (cheap for bursts)."""
+        `count`, `dispatch_count`) count it as pending; `instances` stays the polled state (cheap for bursts)."""
         used = self.used.copy()
         used[index] += request.prompt_tokens
         demand = self.demand.copy()
         demand[index] += self.load_model.pending_curve(request.prompt_tokens, request.predicted_output)
-        return replace(self, dispatch_count=self.dispatch_count + 1, used=used, demand=demand)
+        count = self.count.copy()
+        count[index] += 1
+        return replace(self, dispatch_count=self.dispatch_count + 1, used=used, demand=demand, count=count)
 
 
 def build_snapshot(
@@ -379,22 +386,29 @@ class PredictedPeakDispatch:
     """ARES placement: lowest predicted peak demand over the horizon once the request is added.
 
     score = peak fraction + mean_weight * mean fraction over the horizon (the mean stands for the step-time
-    cost every co-running request pays); ties broken by current usage, then index. Only instances that can
-    admit the request now with `admit_margin` of capacity to spare are considered (a request placed where
-    memory frees only later waits in the queue: TTFT); if none can, all eligible ones are.
+    cost every co-running request pays); ties broken by current usage, then index.
+
+    Only instances that would admit the request now are considered, by SGLang's decode admission rule
+    (free - prompt >= reserve_tokens * (requests + 1), `num_reserved_decode_tokens` per request): a request
+    placed elsewhere waits in that instance's queue, which is TTFT. When no instance would admit it now, the
+    one whose predicted demand lets it in soonest (first grid point where the rule holds) is chosen, ties by
+    score; without predictions that is the least loaded one, as `least_kv` would pick.
     """
 
     mean_weight: float = 0.5
-    admit_margin: float = 0.1
+    reserve_tokens: float = 512.0
 
     def dispatch(self, snapshot: ClusterSnapshot, request: NewRequest, rng: np.random.Generator) -> int:
         cand = eligible(snapshot, request.prompt_tokens)
-        room = snapshot.capacity[cand] * (1 - self.admit_margin) - snapshot.used[cand] >= request.prompt_tokens
-        if room.any():
-            cand = cand[room]
+        cap = snapshot.capacity[cand, None]
+        need = request.prompt_tokens + self.reserve_tokens * (snapshot.count[cand, None] + 1)
+        fits = snapshot.demand[cand] + need <= cap  # [cand, grid]: the rule at each grid point
         add = snapshot.load_model.pending_curve(request.prompt_tokens, request.predicted_output)
-        curves = (snapshot.demand[cand] + add[None, :]) / snapshot.capacity[cand, None]
+        curves = (snapshot.demand[cand] + add[None, :]) / cap
         score = curves.max(axis=1) + self.mean_weight * curves.mean(axis=1)
+        # Grid index of first admission (points + 1 = not within the horizon); 0 = now.
+        first = np.where(fits.any(axis=1), fits.argmax(axis=1), fits.shape[1])
+        score = score + 10.0 * first  # sooner admission dominates; score orders within the same wait
         # Tiny tie-break on current usage; argmin then takes the lowest index among exact ties.
         score = score + 1e-9 * (snapshot.used[cand] / snapshot.capacity[cand])
         return int(cand[np.argmin(score)])

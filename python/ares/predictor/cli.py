@@ -53,6 +53,14 @@ def add_parser(subparsers) -> None:
     _add_later_commands(sub)
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from ares.predictor.generations import merge_generations
+
+    n = merge_generations(Path(args.generations), *(Path(x) for x in args.parts))
+    print(f"{n} generations in {args.generations}")
+    return 0
+
+
 def _features(args: argparse.Namespace) -> int:
     """Dataset summary + check that captured decode-step states equal teacher-forced ones (or fill gaps)."""
     import json
@@ -107,6 +115,11 @@ def _add_later_commands(sub) -> None:
         p.add_argument("--generations", default=str(DEFAULT_PATH))
         p.add_argument("--states-dir", default=str(DEFAULT_STATES_DIR))
         p.add_argument("--threads", type=int, default=1)
+
+    m = sub.add_parser("merge", help="fold other workers' generation files into --generations (first copy wins)")
+    m.add_argument("parts", nargs="+", help="generation files written by `collect --out`")
+    m.add_argument("--generations", default=str(DEFAULT_PATH))
+    m.set_defaults(func=_merge)
 
     f = sub.add_parser("features", help="summarise data; verify captured states against teacher forcing")
     common(f)

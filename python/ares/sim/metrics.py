@@ -62,13 +62,28 @@ def _pct(x: np.ndarray, q: float) -> float:
     return float(np.percentile(x, q)) if x.size else float("nan")
 
 
+def measured(res: SimResult, warmup_frac: float = 0.1) -> np.ndarray:
+    """Mask of the requests the metrics cover: those arriving after the warm-up."""
+    return res.arrival >= warmup_frac * res.duration_s
+
+
+def slo_attainment(res: SimResult, slo: SLO, cost: CostModel, warmup_frac: float = 0.1) -> float:
+    """Fraction of measured requests that finished and met both SLOs."""
+    lat = request_latencies(res)
+    sel = measured(res, warmup_frac)
+    if not sel.any():
+        return 1.0
+    finished = ~np.isnan(res.t_finish[sel])
+    ttft_ok = lat["ttft"][sel] <= slo.ttft_limit(cost, res.prompt[sel])
+    return float((finished & ttft_ok & (lat["tpot"][sel] <= slo.tpot_s)).mean())
+
+
 def summarize(res: SimResult, slo: SLO, cost: CostModel, warmup_frac: float = 0.1) -> dict:
     """Run-level metrics of the requests arriving after the warm-up."""
     lat = request_latencies(res)
-    sel = res.arrival >= warmup_frac * res.duration_s
+    sel = measured(res, warmup_frac)
     ttft, tpot, e2e = lat["ttft"][sel], lat["tpot"][sel], lat["e2e"][sel]
     finished = ~np.isnan(res.t_finish[sel])
-    ok = finished & (ttft <= slo.ttft_limit(cost, res.prompt[sel])) & (tpot <= slo.tpot_s)
     ok_tpot = finished & (tpot <= slo.tpot_s)
     span = max(res.duration_s * (1 - warmup_frac), 1e-9)
     stats = res.kv_stats
@@ -78,7 +93,7 @@ def summarize(res: SimResult, slo: SLO, cost: CostModel, warmup_frac: float = 0.
         "requests": int(sel.sum()),
         "rate": float(sel.sum() / span),
         "finished_frac": float(finished.mean()) if sel.any() else 1.0,
-        "slo_attainment": float(ok.mean()) if sel.any() else 1.0,
+        "slo_attainment": slo_attainment(res, slo, cost, warmup_frac),
         "tpot_attainment": float(ok_tpot.mean()) if sel.any() else 1.0,
         "retractions": int(res.retractions[sel].sum()),
         "retracted_requests": int((res.retractions[sel] > 0).sum()),
