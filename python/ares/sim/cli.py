@@ -30,6 +30,13 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", type=int, default=2048, help="ARES load-model horizon (decode steps)")
     p.add_argument("--dispatch-prediction", action="store_true", help="ARES knows a noisy length at dispatch")
     p.add_argument("--poll", type=float, default=0.5, help="snapshot poll interval (s)")
+    p.add_argument(
+        "--reserve-tokens",
+        type=int,
+        default=512,
+        help="decode admission headroom per running request (SGLang's num_reserved_decode_tokens; 0: admit "
+        "whenever the prompt fits, so overload shows as retractions instead of queueing)",
+    )
     p.add_argument("--tpot-factor", type=float, default=1.25, help="TPOT SLO = factor x full-KV step time")
     p.add_argument("--quick", action="store_true", help="short runs (600 s) for a smoke test")
 
@@ -54,6 +61,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, str]:
         load_model=LoadModel(horizon_tokens=args.horizon),
         poll_interval_s=args.poll,
         dispatch_prediction=args.dispatch_prediction,
+        reserve_tokens=args.reserve_tokens,
         record_kv_instances=64,
     )
     duration = 600.0 if args.quick else args.duration

@@ -25,7 +25,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -166,6 +166,9 @@ class ClusterSim:
         self.cfg = config
         self.cost = config.cost
         self.policy = get_policy(config.policy)
+        if hasattr(self.policy.dispatcher, "reserve_tokens"):  # a policy that models admission uses the cluster's
+            dispatcher = replace(self.policy.dispatcher, reserve_tokens=config.reserve_tokens)
+            self.policy = replace(self.policy, dispatcher=dispatcher)
         self.needs_truth = self.policy.needs_true_lengths
         self.uses_pred = self.policy.uses_predictions
         self.rebalances = not isinstance(self.policy.rebalancer, NoRebalance)
