@@ -270,7 +270,6 @@ class ClusterSnapshot:
     demand: np.ndarray | None = None
     count: np.ndarray | None = None  # requests running or pending per instance
 
-
     def __post_init__(self) -> None:
         if self.capacity is None:
             object.__setattr__(self, "capacity", _f64([i.capacity_tokens for i in self.instances]))

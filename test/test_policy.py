@@ -154,3 +154,21 @@ def test_demand_matrix_equals_per_instance_curves():
     expected = np.stack([lm.instance_curve(s) for s in states])
     np.testing.assert_allclose(lm.demand_matrix(states), expected)
     np.testing.assert_allclose(build_snapshot(states, lm).demand, expected)
+
+
+def test_ares_places_where_sglang_would_admit_now():
+    # "busy": 990 tokens but 18 running requests -> 990 + 100 + 512 x 19 > 10,000; "calm" admits.
+    busy = inst("busy", [(55, 5_000)] * 18)
+    calm = inst("calm", [(4_000, 5_000)])
+    snap = build_snapshot([busy, calm], LoadModel(horizon_tokens=100))
+    assert dispatch(snap, new(100), "least_kv") == "busy"  # least current KV
+    assert dispatch(snap, new(100), "ares") == "calm"
+
+
+def test_ares_waits_where_admission_comes_soonest():
+    # Neither admits now; "soon"'s requests finish within 10 steps, "late"'s hold on for the whole horizon.
+    soon = inst("soon", [(4_500, 10), (4_500, 10)])
+    late = inst("late", [(4_000, 5_000), (4_000, 5_000)])
+    snap = build_snapshot([late, soon], LoadModel(horizon_tokens=100, points=10))
+    assert dispatch(snap, new(500), "least_kv") == "late"
+    assert dispatch(snap, new(500), "ares") == "soon"
