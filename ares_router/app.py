@@ -60,7 +60,13 @@ class Router:
             seed=config.seed,
         )
         self.metrics = RouterMetrics(self.state)
-        self.poller = Poller(self.state, config.poll_interval_s, config.poll_timeout_s, config.ares_state_reprobe_s)
+        self.poller = Poller(
+            self.state,
+            config.poll_interval_s,
+            config.poll_timeout_s,
+            config.ares_state_reprobe_s,
+            failure_threshold=config.health_failure_threshold,
+        )
         self.client: PDClient | None = None
 
     # -- application ----------------------------------------------------------------------------------------------

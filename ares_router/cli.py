@@ -47,8 +47,14 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--stale-after",
         type=float,
-        default=3.0,
+        default=10.0,
         help="seconds without a successful poll before a server is no longer chosen",
+    )
+    p.add_argument(
+        "--health-failure-threshold",
+        type=int,
+        default=3,
+        help="failed polls in a row before a server is marked unhealthy (a refused connection: at once)",
     )
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect to a backend")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds for a whole request (default: none)")
@@ -87,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         poll_interval_s=args.poll_interval,
         poll_timeout_s=args.poll_timeout,
         stale_after_s=args.stale_after,
+        health_failure_threshold=args.health_failure_threshold,
         connect_timeout_s=args.connect_timeout,
         request_timeout_s=args.request_timeout,
         retries=args.retries,

@@ -21,7 +21,8 @@ class RouterConfig:
     port: int = 30000
     poll_interval_s: float = 0.1
     poll_timeout_s: float = 2.0
-    stale_after_s: float = 3.0  # a server with no successful poll for this long is not chosen
+    stale_after_s: float = 10.0  # no successful poll for this long: not chosen (a stuck poller, a hung server)
+    health_failure_threshold: int = 3  # failed polls in a row before a server is unhealthy (refused: at once)
     ares_state_reprobe_s: float = 30.0
     connect_timeout_s: float = 5.0
     request_timeout_s: float | None = None  # None: no limit (long generations are legitimate)
@@ -37,6 +38,8 @@ class RouterConfig:
             raise ValueError("the router needs at least one --prefill and one --decode server")
         if self.stale_after_s <= self.poll_interval_s:
             raise ValueError("--stale-after must be longer than --poll-interval")
+        if self.health_failure_threshold < 1:
+            raise ValueError("--health-failure-threshold must be >= 1")
         if self.retries < 0:
             raise ValueError("--retries must be >= 0")
         if self.policy not in ROUTER_POLICIES:

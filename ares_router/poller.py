@@ -2,8 +2,10 @@
 
 Decode servers are asked for `GET /ares/state` (ARES decode servers, schema below) and, when that answers 404, for
 SGLang's own `GET /v1/loads`; the 404 is remembered and `/ares/state` re-probed every `reprobe_s`. Prefill servers
-are asked for `/v1/loads` as a health check. A failed or timed-out poll marks the server unhealthy (not chosen); the
-next successful poll brings it back.
+are asked for `/v1/loads` as a health check. A refused connection marks the server unhealthy (not chosen) at once;
+other failures (timeouts, bad answers) do after `failure_threshold` polls in a row, because a busy CPU server can
+miss one poll's deadline while still serving. The next successful poll brings it back. Independently, the router
+stops choosing a server whose last good poll is older than its `stale_after_s` (e.g. when polling itself stalls).
 
 `/ares/state` schema (version 1), served by decode servers started with `--ares`:
 
@@ -101,11 +103,13 @@ class Poller:
         timeout_s: float = 2.0,
         reprobe_s: float = 30.0,
         on_round: Callable[[], None] | None = None,
+        failure_threshold: int = 3,
     ):
         self.state = state
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.reprobe_s = reprobe_s
+        self.failure_threshold = failure_threshold
         self.on_round = on_round
         self._no_ares_state: dict[int, float] = {}  # decode index -> when /ares/state last answered 404
         self._session: aiohttp.ClientSession | None = None
@@ -200,6 +204,11 @@ class Poller:
 
     def _failed(self, b: Backend, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        if b.healthy or b.consecutive_failures == 0:
+        # Refused: nothing listens there any more, so there is nothing to wait for.
+        threshold = 1 if isinstance(e, aiohttp.ClientConnectorError) else self.failure_threshold
+        was_healthy = b.healthy
+        self.state.poll_failed(b, msg, threshold)
+        if was_healthy and not b.healthy:
             log.warning("%s %s unhealthy: %s", b.name, b.url, msg)
-        self.state.poll_failed(b, msg)
+        elif b.healthy:
+            log.info("%s %s missed a poll (%d/%d): %s", b.name, b.url, b.consecutive_failures, threshold, msg)

@@ -128,7 +128,7 @@ class RouterState:
     policy: Policy
     load_model: LoadModel = field(default_factory=LoadModel)
     estimator: OutputEstimator = field(default_factory=OutputEstimator)
-    stale_after_s: float = 3.0
+    stale_after_s: float = 10.0
     seed: int | None = 0
     requests: dict[str, Tracked] = field(default_factory=dict)
     dispatch_count: int = 0
@@ -163,11 +163,12 @@ class RouterState:
         if load is not None:
             backend.load = load
 
-    def poll_failed(self, backend: Backend, error: str) -> None:
-        """Record a failed poll: the server is not chosen until a poll succeeds again."""
-        backend.healthy = False
+    def poll_failed(self, backend: Backend, error: str, threshold: int = 1) -> None:
+        """Record a failed poll; after `threshold` in a row the server is not chosen until a poll succeeds again."""
         backend.last_error = error
         backend.consecutive_failures += 1
+        if backend.consecutive_failures >= threshold:
+            backend.healthy = False
 
     def mark_failed(self, backend: Backend, error: str) -> None:
         """A request to `backend` failed: take it out of rotation now, not at the next poll."""

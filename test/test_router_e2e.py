@@ -276,7 +276,7 @@ def test_bad_requests_get_4xx_and_never_reach_a_backend(backends, body, fragment
     assert _json(backends["router"] + "/ares/cluster")["dispatch_count"] == before
 
 
-def test_sglang_benchmark_serving_has_no_failed_request(backends, tiny_model, tmp):
+def test_sglang_benchmark_serving_has_no_failed_request(cluster, backends, tiny_model, tmp):
     out = tmp / "bench.jsonl"
     n = 24
     cmd = [
@@ -284,12 +284,15 @@ def test_sglang_benchmark_serving_has_no_failed_request(backends, tiny_model, tm
         "--base-url", backends["router"], "--model", str(tiny_model), "--tokenizer", str(tiny_model),
         "--dataset-name", "random-ids", "--num-prompts", str(n), "--random-input-len", "64",
         "--random-output-len", "16", "--random-range-ratio", "0.5", "--request-rate", "8", "--seed", "1",
-        "--output-file", str(out), "--disable-tqdm",
+        "--output-file", str(out), "--output-details", "--disable-tqdm",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text().splitlines()[-1])
-    assert result["completed"] == n, proc.stdout[-3000:]
+    errors = sorted({e[-500:] for e in result["errors"] if e})
+    router_log = (cluster.log_dir / "router.log").read_text().splitlines()
+    router_warnings = [ln for ln in router_log if " WARNING " in ln or " ERROR " in ln]
+    assert result["completed"] == n, (errors, router_warnings[-20:])
     assert "Failed requests" not in proc.stdout or "Failed requests: 0" in proc.stdout.replace("  ", " ")
 
 

@@ -176,12 +176,12 @@ def test_failed_and_stale_instances_are_not_chosen_until_they_recover():
     s = _state("round_robin")
     s.mark_failed(s.decodes[0], "connection refused")
     assert {s.choose_decode(10, 10) for _ in range(4)} == {1}
-    s.refresh(now=10.0)  # no poll for 10 s: everything is stale
+    s.refresh(now=s.stale_after_s + 1)  # no successful poll for that long: everything is stale
     assert not any(d.healthy for d in s.decodes)
     with pytest.raises(Exception, match="no healthy"):
         s.choose_decode(10, 10)
-    s.poll_ok(s.decodes[0], DecodeLoad(1000, 0, 0), now=10.0)
-    s.refresh(now=10.0)
+    s.poll_ok(s.decodes[0], DecodeLoad(1000, 0, 0), now=s.stale_after_s + 1)
+    s.refresh(now=s.stale_after_s + 1)
     assert {s.choose_decode(10, 10) for _ in range(3)} == {0}
     assert s.cluster_json()["decode"][1]["healthy"] is False
 
@@ -277,5 +277,50 @@ def test_poller_prefers_ares_state_falls_back_to_v1_loads_and_tracks_health():
         await poller.stop()
         for r in (ares_runner, plain_runner, pre_runner):
             await r.cleanup()
+
+    asyncio.run(main())
+
+
+def test_poller_tolerates_missed_polls_but_not_a_refused_connection():
+    """A busy server may miss a poll (here: answers 503) without leaving rotation; `failure_threshold` misses in a
+    row take it out; a refused connection (the process is gone) takes it out at once."""
+    failing = {"n": 0}
+
+    async def loads(request: web.Request) -> web.Response:
+        if failing["n"] > 0:
+            failing["n"] -= 1
+            return web.Response(status=503)
+        return web.json_response({"loads": [{"num_running_reqs": 0, "num_used_tokens": 0, "max_total_num_tokens": 9}]})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/loads", loads)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        state = RouterState.create([(url, 1)], [url], "least_kv")
+        poller = Poller(state, interval_s=3600, timeout_s=1.0, failure_threshold=3)  # rounds run by hand below
+        await poller.start()
+        d = state.decodes[0]
+        assert d.healthy
+        failing["n"] = 4  # the decode's poll and the prefill's (same server) each take one
+        await poller.poll_once()
+        assert d.healthy and d.consecutive_failures == 1 and "503" in d.last_error
+        await poller.poll_once()
+        assert d.healthy and state.snapshot.healthy[0]
+        await poller.poll_once()
+        assert d.healthy and d.consecutive_failures == 0  # recovered before the third miss
+        failing["n"] = 6
+        for _ in range(3):
+            await poller.poll_once()
+        assert not d.healthy and not state.prefills[0].healthy and not state.snapshot.healthy[0]
+        await poller.poll_once()
+        assert d.healthy
+        await runner.cleanup()  # the server goes away: one refused poll is enough
+        await poller.poll_once()
+        assert not d.healthy and d.consecutive_failures == 1 and "Connect" in d.last_error
+        await poller.stop()
 
     asyncio.run(main())
