@@ -20,6 +20,7 @@ def _collect(args: argparse.Namespace) -> int:
         sources=tuple(args.sources),
         seed=args.seed,
         threads=args.threads,
+        loop_span=args.stop_loops,
         states_dir=None if args.no_states else Path(args.states_dir),
     )
     n = collect(cfg)
@@ -46,6 +47,13 @@ def add_parser(subparsers) -> None:
     c.add_argument("--max-new-tokens", type=int, default=1024)
     c.add_argument("--max-prompt-tokens", type=int, default=1024, help="skip longer (templated) prompts")
     c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument(
+        "--stop-loops",
+        type=int,
+        default=256,
+        metavar="SPAN",
+        help="stop a response whose last SPAN tokens repeat with a period <= 64 (finish 'loop'); 0: never",
+    )
     c.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
@@ -81,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
     from ares.predictor.train import TrainConfig
 
     data = load_data(Path(args.generations), Path(args.states_dir), train_cap=args.train_cap)
-    tc = TrainConfig(epochs=args.epochs, threads=args.threads, max_seconds=args.max_seconds)
+    tc = TrainConfig(epochs=args.epochs, threads=args.threads, max_seconds=args.max_seconds, dropout=args.dropout)
     from ares.predictor.pipeline import HEADS_DIR
 
     # Only a run on the default data and output updates the checkpoint shipped in the repo.
@@ -135,6 +143,7 @@ def _add_later_commands(sub) -> None:
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--train-cap", type=int, default=256, help="points per training request")
     t.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget per head")
+    t.add_argument("--dropout", type=float, default=0.3, help="dropout after hidden activations (training only)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="baselines + trained heads on held-out prompts -> benchmark/results")

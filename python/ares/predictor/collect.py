@@ -43,8 +43,28 @@ class CollectConfig:
     seed: int = 0
     threads: int = 1
     flush_every: int = 1  # records are small; appending each one means a stop loses nothing finished
+    # Stop a response whose last `loop_span` tokens repeat with a period <= LOOP_MAX_PERIOD ("loop"); 0: never.
+    loop_span: int = 256
     # Hidden states captured during generation (the decode-step tensors), outside the repo: they are large.
     states_dir: Path | None = DEFAULT_STATES_DIR
+
+
+LOOP_MAX_PERIOD = 64
+
+
+def repeating_tail(tokens: list[int], span: int, max_period: int = LOOP_MAX_PERIOD) -> bool:
+    """Whether the last `span` tokens repeat a cycle of <= `max_period` (and <= span / 4) tokens: a greedy loop.
+
+    Greedy decoding that has repeated one cycle for `span` tokens practically never leaves it: in the first 1,561
+    generations (max 1,024 new tokens), no EOS-ended response ever had a periodic 256-token stretch, while 551 of
+    the 728 that hit the length limit did. Stopping them early frees their slot for a prompt that teaches the head
+    something; such records are kept with ``finish == "loop"`` and, like ``"length"``, count as censored.
+    """
+    if span <= 0 or len(tokens) < span:
+        return False
+    tail = tokens[-span:]
+    # A period of at most a quarter of the span: at least four full cycles, never a coincidence of a few tokens.
+    return any(tail[p:] == tail[:-p] for p in range(1, min(max_period, span // 4) + 1))
 
 
 @dataclass
@@ -77,6 +97,7 @@ class SlotGreedy:
         batch_size: int,
         max_prompt_tokens: int = 1024,
         mid_layer: int | None = None,
+        loop_span: int = 0,
     ):
         cfg = model.config
         self.model = model
@@ -90,6 +111,7 @@ class SlotGreedy:
         self.eos_id = eos_id
         self.max_new = max_new_tokens
         self.max_prompt = max_prompt_tokens
+        self.loop_span = loop_span
         self.batch_size = batch_size
         width = max_prompt_tokens + max_new_tokens
         shape = (self.n_layers, batch_size, self.kv_heads, width, self.head_dim)
@@ -176,8 +198,15 @@ class SlotGreedy:
         for i, tok in enumerate(tokens, start):
             row = self.rows[i]
             row.out.append(tok)
-            if tok == self.eos_id or len(row.out) >= self.max_new:
-                done.append((row.key, row.out, "eos" if tok == self.eos_id else "length", row))
+            finish = None
+            if tok == self.eos_id:
+                finish = "eos"
+            elif len(row.out) >= self.max_new:
+                finish = "length"
+            elif self.loop_span and len(row.out) % 16 == 0 and repeating_tail(row.out, self.loop_span):
+                finish = "loop"  # checked every 16 tokens: a loop is caught at most 15 tokens late
+            if finish is not None:
+                done.append((row.key, row.out, finish, row))
                 gone.append(i)
         for i in reversed(gone):  # highest slot first: a moved row never lands on a slot still to free
             self._free(i)
@@ -265,7 +294,7 @@ def collect(cfg: CollectConfig, progress: Callable | None = None) -> int:
                 continue
             yield (p, ids), ids
 
-    gen = SlotGreedy(model, eos, cfg.max_new_tokens, cfg.batch_size, cfg.max_prompt_tokens)
+    gen = SlotGreedy(model, eos, cfg.max_new_tokens, cfg.batch_size, cfg.max_prompt_tokens, loop_span=cfg.loop_span)
     pending: list[Generation] = []
     pending_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     n_tokens, t0 = 0, time.time()

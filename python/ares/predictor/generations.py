@@ -1,7 +1,8 @@
 """The collected generations file: one JSON record per request, appended as gzip members (resumable).
 
-Record: ``{"id", "source", "prompt": [token ids], "response": [token ids], "finish": "eos"|"length",
-"max_new_tokens"}``. ``response`` includes the final EOS token when ``finish == "eos"``.
+Record: ``{"id", "source", "prompt": [token ids], "response": [token ids], "finish": "eos"|"length"|"loop",
+"max_new_tokens"}``. ``response`` includes the final EOS token when ``finish == "eos"``; ``"loop"`` means the
+collector stopped a greedy repetition loop early (see ``collect.repeating_tail``): censored, like ``"length"``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Generation:
     source: str
     prompt: list[int]
     response: list[int]
-    finish: str  # "eos" or "length"
+    finish: str  # "eos", "length" or "loop"
     max_new_tokens: int
 
     @property

@@ -20,6 +20,9 @@ class TrainConfig:
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    # Dropout after each hidden activation, training only (a hook, so checkpoints keep the plain MLP layout).
+    # The heads overfit within 1-2 epochs: consecutive steps of one request are near-duplicate points.
+    dropout: float = 0.3
     patience: int = 5  # epochs without a better validation MAE before stopping
     seed: int = 0
     threads: int = 1
@@ -76,6 +79,11 @@ def train_head(
     x_tr = _inputs(train[0], train[1] if cfg.n_extra else None)
     y_tr = torch.from_numpy(np.asarray(train[2], dtype=np.float32))
     head = LengthHead(cfg)
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: torch.nn.functional.dropout(out, tc.dropout, mod.training))
+        for m in head.mlp
+        if tc.dropout > 0 and not isinstance(m, torch.nn.Linear)
+    ]
     head.in_mean.copy_(x_tr.mean(0))
     head.in_std.copy_(x_tr.std(0).clamp(min=1e-3))
     opt = torch.optim.AdamW(head.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -117,5 +125,7 @@ def train_head(
         if tc.max_seconds is not None and time.time() - t0 > tc.max_seconds:
             log("time budget reached")
             break
+    for h in hooks:
+        h.remove()
     head.load_state_dict(best_state)
     return head.eval(), {"best_val_mae": best, "history": history, "seconds": time.time() - t0}
