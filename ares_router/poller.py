@@ -208,7 +208,7 @@ class Poller:
         threshold = 1 if isinstance(e, aiohttp.ClientConnectorError) else self.failure_threshold
         was_healthy = b.healthy
         self.state.poll_failed(b, msg, threshold)
-        if was_healthy and not b.healthy:
+        if not b.healthy and (was_healthy or b.consecutive_failures == 1):  # newly out, or never reachable
             log.warning("%s %s unhealthy: %s", b.name, b.url, msg)
         elif b.healthy:
             log.info("%s %s missed a poll (%d/%d): %s", b.name, b.url, b.consecutive_failures, threshold, msg)
