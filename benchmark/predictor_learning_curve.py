@@ -111,8 +111,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--max-seconds", type=float, default=60.0, help="training budget per head")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-cap", type=int, default=256, help="points per training request (as in training)")
     args = ap.parse_args()
-    data = load_data()
+    data = load_data(train_cap=args.train_cap)
     tr, va, te = (data.points[s] for s in ("train", "val", "test"))
     mid = next(k for k in data.layers if k != "final_norm")
     ours_cfg = head_configs(tr.hidden["final_norm"].shape[1], mid)["ours"]
@@ -141,7 +142,7 @@ def main() -> None:
         )
     cmd = "python benchmark/predictor_learning_curve.py " + " ".join(
         [f"--fractions {' '.join(map(str, args.fractions))}", f"--seeds {' '.join(map(str, args.seeds))}"]
-        + [f"--max-seconds {args.max_seconds:g}", f"--threads {args.threads}"]
+        + [f"--max-seconds {args.max_seconds:g}", f"--threads {args.threads}", f"--train-cap {args.train_cap}"]
     )
     res = {
         "command": cmd,

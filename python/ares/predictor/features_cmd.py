@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ares.predictor.features import teacher_forced_states
-from ares.predictor.generations import read_generations
+from ares.predictor.generations import Generation, read_generations
 from ares.predictor.hidden_store import read_state_shards, write_state_shard
 
 
@@ -25,6 +25,19 @@ def _load_model(name: str):
     return AutoModelForCausalLM.from_pretrained(prepare_model(name), dtype=torch.float32).eval()
 
 
+def loop_stats(gens: list[Generation], span: int = 256) -> dict[str, dict[str, int]]:
+    """Per finish reason: responses, and those with a `span`-token repeating stretch at one of the collector's
+    check points (every 16 tokens). Evidence for `--stop-loops`: EOS-ended answers should have none."""
+    from ares.predictor.collect import repeating_tail
+
+    out: dict[str, dict[str, int]] = {}
+    for g in gens:
+        row = out.setdefault(g.finish, {"responses": 0, "with_loop": 0})
+        row["responses"] += 1
+        row["with_loop"] += any(repeating_tail(g.response[:n], span) for n in range(span, len(g.response) + 1, 16))
+    return out
+
+
 def features_command(gen_path: Path, states_dir: Path, verify: int, recompute: bool, model_name: str) -> dict:
     """Summary dict: counts, and max / mean abs difference of captured vs teacher-forced states."""
     from ares.predictor.pipeline import dataset_summary
@@ -32,7 +45,12 @@ def features_command(gen_path: Path, states_dir: Path, verify: int, recompute: b
     gens = read_generations(gen_path)
     states = read_state_shards(states_dir)
     missing = [g for g in gens if g.id not in states]
-    out: dict = {"dataset": dataset_summary(gens), "with_states": len(gens) - len(missing), "missing": len(missing)}
+    out: dict = {
+        "dataset": dataset_summary(gens),
+        "loops_256": loop_stats(gens),
+        "with_states": len(gens) - len(missing),
+        "missing": len(missing),
+    }
     if not verify and not (recompute and missing):
         return out
     model = _load_model(model_name)
