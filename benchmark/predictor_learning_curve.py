@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ares.predictor.baselines import frozen_remaining
 from ares.predictor.features import PointSet
 from ares.predictor.head import HeadConfig
-from ares.predictor.pipeline import head_configs, load_data
+from ares.predictor.pipeline import fit_prompt_state_proxy, head_configs, load_data, prompt_state_proxy_remaining
 from ares.predictor.train import TrainConfig, predict, train_head
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,12 +30,12 @@ TARGET = 0.4942
 
 def subset(ps: PointSet, keep: np.ndarray) -> PointSet:
     """The points of the requests whose index is in `keep` (request indices renumbered)."""
+    keep = np.sort(keep)
     mask = np.isin(ps.request, keep)
-    new_index = {int(old): new for new, old in enumerate(sorted(keep))}
     return PointSet(
-        [ps.ids[i] for i in sorted(keep)],
-        [ps.sources[i] for i in sorted(keep)],
-        np.array([new_index[int(r)] for r in ps.request[mask]], np.int32),
+        [ps.ids[i] for i in keep],
+        [ps.sources[i] for i in keep],
+        np.searchsorted(keep, ps.request[mask]).astype(np.int32),
         ps.position[mask],
         ps.length[mask],
         ps.prompt_len[mask],
@@ -54,18 +53,8 @@ def run_point(tr: PointSet, va: PointSet, te: PointSet, ours_cfg: HeadConfig, tc
         lambda *_: None,
     )
     ours = predict(head, te.hidden[ours_cfg.layer], te.extra)[0]
-    # The best proxy of the accuracy benchmark: frozen SmolLM2 prompt state (step 0) + MLP, frozen after step 0.
-    first = {name: ps.position == 0 for name, ps in (("tr", tr), ("va", va), ("te", te))}
-    cfg = HeadConfig(tr.hidden["final_norm"].shape[1], [256, 64], target="log")
-    proxy, _ = train_head(
-        cfg,
-        (tr.hidden["final_norm"][first["tr"]], None, tr.length[first["tr"]]),
-        (va.hidden["final_norm"][first["va"]], None, va.length[first["va"]]),
-        TrainConfig(epochs=200, batch_size=64, patience=20, seed=tc.seed, threads=tc.threads),
-        lambda *_: None,
-    )
-    totals = predict(proxy, te.hidden["final_norm"][first["te"]], None)[0]
-    proxy_rem = frozen_remaining(totals[te.request], te.position.astype(np.float32))
+    # The best proxy of the accuracy benchmark, trained the same way.
+    proxy_rem = prompt_state_proxy_remaining(fit_prompt_state_proxy(tr, va, tc.seed, tc.threads), te)
     true = te.remaining
     return {"ours": float(np.abs(ours - true).mean()), "proxy": float(np.abs(proxy_rem - true).mean())}
 

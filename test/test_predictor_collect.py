@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from ares.predictor.collect import CollectConfig, SlotGreedy, collect, repeating_tail
+from ares.predictor.collect import CollectConfig, SlotGreedy, collect
 from ares.predictor.features import teacher_forced_states
 from ares.predictor.generations import read_generations
 from ares.predictor.hidden_store import read_state_shards
+from ares.predictor.loops import repeating_tail
 
 
 @pytest.fixture(scope="module")

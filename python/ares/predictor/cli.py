@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ares.predictor.loops import LOOP_SPAN
+
 
 def _collect(args: argparse.Namespace) -> int:
     from ares.predictor.collect import CollectConfig, collect
@@ -50,9 +52,9 @@ def add_parser(subparsers) -> None:
     c.add_argument(
         "--stop-loops",
         type=int,
-        default=256,
+        default=LOOP_SPAN,
         metavar="SPAN",
-        help="stop a response whose last SPAN tokens repeat with a period <= 64 (finish 'loop'); 0: never",
+        help="stop a response whose last SPAN tokens repeat a cycle of <= 64 tokens (finish 'loop'); 0: never",
     )
     c.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     c.add_argument("--seed", type=int, default=0)

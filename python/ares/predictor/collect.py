@@ -25,6 +25,7 @@ from ares.predictor.generations import (
     rewrite_generations,
 )
 from ares.predictor.hidden_store import DEFAULT_STATES_DIR, write_state_shard
+from ares.predictor.loops import LOOP_SPAN, loop_due
 from ares.predictor.prompts import SOURCES, Prompt, load_prompts
 
 
@@ -43,28 +44,10 @@ class CollectConfig:
     seed: int = 0
     threads: int = 1
     flush_every: int = 1  # records are small; appending each one means a stop loses nothing finished
-    # Stop a response whose last `loop_span` tokens repeat with a period <= LOOP_MAX_PERIOD ("loop"); 0: never.
-    loop_span: int = 256
+    # Stop a response whose last `loop_span` tokens repeat a short cycle (finish "loop", see `loops`); 0: never.
+    loop_span: int = LOOP_SPAN
     # Hidden states captured during generation (the decode-step tensors), outside the repo: they are large.
     states_dir: Path | None = DEFAULT_STATES_DIR
-
-
-LOOP_MAX_PERIOD = 64
-
-
-def repeating_tail(tokens: list[int], span: int, max_period: int = LOOP_MAX_PERIOD) -> bool:
-    """Whether the last `span` tokens repeat a cycle of <= `max_period` (and <= span / 4) tokens: a greedy loop.
-
-    Greedy decoding that has repeated one cycle for `span` tokens practically never leaves it: no EOS-ended
-    response in the collected data has a periodic 256-token stretch, while 551 of the 916 that hit the length limit
-    do (`ares predictor features`, `loops_256`). Stopping them early frees their slot for a prompt that teaches the
-    head something; such records keep ``finish == "loop"`` and, like ``"length"``, count as censored.
-    """
-    if span <= 0 or len(tokens) < span:
-        return False
-    tail = tokens[-span:]
-    # A period of at most a quarter of the span: at least four full cycles, never a coincidence of a few tokens.
-    return any(tail[p:] == tail[:-p] for p in range(1, min(max_period, span // 4) + 1))
 
 
 @dataclass
@@ -203,8 +186,8 @@ class SlotGreedy:
                 finish = "eos"
             elif len(row.out) >= self.max_new:
                 finish = "length"
-            elif self.loop_span and len(row.out) % 16 == 0 and repeating_tail(row.out, self.loop_span):
-                finish = "loop"  # checked every 16 tokens: a loop is caught at most 15 tokens late
+            elif loop_due(row.out, self.loop_span):
+                finish = "loop"
             if finish is not None:
                 done.append((row.key, row.out, finish, row))
                 gone.append(i)

@@ -14,6 +14,7 @@ import numpy as np
 from ares.predictor.features import teacher_forced_states
 from ares.predictor.generations import Generation, read_generations
 from ares.predictor.hidden_store import read_state_shards, write_state_shard
+from ares.predictor.loops import LOOP_SPAN, has_loop
 
 
 def _load_model(name: str):
@@ -25,16 +26,14 @@ def _load_model(name: str):
     return AutoModelForCausalLM.from_pretrained(prepare_model(name), dtype=torch.float32).eval()
 
 
-def loop_stats(gens: list[Generation], span: int = 256) -> dict[str, dict[str, int]]:
+def loop_stats(gens: list[Generation], span: int = LOOP_SPAN) -> dict[str, dict[str, int]]:
     """Per finish reason: responses, and those with a `span`-token repeating stretch at one of the collector's
     check points (every 16 tokens). Evidence for `--stop-loops`: EOS-ended answers should have none."""
-    from ares.predictor.collect import repeating_tail
-
     out: dict[str, dict[str, int]] = {}
     for g in gens:
         row = out.setdefault(g.finish, {"responses": 0, "with_loop": 0})
         row["responses"] += 1
-        row["with_loop"] += any(repeating_tail(g.response[:n], span) for n in range(span, len(g.response) + 1, 16))
+        row["with_loop"] += has_loop(g.response, span)
     return out
 
 

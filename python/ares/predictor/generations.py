@@ -2,7 +2,7 @@
 
 Record: ``{"id", "source", "prompt": [token ids], "response": [token ids], "finish": "eos"|"length"|"loop",
 "max_new_tokens"}``. ``response`` includes the final EOS token when ``finish == "eos"``; ``"loop"`` means the
-collector stopped a greedy repetition loop early (see ``collect.repeating_tail``): censored, like ``"length"``.
+collector stopped a greedy repetition loop early (see ``ares.predictor.loops``): censored, like ``"length"``.
 """
 
 from __future__ import annotations

@@ -159,6 +159,25 @@ def ema_remaining(ps: PointSet, pred: np.ndarray, alpha: float) -> np.ndarray:
     return np.maximum(out - ps.position, 1.0)
 
 
+def fit_prompt_state_proxy(tr: PointSet, va: PointSet, seed: int = 0, threads: int = 1) -> LengthHead:
+    """The prompt-only proxy on SmolLM2's own prompt: an MLP from the final-norm state of the last prompt token
+    (step 0, the frozen model's prefill) to the total response length."""
+    s_tr, s_va = (ps.hidden["final_norm"][ps.position == 0] for ps in (tr, va))
+    head, _ = train_head(
+        HeadConfig(s_tr.shape[1], [256, 64], target="log"),
+        (s_tr, None, tr.length[tr.position == 0]),
+        (s_va, None, va.length[va.position == 0]),
+        TrainConfig(epochs=200, batch_size=64, patience=20, seed=seed, threads=threads),
+        lambda *_: None,
+    )
+    return head
+
+
+def prompt_state_proxy_remaining(head: LengthHead, te: PointSet) -> np.ndarray:
+    """The proxy's total-length prediction at step 0, used frozen at every step of `te`."""
+    return _per_request(te, predict(head, te.hidden["final_norm"][te.position == 0], None)[0])
+
+
 def time_head(head: LengthHead, batch: int, reps: int = 200) -> float:
     """Median CPU seconds of one forward of `head` on a `batch` of inputs (1 torch thread)."""
     torch.set_num_threads(1)
@@ -225,17 +244,8 @@ def evaluate_all(data: Data, heads_dir: Path = HEADS_DIR, minilm: MiniLMConfig |
     params["proxy_minilm_frozen_mlp"] = minilm_param_count() - e_tr.shape[1] - 1 + count_params(mh)
 
     log("== SmolLM2 prompt state (prefill, frozen model) + MLP")
-    first = {s: data.points[s].position == 0 for s in SPLITS}
-    s_tr, s_va, s_te = (data.points[s].hidden["final_norm"][first[s]] for s in SPLITS)
-    cfg = HeadConfig(s_tr.shape[1], [256, 64], target="log")
-    sh, _ = train_head(
-        cfg,
-        (s_tr, None, tr.length[first["train"]]),
-        (s_va, None, va.length[first["val"]]),
-        TrainConfig(epochs=200, batch_size=64, patience=20),
-        lambda *_: None,
-    )
-    preds["proxy_smollm2_prompt_mlp"] = _per_request(te, predict(sh, s_te, None)[0])
+    sh = fit_prompt_state_proxy(tr, va)
+    preds["proxy_smollm2_prompt_mlp"] = prompt_state_proxy_remaining(sh, te)
     params["proxy_smollm2_prompt_mlp"] = SMOLLM2_PARAMS + count_params(sh)
     notes["proxy_smollm2_prompt_mlp"] = "frozen SmolLM2 final-norm state of the last prompt token + MLP; counts the LM"
 
