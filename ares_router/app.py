@@ -4,11 +4,15 @@ One process, one event loop, no thread per request. Every request gets an id (th
 `rid` when it is short and plain, else a fresh 32-hex one) that appears in every log line about the request
 and comes back in the `X-Request-Id` response header. The backends get a router-made `rid` of fixed length (the
 request id itself when the router made it), because SGLang's abort matches rids by prefix.
+
+Errors: a backend's own error answer (4xx, or the 5xx of the last attempt) reaches the client unchanged; the errors
+the router makes itself have SGLang's shape for the endpoint (`protocol.APIError`), unknown paths included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -19,12 +23,19 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ares_router.backends import BackendFailure, DecodeStart, PDClient, PrefillRejected, bootstrap_fields
+from ares_router.backends import (
+    BackendAnswer,
+    BackendFailure,
+    DecodeStart,
+    PDClient,
+    PrefillRejected,
+    bootstrap_fields,
+)
 from ares_router.config import RouterConfig
 from ares_router.metrics import RouterMetrics
 from ares_router.policy import NoHealthyInstance
-from ares_router.poller import Poller
-from ares_router.protocol import ENDPOINTS, APIError, ParsedRequest, parse_request
+from ares_router.poller import Poller, parse_models
+from ares_router.protocol import ENDPOINTS, GENERATE, APIError, ParsedRequest, check_model, parse_request
 from ares_router.state import Backend, RouterState
 
 log = logging.getLogger("ares_router")
@@ -34,11 +45,45 @@ _SSE = b"data:"
 _SSE_DONE = b"data: [DONE]"
 # What a client going away looks like while the router waits on a backend or writes to the client.
 _CLIENT_GONE = (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientConnectionResetError)
+# Events of an OpenAI stream that carry no token: SGLang's chat stream opens with a role-only delta and closes with
+# a finish_reason-only chunk (serving_chat.py); completions put the finish reason on the last token's event.
+_NON_TOKEN_EVENTS = {"/v1/chat/completions": 2, "/v1/completions": 0, GENERATE: 0}
+MODELS_MISS_REFRESH_S = 1.0
+# Per-request values the middleware sets: the request's id, and whether the router made it (typed keys, aiohttp's way).
+RID = web.RequestKey("rid", str)
+RID_IS_OURS = web.RequestKey(
+    "rid_is_ours", bool
+)  # at most one model-list refresh per second for requests naming an unknown model
 
 
 def _count_events(chunk: bytes) -> int:
     """Server-sent events in `chunk` that carry output (one per decode step with SGLang's stream_interval=1)."""
     return chunk.count(_SSE) - chunk.count(_SSE_DONE)
+
+
+def _completion_tokens(obj: object) -> int | None:
+    """Output tokens an SGLang answer (or one stream event) states: OpenAI `usage.completion_tokens`, or
+    `/generate`'s `meta_info.completion_tokens`."""
+    if not isinstance(obj, dict):
+        return None
+    for key in ("usage", "meta_info"):
+        part = obj.get(key)
+        if isinstance(part, dict) and isinstance(part.get("completion_tokens"), int):
+            return part["completion_tokens"]
+    return None
+
+
+def _last_event_tokens(tail: bytes) -> int | None:
+    """`_completion_tokens` of the last JSON event in the end of a stream (`[DONE]` skipped)."""
+    for event in reversed(tail.split(b"\n\n")):
+        event = event.strip()
+        if not event.startswith(_SSE) or event == _SSE_DONE:
+            continue
+        try:
+            return _completion_tokens(orjson.loads(event[len(_SSE) :]))
+        except orjson.JSONDecodeError:
+            return None  # cut off at a chunk boundary: no exact count
+    return None
 
 
 def _json_response(data: object, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -67,7 +112,9 @@ class Router:
             config.ares_state_reprobe_s,
             failure_threshold=config.health_failure_threshold,
         )
+        self.poller.on_round = self._on_poll_round
         self.client: PDClient | None = None
+        self._models_asked = -MODELS_MISS_REFRESH_S  # monotonic time of the last on-demand model-list refresh
 
     # -- application ----------------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
@@ -99,6 +146,9 @@ class Router:
             len(self.state.prefills),
         )
 
+    def _on_poll_round(self) -> None:
+        self.metrics.observe_poll_round(self.poller.last_fetch_s, self.poller.last_refresh_s)
+
     async def _on_cleanup(self, app: web.Application) -> None:
         await self.poller.stop()
         if self.client is not None:
@@ -109,16 +159,23 @@ class Router:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         rid = self._request_id(request)
-        request["rid"] = rid
-        request["rid_is_ours"] = rid != request.headers.get("X-Request-Id")
+        request[RID] = rid
+        request[RID_IS_OURS] = rid != request.headers.get("X-Request-Id")
         try:
-            resp = await handler(request)
+            try:
+                resp = await handler(request)
+            except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method, body too large
+                if e.status < 400:
+                    raise
+                raise _http_error(request, e) from None
         except APIError as e:
             log.info("rid=%s %s %s -> %d %s", rid, request.method, request.path, e.status, e.message)
-            self.metrics.requests.labels(request.path, str(e.status)).inc()
-            resp = web.Response(body=e.body(), status=e.status, content_type="application/json")
+            # Label by route, not by path: a scanner's random paths must not create a series each.
+            route = request.path if request.match_info.route.resource is not None else "unmatched"
+            self.metrics.requests.labels(route, str(e.status)).inc()
+            resp = web.Response(body=e.body(request.path), status=e.status, content_type="application/json")
         if not resp.prepared:
-            resp.headers["X-Request-Id"] = request["rid"]
+            resp.headers["X-Request-Id"] = request[RID]
         return resp
 
     def _request_id(self, request: web.Request) -> str:
@@ -137,14 +194,34 @@ class Router:
             parsed = parse_request(endpoint, await request.read())
             body_rid = parsed.body.get("rid")
             if "X-Request-Id" not in request.headers and body_rid and self._usable_id(body_rid):
-                request["rid"] = body_rid  # SGLang clients name their requests in the body
-                request["rid_is_ours"] = False
-            resp = await self._serve(request, parsed, request["rid"], t0)
+                request[RID] = body_rid  # SGLang clients name their requests in the body
+                request[RID_IS_OURS] = False
+            if parsed.body.get("model") is not None:
+                await self._check_model(parsed)
+            resp = await self._serve(request, parsed, request[RID], t0)
             self.metrics.requests.labels(endpoint, str(resp.status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
             return resp
 
         return handler
+
+    async def _check_model(self, parsed: ParsedRequest) -> None:
+        """404 `model_not_found` unless a server serves the requested model (`protocol.model_accepted`)."""
+        served = self.state.served_models()
+        if served is not None:
+            try:
+                return check_model(parsed, served)
+            except APIError:
+                pass
+        # Not known (yet): ask the servers again, since an adapter may have been loaded since the last fetch, but
+        # at most once a second, so a client looping on a bad name does not turn into a model-list flood.
+        now = time.monotonic()
+        if now - self._models_asked >= MODELS_MISS_REFRESH_S:
+            self._models_asked = now
+            served = await self.poller.refresh_models()
+        if served is None:
+            return  # no server has listed its models: forward, and let the server judge as SGLang would
+        check_model(parsed, served)
 
     def _choose(
         self, parsed: ParsedRequest, excluded_d: list[int], excluded_p: list[int], failure: BackendFailure | None
@@ -167,9 +244,7 @@ class Router:
         if failure is None:
             return APIError(503, f"no healthy {role} server is available; retry later")
         return APIError(
-            502,
-            f"backend failed before the first token ({failure}); no other healthy {role} server to retry on",
-            err_type="backend_error",
+            502, f"backend failed before the first token ({failure}); no other healthy {role} server to retry on"
         )
 
     async def _serve(self, request: web.Request, parsed: ParsedRequest, rid: str, t0: float) -> web.StreamResponse:
@@ -178,10 +253,15 @@ class Router:
         excluded_p: list[int] = []
         failure: BackendFailure | None = None
         for attempt in range(self.config.retries + 1):
-            prefill, decode = self._choose(parsed, excluded_d, excluded_p, failure)
+            try:
+                prefill, decode = self._choose(parsed, excluded_d, excluded_p, failure)
+            except APIError:
+                if failure is not None and failure.answer is not None:
+                    return _relay_answer(failure.answer, {"X-Request-Id": rid})  # the server's own error
+                raise
             # SGLang aborts every request whose rid *starts with* the aborted one, so the backends only ever see
             # router-made ids of one fixed length (prefix-free): a client's id stays in headers and logs.
-            backend_rid = rid if attempt == 0 and request["rid_is_ours"] else uuid.uuid4().hex
+            backend_rid = rid if attempt == 0 and request[RID_IS_OURS] else uuid.uuid4().hex
             body = {**parsed.body, **bootstrap_fields(prefill, self.client.rng), "rid": backend_rid}
             self.state.start(backend_rid, decode.index, prefill.index, parsed.prompt_tokens, parsed.max_tokens)
             self.metrics.dispatches.labels(decode.name, self.state.policy.name).inc()
@@ -194,6 +274,7 @@ class Router:
                 decode.name,
                 backend_rid,
             )
+            headers = {"X-Request-Id": rid, "X-Ares-Decode": decode.name, "X-Ares-Prefill": prefill.name}
             try:
                 try:
                     start = await self.client.start(prefill, decode, parsed.endpoint, body, parsed.stream)
@@ -206,16 +287,17 @@ class Router:
                     if attempt < self.config.retries:
                         self.metrics.retries.labels(e.backend.role).inc()
                         continue
-                    raise APIError(
-                        502, f"backend failed before the first token: {e}", err_type="backend_error"
-                    ) from None
+                    if e.answer is not None:  # the server answered with its own error: that is what the client gets
+                        return _relay_answer(e.answer, headers)
+                    raise APIError(502, f"backend failed before the first token: {e}") from None
                 except PrefillRejected as e:
                     self.client.abort(backend_rid, [decode])
-                    return web.Response(body=e.body, status=e.status, content_type="application/json")
+                    return _relay_answer(e.answer, headers)
                 if start.status >= 400:  # the decode rejected it: the prefill must not wait for it to pull the KV
                     self.client.abort(backend_rid, [prefill])
-                headers = {"X-Request-Id": rid, "X-Ares-Decode": decode.name, "X-Ares-Prefill": prefill.name}
                 if not parsed.stream or start.response is None:
+                    if start.status == 200:
+                        self._record_head_error(backend_rid, decode, functools.partial(_answer_tokens, start.first))
                     return web.Response(body=start.first, status=start.status, headers=_ctype(start, headers))
                 return await self._relay_stream(request, parsed, start, backend_rid, [prefill, decode], headers, t0)
             except _CLIENT_GONE:
@@ -226,6 +308,26 @@ class Router:
             finally:
                 self.state.finish(backend_rid)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _record_head_error(
+        self, backend_rid: str, decode: Backend, final_tokens: Callable[[], tuple[int, str] | None]
+    ) -> None:
+        """Compare the last prediction `decode` reported for a request that just completed with what came after
+        it. `final_tokens` (the request's output tokens and where that count came from) is only evaluated when
+        there is a prediction to compare with: a server without a head costs nothing here."""
+        reported = self.state.last_prediction(backend_rid)
+        if reported is None:
+            return
+        final = final_tokens()
+        if final is None:
+            return
+        tokens, source = final
+        generated_at_report, predicted = reported
+        actual = tokens - generated_at_report
+        if actual < 0:  # fewer tokens than the server had already reported: a count we cannot trust
+            log.debug("backend rid %s: %d output tokens < %d at the last report", backend_rid, tokens, actual)
+            return
+        self.metrics.observe_head_error(decode.name, predicted, actual, source)
 
     async def _relay_stream(
         self,
@@ -242,6 +344,7 @@ class Router:
         tracked = self.state.requests[backend_rid]
         tracked.started = True
         resp = web.StreamResponse(status=start.status, headers=_ctype(start, {**headers, "Cache-Control": "no-cache"}))
+        prev, last = b"", start.first  # the stream's end, for its final usage/meta_info (no copy per chunk)
         try:
             await resp.prepare(request)
             self.metrics.ttft.labels(parsed.endpoint).observe(time.perf_counter() - t0)
@@ -250,14 +353,21 @@ class Router:
             try:
                 async for chunk in start.response.content.iter_any():
                     tracked.generated += _count_events(chunk)
+                    prev, last = last, chunk
                     await resp.write(chunk)
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError) as e:
-                # Tokens already went out: no retry possible. Say so in-band, and clean up both servers.
-                log.warning("rid=%s decode stream broke: %r", request["rid"], e)
+                # Tokens already went out: no retry possible. Say so in-band (SGLang's shape), clean up both servers.
+                log.warning("rid=%s decode stream broke: %r", request[RID], e)
                 self.client.abort(backend_rid, backends)
                 self.metrics.aborts.labels("backend_stream_error").inc()
-                err = APIError(502, f"decode server stream failed: {type(e).__name__}", err_type="backend_error")
-                await resp.write(b"data: " + err.body() + b"\n\n")
+                if _SSE_DONE not in last:  # unless the stream had in fact ended
+                    err = APIError(502, f"decode server stream failed: {type(e).__name__}")
+                    await resp.write(err.stream_event(parsed.endpoint))
+            else:
+                decode = next(b for b in backends if b.role == "decode")
+                self._record_head_error(
+                    backend_rid, decode, lambda: _stream_tokens(prev + last, tracked.generated, parsed.endpoint)
+                )
         finally:
             start.response.close()
         await resp.write_eof()
@@ -274,7 +384,12 @@ class Router:
             try:
                 async with self.client.session.get(b.url + "/v1/models") as r:
                     if r.status == 200:
-                        return web.Response(body=await r.read(), content_type="application/json")
+                        raw = await r.read()
+                        try:  # the answer doubles as a refresh of that server's model ids
+                            b.models, b.models_time = parse_models(orjson.loads(raw)), time.monotonic()
+                        except (orjson.JSONDecodeError, ValueError):
+                            pass
+                        return web.Response(body=raw, content_type="application/json")
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
                 continue
         raise APIError(503, "no server answered /v1/models")
@@ -283,11 +398,14 @@ class Router:
         """200 when at least one prefill and one decode server are healthy, else 503 with the reason."""
         d = sum(b.healthy for b in self.state.decodes)
         p = sum(b.healthy for b in self.state.prefills)
-        body = {"status": "ok" if d and p else "unavailable", "healthy_decode": d, "healthy_prefill": p}
         if not (d and p):
             missing = "decode" if not d else "prefill"
-            body["error"] = {"message": f"no healthy {missing} server", "type": "service_unavailable", "code": 503}
-        return _json_response(body, 200 if d and p else 503)
+            raise APIError(
+                503,
+                f"no healthy {missing} server (healthy: decode {d}/{len(self.state.decodes)}, "
+                f"prefill {p}/{len(self.state.prefills)})",
+            )
+        return _json_response({"status": "ok", "healthy_decode": d, "healthy_prefill": p})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         """Prometheus text exposition of the router's metrics."""
@@ -331,6 +449,40 @@ class Router:
 
 def _ctype(start: DecodeStart, headers: dict) -> dict:
     return {**headers, "Content-Type": start.content_type}
+
+
+def _relay_answer(answer: BackendAnswer, headers: dict) -> web.Response:
+    """A backend's HTTP answer, status and body unchanged."""
+    return web.Response(
+        body=answer.body, status=answer.status, headers={**headers, "Content-Type": answer.content_type}
+    )
+
+
+def _answer_tokens(body: bytes) -> tuple[int, str] | None:
+    """Output tokens of a whole (non-streamed) answer."""
+    try:
+        tokens = _completion_tokens(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
+    return None if tokens is None else (tokens, "usage")
+
+
+def _stream_tokens(tail: bytes, events: int, endpoint: str) -> tuple[int, str] | None:
+    """Output tokens of a finished stream: stated in its last event when it carries usage/meta_info, else counted
+    from the relayed events (minus the events that carry no token)."""
+    tokens = _last_event_tokens(tail)
+    if tokens is not None:
+        return tokens, "usage"
+    return max(0, events - _NON_TOKEN_EVENTS.get(endpoint, 0)), "events"
+
+
+def _http_error(request: web.Request, e: web.HTTPException) -> APIError:
+    """aiohttp's own HTTP errors as `APIError`s, so they have the router's (SGLang's) error shape too."""
+    if e.status == 404:
+        return APIError(404, f"no such endpoint: {request.method} {request.path}")
+    if e.status == 405:
+        return APIError(405, f"method {request.method} is not allowed on {request.path}")
+    return APIError(e.status, e.text or e.reason)
 
 
 async def serve(config: RouterConfig, ready: Callable[[int], None] | None = None) -> None:

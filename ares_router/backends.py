@@ -25,22 +25,32 @@ log = logging.getLogger("ares_router.backends")
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-class PrefillRejected(Exception):
-    """The prefill server rejected the request (4xx): the client gets that answer; nothing is retried."""
+@dataclass(frozen=True)
+class BackendAnswer:
+    """An HTTP answer of a backend, kept so it can reach the client unchanged."""
 
-    def __init__(self, status: int, body: bytes):
-        super().__init__(f"prefill answered {status}")
-        self.status = status
-        self.body = body
+    status: int
+    content_type: str
+    body: bytes
+
+
+class PrefillRejected(Exception):
+    """The prefill server rejected the request (4xx): the client gets that answer unchanged; nothing is retried."""
+
+    def __init__(self, answer: BackendAnswer):
+        super().__init__(f"prefill answered {answer.status}")
+        self.answer = answer
 
 
 class BackendFailure(Exception):
     """A server failed before the response was committed to the client (connection error, 5xx, empty stream):
-    the request may be retried elsewhere."""
+    the request may be retried elsewhere. `answer` is the server's own error answer when it sent one (a 5xx), so
+    the client gets exactly that if no retry succeeds."""
 
-    def __init__(self, backend: Backend, message: str):
+    def __init__(self, backend: Backend, message: str, answer: BackendAnswer | None = None):
         super().__init__(f"{backend.name} {backend.url}: {message}")
         self.backend = backend
+        self.answer = answer
 
 
 @dataclass
@@ -117,11 +127,11 @@ class PDClient:
         if not task.cancelled() and task.exception() is not None:  # e.g. a prefill that broke after the decode began
             log.debug("background task failed: %r", task.exception())
 
-    async def _run_prefill(self, prefill: Backend, endpoint: str, data: bytes) -> tuple[int, bytes]:
+    async def _run_prefill(self, prefill: Backend, endpoint: str, data: bytes) -> BackendAnswer:
         try:
             async with self.session.post(prefill.url + endpoint, data=data, headers=JSON_HEADERS) as resp:
                 body = await resp.read()  # drained so the connection returns to the pool
-                return resp.status, body
+                return BackendAnswer(resp.status, resp.headers.get("Content-Type", "application/json"), body)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise BackendFailure(prefill, _describe(e)) from None
 
@@ -133,8 +143,9 @@ class PDClient:
         ctype = resp.headers.get("Content-Type", "application/json")
         try:
             if resp.status >= 500:
-                text = (await resp.read())[:300].decode(errors="replace")
-                raise BackendFailure(decode, f"HTTP {resp.status}: {text}")
+                body = await resp.read()
+                text = body[:300].decode(errors="replace")
+                raise BackendFailure(decode, f"HTTP {resp.status}: {text}", BackendAnswer(resp.status, ctype, body))
             if not stream or resp.status != 200:
                 return DecodeStart(resp.status, ctype, None, await resp.read())
             first = await resp.content.readany()
@@ -172,12 +183,11 @@ class PDClient:
         await asyncio.gather(*(one(b) for b in backends))
 
 
-def _check_prefill(prefill: Backend, answer: tuple[int, bytes]) -> None:
-    status, body = answer
-    if status >= 500:
-        raise BackendFailure(prefill, f"HTTP {status}: {body[:300].decode(errors='replace')}")
-    if status >= 400:
-        raise PrefillRejected(status, body)
+def _check_prefill(prefill: Backend, answer: BackendAnswer) -> None:
+    if answer.status >= 500:
+        raise BackendFailure(prefill, f"HTTP {answer.status}: {answer.body[:300].decode(errors='replace')}", answer)
+    if answer.status >= 400:
+        raise PrefillRejected(answer)
 
 
 def _describe(e: BaseException) -> str:

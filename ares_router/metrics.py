@@ -2,13 +2,24 @@
 
 Per-instance gauges are read from the router state at scrape time (a collector), so the request path pays only
 for the counters and histograms it updates.
+
+The length head's running error: when a request finishes, the last prediction its decode server reported for it
+(`predicted_remaining` at `generated_tokens`, from one of the last two polls) is compared with what actually came
+after that report (final output tokens - `generated_tokens`). `ares_head_abs_error_tokens` and
+`ares_head_signed_error_tokens` (predicted - actual: > 0 = over-prediction) are histograms per decode instance;
+mean absolute error = `rate(ares_head_abs_error_tokens_sum[5m]) / rate(ares_head_abs_error_tokens_count[5m])`.
+A histogram with negative buckets has no `_sum` (OpenMetrics), so the signed errors' sum is the gauge
+`ares_head_signed_error_tokens_total` (mean bias = its increase / the abs histogram's count).
+Label `actual_from`: `usage` when the final count comes from the response itself (non-streaming usage or
+meta_info, a stream's final usage or meta_info), `events` when it was counted from relayed stream events (chat
+streams without usage; exact only when each event carries one token).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -16,6 +27,10 @@ from ares_router.state import RouterState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01)
+POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+_POW2 = tuple(float(2**k) for k in range(15))  # 1 .. 16384 tokens
+HEAD_ABS_BUCKETS = (0.0, *_POW2)
+HEAD_SIGNED_BUCKETS = (*(-b for b in reversed(_POW2)), 0.0, *_POW2)
 
 
 class _StateCollector:
@@ -28,6 +43,7 @@ class _StateCollector:
         s = self.state
         snap = s.snapshot
         peaks = s.predicted_peak_tokens()
+        at_horizon = s.predicted_tokens_at_horizon()
         labels = ["instance", "url"]
         g = {
             "healthy": GaugeMetricFamily("ares_decode_healthy", "1 if the decode instance is chosen", labels=labels),
@@ -43,6 +59,11 @@ class _StateCollector:
                 "predicted peak KV demand over the load-model horizon",
                 labels=labels,
             ),
+            "horizon": GaugeMetricFamily(
+                "ares_decode_predicted_tokens_at_horizon",
+                f"predicted KV demand {s.load_model.horizon_tokens} decode steps ahead (the load-model horizon)",
+                labels=labels,
+            ),
             "run": GaugeMetricFamily("ares_decode_running_requests", "running requests (as polled)", labels=labels),
             "queue": GaugeMetricFamily("ares_decode_queued_requests", "queued requests (as polled)", labels=labels),
             "infl": GaugeMetricFamily("ares_decode_inflight_requests", "router requests in flight", labels=labels),
@@ -54,6 +75,7 @@ class _StateCollector:
             g["used"].add_metric(lv, float(snap.instances[j].used_tokens))
             g["pend"].add_metric(lv, float(snap.used[j]))
             g["pred"].add_metric(lv, float(peaks[j]))
+            g["horizon"].add_metric(lv, float(at_horizon[j]))
             g["run"].add_metric(lv, float(d.load.running_reqs if d.load else 0))
             g["queue"].add_metric(lv, float(d.load.queued_reqs if d.load else 0))
             g["infl"].add_metric(lv, float(d.inflight))
@@ -65,6 +87,9 @@ class _StateCollector:
         yield from g.values()
         yield ph
         yield pi
+        h = GaugeMetricFamily("ares_load_model_horizon_steps", "load-model horizon (decode steps)")
+        h.add_metric([], float(s.load_model.horizon_tokens))
+        yield h
 
 
 class RouterMetrics:
@@ -101,6 +126,45 @@ class RouterMetrics:
             buckets=DECISION_BUCKETS,
             registry=self.registry,
         )
+        self.poll_round = Histogram(
+            "ares_poll_round_seconds",
+            "one poll round: fetch = every server's answer fetched and parsed, refresh = snapshot rebuild",
+            ["phase"],
+            buckets=POLL_BUCKETS,
+            registry=self.registry,
+        )
+        self.head_abs_error = Histogram(
+            "ares_head_abs_error_tokens",
+            "|predicted - actual| remaining tokens at the last report before a request finished",
+            ["instance", "actual_from"],
+            buckets=HEAD_ABS_BUCKETS,
+            registry=self.registry,
+        )
+        self.head_signed_error = Histogram(
+            "ares_head_signed_error_tokens",
+            "predicted - actual remaining tokens at the last report before a request finished (> 0: over)",
+            ["instance", "actual_from"],
+            buckets=HEAD_SIGNED_BUCKETS,
+            registry=self.registry,
+        )
+        self.head_signed_sum = Gauge(
+            "ares_head_signed_error_tokens_total",
+            "sum of predicted - actual remaining tokens over finished requests (the signed histogram has no _sum)",
+            ["instance", "actual_from"],
+            registry=self.registry,
+        )
+
+    def observe_poll_round(self, fetch_s: float, refresh_s: float) -> None:
+        """Record one poll round's two phases."""
+        self.poll_round.labels("fetch").observe(fetch_s)
+        self.poll_round.labels("refresh").observe(refresh_s)
+
+    def observe_head_error(self, instance: str, predicted: float, actual: float, actual_from: str) -> None:
+        """Record the head's error on one finished request (tokens remaining after its last report)."""
+        err = predicted - actual
+        self.head_abs_error.labels(instance, actual_from).observe(abs(err))
+        self.head_signed_error.labels(instance, actual_from).observe(err)
+        self.head_signed_sum.labels(instance, actual_from).inc(err)
 
     def render(self) -> bytes:
         """Prometheus text exposition."""

@@ -1,13 +1,19 @@
 """Keeps the router's snapshot fresh: polls every server at a fixed interval, then rebuilds the snapshot.
 
-Decode servers are asked for `GET /ares/state` (ARES decode servers, schema below) and, when that answers 404, for
-SGLang's own `GET /v1/loads`; the 404 is remembered and `/ares/state` re-probed every `reprobe_s`. Prefill servers
-are asked for `/v1/loads` as a health check. A refused connection marks the server unhealthy (not chosen) at once;
-other failures (timeouts, bad answers) do after `failure_threshold` polls in a row, because a busy CPU server can
-miss one poll's deadline while still serving. The next successful poll brings it back. Independently, the router
-stops choosing a server whose last good poll is older than its `stale_after_s` (e.g. when polling itself stalls).
+Decode servers are asked for `GET /ares/state?format=columns` (ARES decode servers, schemas below) and, when that
+answers 404, for SGLang's own `GET /v1/loads`; the 404 is remembered and `/ares/state` re-probed every `reprobe_s`.
+Prefill servers are asked for `/v1/loads` as a health check. A refused connection marks the server unhealthy (not
+chosen) at once; other failures (timeouts, bad answers) do after `failure_threshold` polls in a row, because a busy
+CPU server can miss one poll's deadline while still serving. The next successful poll brings it back.
+Independently, the router stops choosing a server whose last good poll is older than its `stale_after_s` (e.g. when
+polling itself stalls). Each server's model ids (`GET /v1/models`, else `/server_info`'s `served_model_name`) are
+fetched after its first good poll and every `models_refresh_s`; the router answers unknown models with 404.
 
-`/ares/state` schema (version 1), served by decode servers started with `--ares`:
+`/ares/state` is served by decode servers started with `--ares`. The router always asks with `?format=columns` and
+reads whichever version the body declares, so a server that only knows version 1 (and ignores the query) keeps
+working. Unknown keys are ignored in both versions.
+
+Version 1 (rows; what `GET /ares/state` without the query returns):
 
     {"version": 1,
      "capacity_tokens": int,     # KV pool size in tokens
@@ -19,6 +25,24 @@ stops choosing a server whose last good poll is older than its `stale_after_s` (
          "generated_tokens": int,
          "predicted_remaining": float | null,   # the length head's prediction of tokens still to come
          "predicted_p90": float | null}]}       # optional upper quantile of the same
+
+Version 2 (columns; the answer to `GET /ares/state?format=columns`): the same numbers, one JSON array per field,
+so the router turns each into a numpy array in one call instead of building a Python dict per request (at 256
+instances x 256 running requests the rows cost more than a 100 ms poll interval allows on one core):
+
+    {"version": 2,
+     "capacity_tokens": int,
+     "used_tokens": int,
+     "queued_reqs": int,                          # optional, default 0
+     "rids": [str, ...],                          # n running requests, any order; row k of every column is rids[k]
+     "prompt_tokens": [int, ...],                 # n
+     "generated_tokens": [int, ...],              # n
+     "predicted_remaining": [float | null, ...],  # n; null: no prediction yet for that request. The whole key may
+                                                  #   be null or absent (no head): no predictions at all
+     "predicted_p90": [float | null, ...]}        # optional, as predicted_remaining
+
+Every column has exactly n entries (n = 0: empty arrays); counts must be non-negative integers; a body that breaks
+this is a bad poll (`BadPayload`), like a missing key.
 """
 
 from __future__ import annotations
@@ -39,6 +63,9 @@ log = logging.getLogger("ares_router.poller")
 
 LOADS_PATH = "/v1/loads?include=core,disagg,queues"
 ARES_STATE_PATH = "/ares/state"
+ARES_STATE_QUERY = "?format=columns"  # ask for version 2; a version-1 server ignores it
+MODELS_PATH = "/v1/models"
+SERVER_INFO_PATH = "/server_info"
 
 
 class BadPayload(ValueError):
@@ -51,14 +78,22 @@ def _col(rows: list[dict], key: str, required: bool) -> np.ndarray:
 
 
 def parse_ares_state(data: Any) -> DecodeLoad:
-    """A `DecodeLoad` from an `/ares/state` body (schema in the module docstring)."""
+    """A `DecodeLoad` from an `/ares/state` body of either version (schemas in the module docstring)."""
+    version = data.get("version", 1) if isinstance(data, dict) else None
+    if version == 2:
+        return _parse_columns(data)
+    if version == 1:
+        return _parse_rows(data)
+    raise BadPayload(f"bad /ares/state payload: unsupported version {version!r} (this router reads 1 and 2)")
+
+
+def _parse_rows(data: dict) -> DecodeLoad:
     try:
         rows = data["requests"]
         if not isinstance(rows, list):
             raise TypeError("'requests' must be a list")
         prompt, generated = _col(rows, "prompt_tokens", True), _col(rows, "generated_tokens", True)
-        if np.isnan(prompt).any() or np.isnan(generated).any():
-            raise ValueError("prompt_tokens and generated_tokens must be numbers")
+        _check_counts(prompt, generated)
         return DecodeLoad(
             capacity_tokens=int(data["capacity_tokens"]),
             used_tokens=int(data["used_tokens"]),
@@ -73,6 +108,60 @@ def parse_ares_state(data: Any) -> DecodeLoad:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BadPayload(f"bad /ares/state payload: {e!r}") from None
+
+
+def _check_counts(*cols: np.ndarray) -> None:
+    for c in cols:
+        if c.size and not (np.isfinite(c).all() and (c >= 0).all()):
+            raise ValueError("prompt_tokens and generated_tokens must be non-negative numbers")
+
+
+def _array(data: dict, key: str, n: int, required: bool) -> np.ndarray:
+    """Column `key` as float64 (null -> NaN); exactly `n` entries. An optional column may be null or absent."""
+    v = data.get(key) if not required else data[key]
+    if v is None and not required:
+        return np.full(n, np.nan)
+    if not isinstance(v, list) or len(v) != n:
+        raise ValueError(f"'{key}' must be a list of {n} numbers (one per rid)")
+    # numpy converts the whole list in C; null becomes NaN, a string or a nested list raises.
+    return np.array(v, dtype=np.float64)
+
+
+def _parse_columns(data: dict) -> DecodeLoad:
+    try:
+        rids = data["rids"]
+        if not isinstance(rids, list):
+            raise TypeError("'rids' must be a list of strings")
+        "".join(rids)  # a TypeError unless every rid is a string: checked in C, not per row in Python
+        n = len(rids)
+        prompt = _array(data, "prompt_tokens", n, True)
+        generated = _array(data, "generated_tokens", n, True)
+        _check_counts(prompt, generated)
+        return DecodeLoad(
+            capacity_tokens=int(data["capacity_tokens"]),
+            used_tokens=int(data["used_tokens"]),
+            running_reqs=n,
+            queued_reqs=int(data.get("queued_reqs") or 0),
+            source="ares_state",
+            rids=tuple(rids),
+            prompt_tokens=prompt,
+            generated_tokens=generated,
+            predicted_remaining=_array(data, "predicted_remaining", n, False),
+            predicted_p90=_array(data, "predicted_p90", n, False),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BadPayload(f"bad /ares/state payload (version 2): {e!r}") from None
+
+
+def parse_models(data: Any) -> frozenset[str]:
+    """Model ids from a `/v1/models` body (`{"data": [{"id": ...}, ...]}`) or `/server_info`
+    (`{"served_model_name": ...}`)."""
+    try:
+        if "data" in data:
+            return frozenset(str(m["id"]) for m in data["data"])
+        return frozenset([str(data["served_model_name"])])
+    except (KeyError, TypeError) as e:
+        raise BadPayload(f"bad model list: {e!r}") from None
 
 
 def parse_v1_loads(data: Any) -> DecodeLoad:
@@ -104,17 +193,24 @@ class Poller:
         reprobe_s: float = 30.0,
         on_round: Callable[[], None] | None = None,
         failure_threshold: int = 3,
+        models_refresh_s: float = 60.0,
     ):
         self.state = state
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.reprobe_s = reprobe_s
         self.failure_threshold = failure_threshold
+        self.models_refresh_s = models_refresh_s
         self.on_round = on_round
         self._no_ares_state: dict[int, float] = {}  # decode index -> when /ares/state last answered 404
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
+        self._models_inflight: dict[str, asyncio.Task] = {}  # backend name -> its model-list fetch
+        self.ares_state_url_path = ARES_STATE_PATH + ARES_STATE_QUERY  # what decode servers are asked for
         self.rounds = 0
+        # Time of the last round's two phases: every server's HTTP answer parsed (concurrently), snapshot rebuild.
+        self.last_fetch_s = 0.0
+        self.last_refresh_s = 0.0
 
     async def start(self) -> None:
         """Poll once (so the first requests see real state), then keep polling in the background."""
@@ -128,10 +224,12 @@ class Poller:
 
     async def stop(self) -> None:
         """Stop polling and close the connections."""
-        if self._task is not None:
-            self._task.cancel()
+        for t in [self._task, *self._models_inflight.values()]:
+            if t is None:
+                continue
+            t.cancel()
             try:
-                await self._task
+                await t
             except asyncio.CancelledError:
                 pass
         if self._session is not None:
@@ -149,11 +247,14 @@ class Poller:
 
     async def poll_once(self) -> None:
         """One round: every server concurrently, then a snapshot rebuild."""
+        t0 = time.perf_counter()
         await asyncio.gather(
             *(self._poll_decode(d) for d in self.state.decodes),
             *(self._poll_prefill(p) for p in self.state.prefills),
         )
+        t1 = time.perf_counter()
         self.state.refresh()
+        self.last_fetch_s, self.last_refresh_s = t1 - t0, time.perf_counter() - t1
         self.rounds += 1
         if self.on_round is not None:
             self.on_round()
@@ -171,7 +272,7 @@ class Poller:
             load = None
             since_404 = self._no_ares_state.get(d.index)
             if since_404 is None or time.monotonic() - since_404 > self.reprobe_s:
-                status, data = await self._get_json(d.url + ARES_STATE_PATH)
+                status, data = await self._get_json(d.url + self.ares_state_url_path)
                 if status == 200:
                     self._no_ares_state.pop(d.index, None)
                     load = parse_ares_state(data)
@@ -201,6 +302,43 @@ class Poller:
         if not b.healthy and b.consecutive_failures:
             log.warning("%s %s is back", b.name, b.url)
         self.state.poll_ok(b, load)
+        if b.models_time is None or time.monotonic() - b.models_time > self.models_refresh_s:
+            self._fetch_models_soon(b)
+
+    # -- served models --------------------------------------------------------------------------------------------
+    def _fetch_models_soon(self, b: Backend) -> asyncio.Task:
+        """Fetch `b`'s model ids in the background (one fetch per server at a time; a poll never waits for it)."""
+        task = self._models_inflight.get(b.name)
+        if task is None or task.done():
+            task = asyncio.create_task(self._fetch_models(b), name=f"ares-models-{b.name}")
+            self._models_inflight[b.name] = task
+        return task
+
+    async def refresh_models(self) -> frozenset[str] | None:
+        """Ask every healthy server for its model ids now, e.g. when a request names a model nobody reported (an
+        adapter loaded since the last fetch); returns the union, as `RouterState.served_models`."""
+        tasks = [self._fetch_models_soon(b) for b in (*self.state.prefills, *self.state.decodes) if b.healthy]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.timeout_s)
+        return self.state.served_models()
+
+    async def _fetch_models(self, b: Backend) -> None:
+        try:
+            status, data = await self._get_json(b.url + MODELS_PATH)
+            if status != 200:
+                status, data = await self._get_json(b.url + SERVER_INFO_PATH)
+            if status != 200:
+                raise BadPayload(f"{MODELS_PATH} and {SERVER_INFO_PATH} answered {status}")
+            models = parse_models(data)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, BadPayload, orjson.JSONDecodeError) as e:
+            # Not a health signal: the server's state poll decides that. Asked again after `models_refresh_s` (or
+            # when a request names an unknown model); until some server lists its models the router forwards.
+            log.info("%s %s: no model list: %s", b.name, b.url, f"{type(e).__name__}: {e}")
+            b.models_time = time.monotonic()
+            return
+        if models != b.models:
+            log.info("%s %s serves %s", b.name, b.url, ", ".join(sorted(models)))
+        b.models, b.models_time = models, time.monotonic()
 
     def _failed(self, b: Backend, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

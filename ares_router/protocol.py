@@ -1,15 +1,32 @@
-"""Request validation for the router's generation endpoints, and OpenAI-style errors.
+"""Request validation for the router's generation endpoints, the served-model check, and errors in SGLang's shape.
 
-The router checks only what it must understand to route (the prompt, `max_tokens`, `stream`) plus the types of the
-fields SGLang would reject anyway, so a bad request fails fast with a clear 4xx instead of occupying a prefill and a
-decode server. Unknown fields pass through untouched: the backend is the authority on everything else.
+The router checks only what it must understand to route (the prompt, `max_tokens`, `stream`, the model name) plus
+the types of the fields SGLang would reject anyway, so a bad request fails fast with a clear 4xx instead of
+occupying a prefill and a decode server. Unknown fields pass through untouched: the backend is the authority on
+everything else.
+
+Error shapes. A backend's own error answer is relayed unchanged (status and body). Every error the router makes
+itself has the shape SGLang 0.5.23 gives on the same endpoint, so a client sees one shape per endpoint whoever
+answered:
+
+- `/v1/chat/completions`, `/v1/completions` and the router's other endpoints: SGLang's `ErrorResponse`
+  (`OpenAIServingBase.create_error_response`), at the top level of the body:
+  `{"object": "error", "message": str, "type": str, "param": str | null, "code": int}` (`code` = the HTTP status).
+  Inside an event stream that has already started: `data: {"error": <ErrorResponse>}` then `data: [DONE]`
+  (`create_streaming_error_response`).
+- `/generate`: `{"error": {"message": str}}` (SGLang's `http_server._create_error_response`); inside a started
+  stream: `data: {"error": {"message": str, "type": str, "code": int, "retryable": bool}}` then `data: [DONE]`.
+
+`type` follows SGLang's naming (`BadRequestError` is its default for a 400); an unknown model is 404 with
+`type` `model_not_found` and `param` `model` (OpenAI's code for it; SGLang's `code` field is the HTTP status).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -21,23 +38,81 @@ CHAT_TOKENS_PER_MESSAGE = 4  # role markers and separators the chat template add
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/generate")
 DEFAULT_MAX_TOKENS = {"/v1/chat/completions": None, "/v1/completions": 16, "/generate": 128}
+GENERATE = "/generate"  # SGLang's native endpoint: no `model` field, its own error shape
+# What SGLang's OpenAI protocol fills in when a request names no model (`protocol.DEFAULT_MODEL_NAME`).
+SGLANG_DEFAULT_MODEL = "default"
+MODEL_NOT_FOUND = "model_not_found"
+
+
+def error_type(status: int) -> str:
+    """SGLang-style error type for an HTTP status: 400 -> BadRequestError, 503 -> ServiceUnavailableError."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+    return phrase.replace(" ", "").replace("-", "") + "Error"
 
 
 class APIError(Exception):
-    """An error answered to the client as `{"error": {"message", "type", "param", "code"}}`."""
+    """An error the router answers itself, in SGLang's shape for the endpoint (module docstring)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, err_type: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
-        self.err_type = err_type or ("invalid_request_error" if status < 500 else "service_unavailable")
+        self.err_type = err_type or error_type(status)
 
-    def body(self) -> bytes:
-        """The JSON error body, OpenAI's shape."""
-        return orjson.dumps(
-            {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.status}}
-        )
+    def payload(self, endpoint: str) -> dict[str, Any]:
+        """The JSON body answered on `endpoint`."""
+        if endpoint == GENERATE:
+            return {"error": {"message": self.message}}
+        return {
+            "object": "error",
+            "message": self.message,
+            "type": self.err_type,
+            "param": self.param,
+            "code": self.status,
+        }
+
+    def body(self, endpoint: str) -> bytes:
+        """`payload` as bytes."""
+        return orjson.dumps(self.payload(endpoint))
+
+    def stream_event(self, endpoint: str) -> bytes:
+        """The error as the last events of a stream that already started (SGLang ends it with `[DONE]` too)."""
+        if endpoint == GENERATE:
+            err = {"message": self.message, "type": self.err_type, "code": self.status, "retryable": self.status >= 500}
+        else:
+            err = self.payload(endpoint)
+        return b"data: " + orjson.dumps({"error": err}) + b"\n\n" + b"data: [DONE]\n\n"
+
+
+def model_accepted(model: str | None, served: Collection[str]) -> bool:
+    """Whether a request naming `model` is for one of the `served` model ids, as SGLang reads a model name.
+
+    No model, and SGLang's placeholder name `default`, mean "whatever is loaded". A served id (a base model or a
+    LoRA adapter `/v1/models` lists) matches exactly; `base:adapter` names an adapter of a served base model
+    (SGLang's `_parse_model_parameter`, which also keeps a served id that itself contains ':'), and the server
+    judges the adapter.
+    """
+    if model is None or model == SGLANG_DEFAULT_MODEL or model in served:
+        return True
+    if ":" not in model:
+        return False
+    if any(model.startswith(f"{name}:") for name in served):
+        return True
+    return model.split(":", 1)[0].strip() in served
+
+
+def check_model(parsed: ParsedRequest, served: Collection[str]) -> None:
+    """Raise 404 `model_not_found` when an OpenAI request names a model none of the servers serves."""
+    if parsed.endpoint == GENERATE:
+        return
+    model = parsed.body.get("model")
+    if not model_accepted(model, served):
+        names = ", ".join(sorted(served)) or "none reported"
+        raise APIError(404, f"The model '{model}' does not exist (served: {names})", "model", MODEL_NOT_FOUND)
 
 
 @dataclass

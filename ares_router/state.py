@@ -4,6 +4,11 @@ into a `policy.ClusterSnapshot`, and the dispatch decisions taken on it.
 Snapshot lifecycle: `refresh()` (after every poll round) rebuilds the snapshot from scratch; each dispatch in
 between updates it incrementally (`ClusterSnapshot.with_dispatch`), so a burst arriving between two polls spreads
 out instead of landing on the instance that looked emptiest at the last poll.
+
+Cost: a rebuild touches each request the server reports only through numpy columns and C-level set operations;
+Python code runs per request only for the few the server does not report (dispatched, not yet running) and for
+reported rows that have no prediction yet. At 256 instances x 256 running requests that is what lets a 100 ms poll
+interval hold on one core (`benchmark/router_poll_bench.py`).
 """
 
 from __future__ import annotations
@@ -83,6 +88,20 @@ class DecodeLoad:
         """rid -> row of the per-request columns."""
         return {rid: k for k, rid in enumerate(self.rids)}
 
+    @cached_property
+    def rid_set(self) -> frozenset[str]:
+        """The reported rids as a set (built in C, once per poll and only when the router relays requests here)."""
+        return frozenset(self.rids)
+
+    def prediction_of(self, rid: str) -> tuple[float, float] | None:
+        """(generated_tokens, predicted_remaining) this report gives for `rid`, or None (not reported, or reported
+        without a prediction)."""
+        k = self.row_of.get(rid) if self.rids else None
+        if k is None:
+            return None
+        p = float(self.predicted_remaining[k])
+        return None if np.isnan(p) else (float(self.generated_tokens[k]), p)
+
 
 @dataclass
 class Backend:
@@ -97,8 +116,14 @@ class Backend:
     last_error: str = "not polled yet"
     consecutive_failures: int = 0
     load: DecodeLoad | None = None
+    # The report before `load`: a request that finishes just after a poll is often no longer in `load`, but its
+    # last prediction is here (one reference kept per poll, no per-request work).
+    prev_load: DecodeLoad | None = None
+    models: frozenset[str] | None = None  # model ids the server serves (`/v1/models`); None: not asked yet
+    models_time: float | None = None  # monotonic time `models` was fetched
     inflight: int = 0  # router requests on this server now
     dispatched: int = 0  # router requests ever sent here
+    tracked: dict[str, Tracked] = field(default_factory=dict, repr=False)  # decode: router requests placed here
 
     @property
     def name(self) -> str:
@@ -117,6 +142,7 @@ class Tracked:
     estimate: float  # initial output estimate (tokens)
     generated: int = 0  # output events relayed so far (streaming requests only)
     started: bool = False  # at least one output token seen: the request is running on its decode server
+    seq: int = 0  # dispatch order: the snapshot lists the router's own rows in this order (deterministic)
 
 
 @dataclass
@@ -138,6 +164,7 @@ class RouterState:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
         self._prefill_rr = itertools.count()
+        self._seq = itertools.count()
         self.refresh()
 
     @classmethod
@@ -161,6 +188,7 @@ class RouterState:
         backend.last_error = ""
         backend.consecutive_failures = 0
         if load is not None:
+            backend.prev_load = backend.load
             backend.load = load
 
     def poll_failed(self, backend: Backend, error: str, threshold: int = 1) -> None:
@@ -188,21 +216,23 @@ class RouterState:
             if b.healthy and (b.last_ok is None or now - b.last_ok > self.stale_after_s):
                 b.healthy = False
                 b.last_error = f"stale: no successful poll for {self.stale_after_s:g}s"
-        by_decode: list[list[Tracked]] = [[] for _ in self.decodes]
-        for t in self.requests.values():
-            by_decode[t.decode].append(t)
-        instances = [self._instance(d, by_decode[d.index]) for d in self.decodes]
+        instances = [self._instance(d) for d in self.decodes]
         self.snapshot = build_snapshot(instances, self.load_model, dispatch_count=self.dispatch_count)
         self.snapshot_time = now
         return self.snapshot
 
-    def _instance(self, d: Backend, tracked: list[Tracked]) -> InstanceState:
+    def _instance(self, d: Backend) -> InstanceState:
         load = d.load
         nan = np.nan
+        tracked = d.tracked
         # Requests the server reports (/ares/state): its view wins (exact lengths, the head's prediction). That
         # includes requests this router does not relay (other routers, direct clients): they are load too.
         n_rep = len(load.rids) if load is not None else 0
-        rep_max = np.full(n_rep, nan)
+        # The router's own rows are only the requests the server does not report: a set difference in C, so the
+        # Python loop below runs over the few dispatched-but-not-yet-running requests, not over every request.
+        own = tracked.keys() - load.rid_set if n_rep and tracked else tracked.keys()
+        if n_rep and len(own) > 1:
+            own = sorted(own, key=lambda rid: tracked[rid].seq)  # few rows; a set's order is not stable
         ids: list[str] = []
         prompt: list[float] = []
         gen: list[float] = []
@@ -210,11 +240,9 @@ class RouterState:
         pend_ids: list[str] = []
         pend_prompt: list[float] = []
         pend_pred: list[float] = []
-        for t in tracked:
-            k = load.row_of.get(t.rid) if n_rep else None
-            if k is not None:
-                rep_max[k] = nan if t.max_tokens is None else t.max_tokens
-            elif t.started:  # running, known from the router's own relaying
+        for rid in own:
+            t = tracked[rid]
+            if t.started:  # running, known from the router's own relaying
                 ids.append(t.rid)
                 prompt.append(t.prompt_tokens)
                 gen.append(t.generated)
@@ -226,8 +254,18 @@ class RouterState:
         own_prompt, own_gen = np.array(prompt, dtype=np.float64), np.array(gen, dtype=np.float64)
         own_rem = self.estimator.remaining_array(own_prompt, np.array(cap, dtype=np.float64), own_gen)
         if n_rep:
-            est = self.estimator.remaining_array(load.prompt_tokens, rep_max, load.generated_tokens)
-            rep_rem = np.where(np.isnan(load.predicted_remaining), est, load.predicted_remaining)
+            rep_rem = load.predicted_remaining
+            missing = np.flatnonzero(np.isnan(rep_rem))
+            if missing.size:  # no prediction yet: the initial estimate, capped by the request's max_tokens
+                rep_max = np.full(missing.size, nan)
+                for i, k in enumerate(missing.tolist()):
+                    t = tracked.get(load.rids[k])
+                    if t is not None and t.max_tokens is not None:
+                        rep_max[i] = t.max_tokens
+                rep_rem = rep_rem.copy()
+                rep_rem[missing] = self.estimator.remaining_array(
+                    load.prompt_tokens[missing], rep_max, load.generated_tokens[missing]
+                )
             lengths = np.concatenate([load.prompt_tokens + load.generated_tokens, own_prompt + own_gen])
             generated = np.concatenate([load.generated_tokens, own_gen])
             remaining = np.concatenate([rep_rem, own_rem])
@@ -286,8 +324,10 @@ class RouterState:
     # -- request bookkeeping --------------------------------------------------------------------------------------
     def start(self, rid: str, decode: int, prefill: int, prompt_tokens: int, max_tokens: int | None) -> Tracked:
         """Track a request just sent to (prefill, decode)."""
-        t = Tracked(rid, decode, prefill, prompt_tokens, max_tokens, self.estimator.total(prompt_tokens, max_tokens))
+        estimate = self.estimator.total(prompt_tokens, max_tokens)
+        t = Tracked(rid, decode, prefill, prompt_tokens, max_tokens, estimate, seq=next(self._seq))
         self.requests[rid] = t
+        self.decodes[decode].tracked[rid] = t
         for b in (self.decodes[decode], self.prefills[prefill]):
             b.inflight += 1
             b.dispatched += 1
@@ -297,14 +337,39 @@ class RouterState:
         """Forget a request (finished, failed or aborted); idempotent."""
         t = self.requests.pop(rid, None)
         if t is not None:
+            self.decodes[t.decode].tracked.pop(rid, None)
             self.decodes[t.decode].inflight -= 1
             self.prefills[t.prefill].inflight -= 1
+
+    def last_prediction(self, rid: str) -> tuple[float, float] | None:
+        """(generated_tokens, predicted_remaining) from the latest poll of its decode server that reported `rid`
+        with a prediction (the last two polls are kept), or None. Call before `finish`; one lookup per request,
+        never per poll."""
+        t = self.requests.get(rid)
+        if t is None:
+            return None
+        d = self.decodes[t.decode]
+        for load in (d.load, d.prev_load):
+            if load is not None and (found := load.prediction_of(rid)) is not None:
+                return found
+        return None
 
     # -- reporting ------------------------------------------------------------------------------------------------
     def predicted_peak_tokens(self) -> np.ndarray:
         """Per decode instance: predicted peak KV demand over the load model's horizon (tokens)."""
         assert self.snapshot is not None
         return self.snapshot.demand.max(axis=1) if self.snapshot.demand.size else np.zeros(len(self.decodes))
+
+    def predicted_tokens_at_horizon(self) -> np.ndarray:
+        """Per decode instance: predicted KV demand on the load model's last grid interval, i.e. `horizon_tokens`
+        decode steps from now (tokens; an upper bound over that interval, pending requests included)."""
+        assert self.snapshot is not None
+        return self.snapshot.demand[:, -1].copy() if self.snapshot.demand.size else np.zeros(len(self.decodes))
+
+    def served_models(self) -> frozenset[str] | None:
+        """Model ids any server reported (`/v1/models`), or None when none has answered yet."""
+        known = [b.models for b in itertools.chain(self.prefills, self.decodes) if b.models is not None]
+        return frozenset().union(*known) if known else None
 
     def cluster_json(self) -> dict:
         """The current snapshot and bookkeeping as JSON-able data (`GET /ares/cluster`)."""

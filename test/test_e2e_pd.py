@@ -101,3 +101,13 @@ def test_chat_completions_non_stream_and_stream(pd_cluster, tiny_model):
     chunks = _sse_chunks(_post(pd_cluster.router_url + "/v1/chat/completions", {**body, "stream": True}))
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == expected
+
+
+def test_without_ares_no_state_route_and_no_hook(pd_cluster):
+    """A decode server started without --ares serves no `/ares/state` (404) and reports no ARES state."""
+    from http_helpers import get_json, request
+
+    status, _, _ = request(pd_cluster.decode_urls[0] + "/ares/state")
+    assert status == 404
+    info = get_json(pd_cluster.decode_urls[0] + "/server_info")
+    assert all("ares" not in s for s in info["internal_states"])

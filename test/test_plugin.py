@@ -120,3 +120,25 @@ def test_predictor_of_the_wrong_size_fails_at_startup(tiny_model, tmp_path):
     )  # fmt: skip
     assert out.returncode != 0
     assert "checkpoint hidden size 32 does not match model hidden size 64" in out.stderr + out.stdout
+
+
+def test_ares_without_a_fitting_checkpoint_fails_at_startup_naming_the_flag(tiny_model):
+    """The shipped head fits SmolLM2-135M only; another model with --ares and no --ares-predictor stops at startup."""
+    out = _launch_server(
+        "--model-path", str(tiny_model), "--device", "cpu", "--disaggregation-mode", "decode", "--ares"
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "--ares needs a length-predictor checkpoint" in out.stderr + out.stdout
+    assert "--ares-predictor PATH" in out.stderr + out.stdout
+
+
+def test_shipped_checkpoint_is_the_default_for_smollm2(tmp_path):
+    import json
+
+    from ares.config import SHIPPED_PREDICTOR, SHIPPED_PREDICTOR_MODEL, resolve_predictor
+
+    (tmp_path / "config.json").write_text(json.dumps({**SHIPPED_PREDICTOR_MODEL, "model_type": "llama"}))
+    config = resolve_predictor(AresServerConfig(enabled=True), str(tmp_path))
+    assert config.predictor == str(SHIPPED_PREDICTOR)
+    assert resolve_predictor(AresServerConfig(enabled=True, predictor="/x"), str(tmp_path)).predictor == "/x"
+    assert resolve_predictor(AresServerConfig(), "/nonexistent") == AresServerConfig()

@@ -1,9 +1,17 @@
-"""The ARES router's pure parts: request validation, poll parsing, output estimate, snapshot bookkeeping."""
+"""The ARES router without SGLang: request validation, error shapes, poll parsing (both `/ares/state` versions),
+output estimate, snapshot bookkeeping, metrics, and the whole router in-process against stand-in servers.
+
+Nothing here waits a fixed time and then counts: every wait is for a condition, with a generous deadline
+(`wait_for` / `async_wait_for`), because CI machines are busy.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -14,10 +22,46 @@ from ares_router.cli import config_from_args, configure_parser
 from ares_router.estimate import OutputEstimator
 from ares_router.metrics import RouterMetrics
 from ares_router.poller import BadPayload, Poller, parse_ares_state, parse_v1_loads
-from ares_router.protocol import APIError, parse_request
+from ares_router.protocol import APIError, check_model, model_accepted, parse_request
 from ares_router.state import DecodeLoad, ReportedRequest, RouterState
 
 CHAT = "/v1/chat/completions"
+DEADLINE_S = 30.0  # generous: a condition that needs longer than this on a busy machine is a real failure
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "the condition") -> Any:
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
+async def async_wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "the condition") -> Any:
+    """`wait_for` inside an event loop: the loop keeps running (pollers, servers) while the test waits."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return value
+
+
+def test_wait_helpers_return_the_value_and_fail_after_the_deadline():
+    assert wait_for(lambda: [1]) == [1]
+    with pytest.raises(AssertionError, match="waiting for never"):
+        wait_for(lambda: 0, timeout=0.05, what="never")
+    flag = {"n": 0}
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_later(0.05, flag.update, {"n": 3})
+        assert await async_wait_for(lambda: flag["n"]) == 3
+        with pytest.raises(AssertionError, match="timed out"):
+            await async_wait_for(lambda: False, timeout=0.05)
+
+    asyncio.run(main())
 
 
 def _parse(endpoint: str, body) -> object:
@@ -59,13 +103,22 @@ def test_valid_requests_parse_with_prompt_and_output_caps():
         ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 1.5}}, "max_new_tokens' must be an integer"),
     ],
 )
-def test_invalid_requests_get_openai_style_400(endpoint, body, fragment):
+def test_invalid_requests_get_400_in_sglangs_shape(endpoint, body, fragment):
     with pytest.raises(APIError) as info:
         _parse(endpoint, body)
     err = info.value
     assert err.status == 400 and fragment in err.message
-    payload = orjson.loads(err.body())["error"]
-    assert payload["type"] == "invalid_request_error" and payload["message"] == err.message
+    payload = orjson.loads(err.body(endpoint))
+    if endpoint == "/generate":  # SGLang's /generate: {"error": {"message": ...}}
+        assert payload == {"error": {"message": err.message}}
+    else:  # SGLang's ErrorResponse, at the top level
+        assert payload == {
+            "object": "error",
+            "message": err.message,
+            "type": "BadRequestError",
+            "param": err.param,
+            "code": 400,
+        }
 
 
 # -- poll parsing ------------------------------------------------------------------------------------------------
@@ -260,20 +313,24 @@ def test_poller_prefers_ares_state_falls_back_to_v1_loads_and_tracks_health():
         state = RouterState.create([(f"http://127.0.0.1:{pre_port}", 1)], urls, "ares")
         poller = Poller(state, interval_s=0.05, timeout_s=1.0, reprobe_s=60.0)
         await poller.start()
-        await asyncio.sleep(0.3)
+        await async_wait_for(lambda: hits.count(("plain", "/v1/loads")) >= 3, what="three polls of the plain server")
+        await async_wait_for(lambda: poller.rounds >= 3, what="three whole poll rounds")
         d_ares, d_plain = state.decodes
         assert d_ares.load.source == "ares_state" and d_ares.load.rids == ("x1",) and d_ares.healthy
         assert d_plain.load.source == "v1_loads" and d_plain.load.capacity_tokens == 900 and d_plain.healthy
         assert state.prefills[0].healthy
-        assert hits.count(("plain", "/ares/state")) == 1 and hits.count(("plain", "/v1/loads")) >= 3
+        assert hits.count(("plain", "/ares/state")) == 1  # the 404 is remembered (reprobe after 60 s)
         inst = state.snapshot.instances[0]
         assert inst.predicted_remaining.tolist() == [42.0] and inst.capacity_tokens == 500
         await plain_runner.cleanup()  # the plain server goes away ...
-        await asyncio.sleep(0.3)
-        assert not d_plain.healthy and d_plain.last_error and not state.snapshot.healthy[1]
+        await async_wait_for(
+            lambda: not d_plain.healthy and not state.snapshot.healthy[1], what="the gone server to be unhealthy"
+        )
+        assert d_plain.last_error
         plain_runner, _ = await serve(make_app("plain", False), plain_port)  # ... and comes back
-        await asyncio.sleep(0.3)
-        assert d_plain.healthy and state.snapshot.healthy[1]
+        await async_wait_for(
+            lambda: d_plain.healthy and state.snapshot.healthy[1], what="the server to be healthy again"
+        )
         await poller.stop()
         for r in (ares_runner, plain_runner, pre_runner):
             await r.cleanup()
@@ -324,3 +381,573 @@ def test_poller_tolerates_missed_polls_but_not_a_refused_connection():
         await poller.stop()
 
     asyncio.run(main())
+
+
+# -- error shapes and the served-model check -----------------------------------------------------------------------
+def test_router_errors_have_sglangs_shape_per_endpoint_and_in_streams():
+    err = APIError(503, "no healthy decode server is available; retry later")
+    assert orjson.loads(err.body(CHAT)) == {
+        "object": "error",
+        "message": err.message,
+        "type": "ServiceUnavailableError",
+        "param": None,
+        "code": 503,
+    }
+    assert orjson.loads(err.body("/generate")) == {"error": {"message": err.message}}
+    assert orjson.loads(APIError(404, "x").body("/v1/models"))["type"] == "NotFoundError"
+    # A stream that already started ends with the error event and [DONE], as SGLang's streams do.
+    events = APIError(502, "decode server stream failed").stream_event(CHAT).split(b"\n\n")
+    assert events[1:] == [b"data: [DONE]", b""]
+    assert orjson.loads(events[0][len(b"data: ") :]) == {
+        "error": orjson.loads(APIError(502, "decode server stream failed").body(CHAT))
+    }
+    gen = orjson.loads(APIError(502, "broke").stream_event("/generate").split(b"\n\n")[0][len(b"data: ") :])
+    assert gen == {"error": {"message": "broke", "type": "BadGatewayError", "code": 502, "retryable": True}}
+
+
+@pytest.mark.parametrize(
+    "model, accepted",
+    [
+        (None, True),  # no model: whatever is loaded
+        ("default", True),  # SGLang's placeholder when a request names none
+        ("org/served-model", True),
+        ("my-lora", True),  # an adapter /v1/models lists
+        ("org/served-model:my-lora", True),  # base:adapter form (SGLang resolves the adapter)
+        ("s3://bucket/m:v1", True),  # a served id that itself contains ':'
+        ("s3://bucket/m:v1:adapter", True),
+        ("org/other-model", False),
+        ("org/served-model-2", False),
+        ("other:my-lora", False),
+        ("", False),
+    ],
+)
+def test_model_names_are_accepted_as_sglang_reads_them(model, accepted):
+    served = frozenset({"org/served-model", "my-lora", "s3://bucket/m:v1"})
+    assert model_accepted(model, served) is accepted
+    named = {} if model is None else {"model": model}
+    parsed = _parse(CHAT, {"messages": [{"role": "user", "content": "hi"}], **named})
+    if accepted:
+        check_model(parsed, served)
+    else:
+        with pytest.raises(APIError) as info:
+            check_model(parsed, served)
+        e = info.value
+        assert (e.status, e.err_type, e.param) == (404, "model_not_found", "model")
+        assert f"The model '{model}' does not exist" in e.message and "org/served-model" in e.message
+    check_model(_parse("/generate", {"text": "x", "model": "anything"}), served)  # /generate has no model field
+
+
+# -- /ares/state version 2 (columns) -------------------------------------------------------------------------------
+V2_STATE = {
+    "version": 2,
+    "capacity_tokens": 1000,
+    "used_tokens": 130,
+    "queued_reqs": 2,
+    "rids": ["a", "b", "c"],
+    "prompt_tokens": [50, 20, 10],
+    "generated_tokens": [10, 0, 40],
+    "predicted_remaining": [30.5, None, 7],
+    "predicted_p90": None,
+    "smoothed_remaining": [1, 2, 3],  # unknown keys are ignored
+}
+
+
+def test_parse_ares_state_version_2_columns_equals_version_1_rows():
+    v2 = parse_ares_state(V2_STATE)
+    rows = [
+        {"rid": r, "prompt_tokens": p, "generated_tokens": g, "predicted_remaining": q}
+        for r, p, g, q in zip(V2_STATE["rids"], [50, 20, 10], [10, 0, 40], [30.5, None, 7], strict=True)
+    ]
+    v1 = parse_ares_state(
+        {"version": 1, "capacity_tokens": 1000, "used_tokens": 130, "queued_reqs": 2, "requests": rows}
+    )
+    for load in (v1, v2):
+        assert (load.source, load.running_reqs, load.queued_reqs, load.rids) == ("ares_state", 3, 2, ("a", "b", "c"))
+        assert load.prompt_tokens.tolist() == [50, 20, 10] and load.generated_tokens.tolist() == [10, 0, 40]
+        assert load.predicted_remaining[0] == 30.5 and np.isnan(load.predicted_remaining[1])
+        assert load.predicted_p90.shape == (3,) and np.isnan(load.predicted_p90).all()
+    empty = parse_ares_state(
+        {**V2_STATE, "rids": [], "prompt_tokens": [], "generated_tokens": [], "predicted_remaining": []}
+    )
+    assert empty.running_reqs == 0 and empty.predicted_remaining.shape == (0,)
+    no_head = {k: v for k, v in V2_STATE.items() if k not in ("predicted_remaining", "predicted_p90")}
+    assert np.isnan(parse_ares_state(no_head).predicted_remaining).all()
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"version": 3}, "unsupported version 3"),
+        ({"rids": ["a", 2, "c"]}, "version 2"),  # a rid that is not a string
+        ({"rids": "abc"}, "'rids' must be a list"),
+        ({"prompt_tokens": [50, 20]}, "'prompt_tokens' must be a list of 3"),
+        ({"generated_tokens": [10, None, 40]}, "non-negative"),
+        ({"generated_tokens": [10, -1, 40]}, "non-negative"),
+        ({"predicted_remaining": [1.0, "x", 2.0]}, "version 2"),
+        ({"predicted_remaining": [1.0, 2.0]}, "'predicted_remaining' must be a list of 3"),
+        ({"capacity_tokens": None}, "version 2"),
+    ],
+)
+def test_bad_version_2_bodies_are_bad_polls(change, fragment):
+    with pytest.raises(BadPayload, match=fragment):
+        parse_ares_state({**V2_STATE, **change})
+    with pytest.raises(BadPayload, match="unsupported version"):
+        parse_ares_state(["not", "an", "object"])
+
+
+# -- state: own rows, last prediction, demand at the horizon -------------------------------------------------------
+def test_router_rows_are_the_unreported_requests_in_dispatch_order():
+    s = _state("ares")
+    for i in range(5):
+        s.start(f"r{i}", decode=0, prefill=0, prompt_tokens=10 * (i + 1), max_tokens=100)
+    s.requests["r3"].started, s.requests["r3"].generated = True, 4  # running, not reported yet
+    reported = (ReportedRequest("r1", 20, 3, 9.0), ReportedRequest("r4", 50, 1, None), ReportedRequest("x", 5, 5, 1))
+    s.poll_ok(s.decodes[0], DecodeLoad.from_reports(1000, 90, reported), now=0.0)
+    inst = s.refresh(now=0.0).instances[0]
+    assert list(inst.request_ids) == ["r1", "r4", "x", "r3"]  # the server's rows, then the router's running one
+    assert list(inst.pending_ids) == ["r0", "r2"]  # dispatched, not running: in dispatch order
+    # r4 has no prediction yet: the estimate from its prompt, capped by its max_tokens (100), minus generated
+    assert inst.predicted_remaining[1] == pytest.approx(min(s.estimator.total(50, 100), 100) - 1)
+    assert inst.predicted_remaining[0] == 9.0 and inst.lengths.tolist() == [23, 51, 10, 44]
+    assert "r4" in s.decodes[0].tracked
+    s.finish("r4")
+    assert "r4" not in s.decodes[0].tracked and s.decodes[0].inflight == 4
+
+
+def test_last_prediction_comes_from_the_latest_poll_that_reported_the_request():
+    s = _state("ares")
+    s.start("r1", decode=1, prefill=0, prompt_tokens=10, max_tokens=None)
+    assert s.last_prediction("r1") is None and s.last_prediction("unknown") is None
+    s.poll_ok(s.decodes[1], DecodeLoad.from_reports(1000, 20, (ReportedRequest("r1", 10, 3, None),)), now=0.0)
+    assert s.last_prediction("r1") is None  # reported, but no prediction yet
+    s.poll_ok(s.decodes[1], DecodeLoad.from_reports(1000, 20, (ReportedRequest("r1", 10, 5, 40.0),)), now=0.0)
+    assert s.last_prediction("r1") == (5.0, 40.0)
+    s.poll_ok(s.decodes[1], DecodeLoad.from_reports(1000, 20, (ReportedRequest("r1", 10, 9, 33.5),)), now=0.0)
+    assert s.last_prediction("r1") == (9.0, 33.5)
+    s.poll_ok(s.decodes[1], DecodeLoad.from_reports(1000, 0, ()), now=0.0)  # finished just before this poll
+    assert s.last_prediction("r1") == (9.0, 33.5)  # the poll before still has it
+
+
+def test_predicted_demand_at_the_horizon_counts_only_requests_still_running_then():
+    s = _state("ares")
+    lm = s.load_model
+    reqs = (ReportedRequest("long", 100, 0, 5000.0), ReportedRequest("short", 300, 0, 10.0))
+    s.poll_ok(s.decodes[0], DecodeLoad.from_reports(1000, 400, reqs), now=0.0)
+    s.refresh(now=0.0)
+    at_h = s.predicted_tokens_at_horizon()
+    assert at_h[0] == pytest.approx(100 + lm.horizon_tokens)  # the long one, grown by the horizon; short is done
+    assert s.predicted_peak_tokens()[0] >= at_h[0] and at_h[1] == 0.0
+
+
+# -- the whole router in-process, against stand-in SGLang servers --------------------------------------------------
+MODEL = "org/served-model"
+TOO_LONG = "The input (5000 tokens) is longer than the model's context length (4096 tokens)."
+# SGLang 0.5.23's own error bodies, byte for byte (create_error_response / http_server._create_error_response).
+SGLANG_400 = orjson.dumps({"object": "error", "message": TOO_LONG, "type": "BadRequest", "param": None, "code": 400})
+SGLANG_400_GENERATE = orjson.dumps({"error": {"message": TOO_LONG}})
+SGLANG_500 = orjson.dumps(
+    {"object": "error", "message": "Internal server error: boom", "type": "InternalServerError", "param": None,
+     "code": 500}
+)  # fmt: skip
+
+
+class FakeSGLang:
+    """One stand-in SGLang PD server (prefill or decode) on 127.0.0.1: `/v1/loads`, `/v1/models`, `/abort_request`,
+    `/ares/state` (version 2 when asked with `?format=columns`) and the three generation endpoints, answering like
+    SGLang (chat streams: a role chunk, one chunk per token, a finish chunk, `[DONE]`).
+
+    `mode`: "ok"; "reject" (400, SGLang's body); "fail" (500, SGLang's body); "break" (a stream that dies after two
+    events). A decode in mode "ok" holds each request until two `/ares/state` answers listed it, so the router has
+    its prediction (generated 2, `predicted`) before the answer comes."""
+
+    def __init__(self, role: str, mode: str = "ok", output_tokens: int = 10, predicted: float = 5.0):
+        self.role, self.mode = role, mode
+        self.output_tokens, self.predicted = output_tokens, predicted
+        self.posts: list[tuple[str, dict]] = []
+        self.listed: dict[str, int] = {}  # rid -> /ares/state answers that listed it
+        self.running: set[str] = set()
+        self.aborted: set[str] = set()
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> FakeSGLang:
+        app = web.Application()
+        app.router.add_get("/v1/loads", self._loads)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/ares/state", self._state)
+        app.router.add_post("/abort_request", self._abort)
+        for path in ("/v1/chat/completions", "/v1/completions", "/generate"):
+            app.router.add_post(path, self._generate)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def generation_posts(self) -> list[str]:
+        return [p for p, _ in self.posts if p != "/abort_request"]
+
+    async def _loads(self, request: web.Request) -> web.Response:
+        load = {"num_running_reqs": len(self.running), "num_used_tokens": 0, "max_total_num_tokens": 4096}
+        return web.json_response({"loads": [load]})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "root": MODEL}]})
+
+    async def _state(self, request: web.Request) -> web.Response:
+        if self.role != "decode":
+            return web.Response(status=404)
+        rids = sorted(self.running)
+        for rid in rids:
+            self.listed[rid] = self.listed.get(rid, 0) + 1
+        assert request.query.get("format") == "columns"  # the router asks for version 2
+        n = len(rids)
+        return web.json_response(
+            {"version": 2, "capacity_tokens": 4096, "used_tokens": 12 * n, "rids": rids, "prompt_tokens": [10] * n,
+             "generated_tokens": [2] * n, "predicted_remaining": [self.predicted] * n}
+        )  # fmt: skip
+
+    async def _abort(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.posts.append((request.path, body))
+        self.aborted.add(body["rid"])
+        return web.json_response({})
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        path, rid = request.path, body["rid"]
+        self.posts.append((path, body))
+        if self.mode == "reject":
+            return web.Response(body=SGLANG_400_GENERATE if path == "/generate" else SGLANG_400, status=400,
+                                content_type="application/json")  # fmt: skip
+        if self.mode == "fail":
+            return web.Response(body=SGLANG_500, status=500, content_type="application/json")
+        if self.role == "prefill":
+            return web.json_response({"id": rid, "text": "", "meta_info": {"completion_tokens": 1}})
+        self.running.add(rid)
+        try:  # until the router has seen the prediction twice, or aborts the request (as SGLang stops it then)
+            await async_wait_for(lambda: self.listed.get(rid, 0) >= 2 or rid in self.aborted, what="two polls")
+        finally:
+            self.running.discard(rid)
+        if rid in self.aborted:
+            return web.json_response({"meta_info": {"id": rid, "finish_reason": {"type": "abort"}}})
+        n = self.output_tokens
+        if not body.get("stream"):
+            if path == "/generate":
+                return web.json_response({"text": "t" * n, "output_ids": list(range(n)),
+                                          "meta_info": {"id": rid, "completion_tokens": n}})  # fmt: skip
+            usage = {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n}
+            return web.json_response({"id": rid, "object": "chat.completion", "choices": [], "usage": usage})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        events = self._events(path, rid, n, body)
+        if self.mode == "break":
+            await resp.write(b"".join(events[:2]))
+            request.transport.close()  # the decode dies mid-stream
+            return resp
+        for e in events:
+            await resp.write(e)
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    def _events(path: str, rid: str, n: int, body: dict) -> list[bytes]:
+        def ev(obj: object) -> bytes:
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        if path == "/generate":
+            out = [ev({"text": "t" * (k + 1), "meta_info": {"id": rid, "completion_tokens": k + 1}}) for k in range(n)]
+        elif path == CHAT:
+            chunk = {"id": rid, "object": "chat.completion.chunk"}
+            out = [ev({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})]
+            out += [ev({**chunk, "choices": [{"index": 0, "delta": {"content": "t"}}]}) for _ in range(n)]
+            out += [ev({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})]
+            if (body.get("stream_options") or {}).get("include_usage"):
+                out += [ev({**chunk, "choices": [], "usage": {"completion_tokens": n}})]
+        else:
+            out = [ev({"id": rid, "choices": [{"index": 0, "text": "t"}]}) for _ in range(n)]
+        return [*out, b"data: [DONE]\n\n"]
+
+
+async def _run_router(prefills: list[FakeSGLang], decodes: list[FakeSGLang], **config: Any):
+    """The ARES router (app.Router) in this event loop, on a free port: (router, runner, url)."""
+    from ares_router.app import Router
+    from ares_router.config import RouterConfig
+
+    cfg = RouterConfig(
+        prefill=[(p.url, 8998) for p in prefills], decode=[d.url for d in decodes], poll_interval_s=0.02, **config
+    )
+    router = Router(cfg)
+    runner = web.AppRunner(router.build_app(), handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return router, runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+
+def _with_router(
+    test: Callable[..., Awaitable[None]], prefills: list[FakeSGLang], decodes: list[FakeSGLang], **config: Any
+) -> None:
+    """Run `test(router, url, session)` against a router in front of the given stand-in servers."""
+    import aiohttp
+
+    async def main() -> None:
+        for f in (*prefills, *decodes):
+            await f.start()
+        router, runner, url = await _run_router(prefills, decodes, **config)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await test(router, url, session)
+        finally:
+            await runner.cleanup()
+            for f in (*prefills, *decodes):
+                await f.stop()
+
+    asyncio.run(main())
+
+
+def _samples(text: bytes) -> dict[str, dict[tuple[str, ...], float]]:
+    """Prometheus exposition -> {sample name: {label values (in the family's label order, `le` last): value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[tuple[str, ...], float]] = {}
+    for fam in text_string_to_metric_families(text.decode()):
+        for smp in fam.samples:
+            keys = [k for k in ("instance", "url", "actual_from", "phase", "endpoint", "status") if k in smp.labels]
+            keys += ["le"] if "le" in smp.labels else []
+            out.setdefault(smp.name, {})[tuple(smp.labels[k] for k in keys)] = smp.value
+    return out
+
+
+async def _post(session, url: str, body: dict) -> tuple[int, bytes]:
+    async with session.post(url, json=body) as r:
+        return r.status, await r.read()
+
+
+def _chat_body(**kw: Any) -> dict:
+    return {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, **kw}
+
+
+def test_unknown_model_gets_404_model_not_found_and_reaches_no_server():
+    prefill, decode = FakeSGLang("prefill"), FakeSGLang("decode")
+
+    async def test(router, url: str, session) -> None:
+        await async_wait_for(lambda: router.state.served_models() == {MODEL}, what="the model lists")
+        for endpoint in (CHAT, "/v1/completions"):
+            body = _chat_body(model="gpt-4o") if endpoint == CHAT else {"prompt": "hi", "model": "gpt-4o"}
+            status, raw = await _post(session, url + endpoint, body)
+            err = orjson.loads(raw)
+            assert status == 404 and set(err) == {"object", "message", "type", "param", "code"}, raw
+            assert (err["type"], err["param"], err["code"]) == ("model_not_found", "model", 404)
+            assert "The model 'gpt-4o' does not exist" in err["message"] and MODEL in err["message"]
+        assert decode.generation_posts() == [] and prefill.generation_posts() == []
+        assert router.state.dispatch_count == 0
+        # No model, SGLang's default name, the served name and an adapter of it all go through.
+        for extra in ({}, {"model": "default"}, {"model": MODEL}, {"model": f"{MODEL}:my-lora"}):
+            status, raw = await _post(session, url + CHAT, _chat_body(**extra))
+            assert status == 200, (extra, raw)
+        status, _ = await _post(session, url + "/generate", {"text": "hi", "model": "gpt-4o"})  # not a field there
+        assert status == 200 and len(decode.generation_posts()) == 5
+
+    _with_router(test, [prefill], [decode])
+
+
+def test_backend_errors_reach_the_client_unchanged():
+    """A context-length 400 (from the decode, or from the prefill first) and the 500 of the last retry come back
+    with the server's own status and body, byte for byte."""
+
+    async def decode_rejects(router, url: str, session) -> None:
+        assert await _post(session, url + CHAT, _chat_body()) == (400, SGLANG_400)
+        assert await _post(session, url + CHAT, _chat_body(stream=True)) == (400, SGLANG_400)
+        assert await _post(session, url + "/generate", {"text": "x"}) == (400, SGLANG_400_GENERATE)
+
+    _with_router(decode_rejects, [FakeSGLang("prefill")], [FakeSGLang("decode", "reject")])
+
+    decode = FakeSGLang("decode")
+
+    async def prefill_rejects(router, url: str, session) -> None:
+        assert await _post(session, url + CHAT, _chat_body()) == (400, SGLANG_400)
+        rid = decode.posts[0][1]["rid"]
+        await async_wait_for(lambda: ("/abort_request", {"rid": rid}) in decode.posts, what="the decode's abort")
+
+    _with_router(prefill_rejects, [FakeSGLang("prefill", "reject")], [decode])
+
+    failing = [FakeSGLang("decode", "fail"), FakeSGLang("decode", "fail")]
+
+    async def all_fail(router, url: str, session) -> None:
+        async with session.post(url + CHAT, json=_chat_body()) as r:
+            assert (r.status, await r.read()) == (500, SGLANG_500)  # decode1's answer, after the retry on it
+            assert r.headers["X-Ares-Decode"] in ("decode0", "decode1")
+        assert [len(d.generation_posts()) for d in failing] == [1, 1]
+
+    _with_router(all_fail, [FakeSGLang("prefill")], failing)
+
+    single = FakeSGLang("decode", "fail")
+
+    async def nothing_left_to_retry(router, url: str, session) -> None:
+        assert await _post(session, url + CHAT, _chat_body()) == (500, SGLANG_500)
+
+    _with_router(nothing_left_to_retry, [FakeSGLang("prefill")], [single])
+
+
+def test_router_made_errors_have_sglangs_shape():
+    async def test(router, url: str, session) -> None:
+        status, raw = await _post(session, url + CHAT, _chat_body(max_tokens="ten"))
+        assert status == 400 and orjson.loads(raw)["type"] == "BadRequestError"
+        status, raw = await _post(session, url + "/generate", {"text": 1})
+        assert (
+            status == 400 and set(orjson.loads(raw)) == {"error"} and "'text'" in orjson.loads(raw)["error"]["message"]
+        )
+        async with session.get(url + "/no/such/path") as r:
+            err = orjson.loads(await r.read())
+            assert r.status == 404 and err["code"] == 404 and "no such endpoint: GET /no/such/path" in err["message"]
+            assert err["object"] == "error" and r.headers["X-Request-Id"]
+        async with session.get(url + CHAT) as r:
+            assert r.status == 405 and orjson.loads(await r.read())["type"] == "MethodNotAllowedError"
+        router.state.mark_failed(router.state.decodes[0], "down")
+        router.poller.interval_s = 3600  # keep it down: no poll brings it back during the test
+        await async_wait_for(lambda: not router.state.snapshot.healthy[0], what="decode0 out of rotation")
+        status, raw = await _post(session, url + CHAT, _chat_body())
+        assert status == 503 and orjson.loads(raw)["message"] == "no healthy decode server is available; retry later"
+        status, raw = await _post(session, url + "/generate", {"text": "x"})
+        assert status == 503 and orjson.loads(raw) == {
+            "error": {"message": "no healthy decode server is available; retry later"}
+        }
+        async with session.get(url + "/health") as r:
+            err = orjson.loads(await r.read())
+            assert r.status == 503 and err["type"] == "ServiceUnavailableError" and "decode 0/1" in err["message"]
+        text = await (await session.get(url + "/metrics")).text()
+        assert 'ares_requests_total{endpoint="unmatched",status="404"} 1.0' in text
+
+    _with_router(test, [FakeSGLang("prefill")], [FakeSGLang("decode")])
+
+
+def test_a_broken_decode_stream_ends_with_an_in_band_error_in_sglangs_shape():
+    async def test(router, url: str, session) -> None:
+        for endpoint, body in ((CHAT, _chat_body(stream=True)), ("/generate", {"text": "x", "stream": True})):
+            status, raw = await _post(session, url + endpoint, body)
+            events = [e for e in raw.split(b"\n\n") if e]
+            assert status == 200 and len(events) == 4 and events[-1] == b"data: [DONE]", raw
+            err = orjson.loads(events[-2][len(b"data: ") :])["error"]
+            assert err["code"] == 502 and "decode server stream failed" in err["message"]
+            assert set(err) == ({"message", "type", "code", "retryable"} if endpoint == "/generate" else
+                                {"object", "message", "type", "param", "code"})  # fmt: skip
+
+    _with_router(test, [FakeSGLang("prefill")], [FakeSGLang("decode", "break")])
+
+
+def test_head_error_is_recorded_when_a_request_finishes():
+    """The decode reports generated 2 and predicted remaining 5 for every request; each answer has 10 output
+    tokens, so the actual remaining is 8: absolute error 3, signed (predicted - actual) -3."""
+    decode = FakeSGLang("decode", output_tokens=10, predicted=5.0)
+
+    async def test(router, url: str, session) -> None:
+        cases = [
+            (CHAT, _chat_body()),  # usage.completion_tokens
+            ("/generate", {"text": "x"}),  # meta_info.completion_tokens
+            ("/generate", {"text": "x", "stream": True}),  # the last event's meta_info
+            (CHAT, _chat_body(stream=True, stream_options={"include_usage": True})),  # the usage chunk
+            (CHAT, _chat_body(stream=True)),  # no usage: counted events minus role and finish chunks
+            ("/v1/completions", {"prompt": "x", "stream": True}),  # one event per token
+        ]
+        for endpoint, body in cases:
+            status, raw = await _post(session, url + endpoint, body)
+            assert status == 200, raw
+        m = _samples(router.metrics.render())
+        usage, events = ("decode0", "usage"), ("decode0", "events")
+        assert m["ares_head_abs_error_tokens_count"][usage] == 4 and m["ares_head_abs_error_tokens_sum"][usage] == 12
+        assert m["ares_head_abs_error_tokens_count"][events] == 2 and m["ares_head_abs_error_tokens_sum"][events] == 6
+        assert m["ares_head_signed_error_tokens_total"][usage] == -12
+        assert m["ares_head_signed_error_tokens_total"][events] == -6
+        buckets = {le: v for (inst, src, le), v in m["ares_head_signed_error_tokens_bucket"].items() if src == "usage"}
+        assert buckets["-4.0"] == 0 and buckets["-2.0"] == 4 and buckets["+Inf"] == 4  # all four at -3
+        assert (
+            m["ares_poll_round_seconds_count"][("refresh",)] >= 1
+            and m["ares_poll_round_seconds_count"][("fetch",)] >= 1
+        )
+        assert ("decode0", decode.url) in m["ares_decode_predicted_tokens_at_horizon"]
+        assert m["ares_load_model_horizon_steps"][()] == router.state.load_model.horizon_tokens
+
+    _with_router(test, [FakeSGLang("prefill")], [decode])
+
+
+def test_no_head_error_without_a_prediction_or_for_a_failed_request():
+    decode = FakeSGLang("decode", predicted=float("nan"))  # NaN -> JSON null: no prediction
+
+    async def test(router, url: str, session) -> None:
+        assert (await _post(session, url + CHAT, _chat_body()))[0] == 200
+        assert "ares_head_abs_error_tokens_count" not in router.metrics.render().decode()
+
+    _with_router(test, [FakeSGLang("prefill")], [decode])
+
+
+# -- default policies: the ARES router places by predicted load unless told otherwise ------------------------------
+def test_ares_router_defaults_to_the_ares_policy_everywhere():
+    import argparse
+
+    import ares_router.cli
+    from ares.cluster import cli as cluster_cli
+    from ares.cluster.cli import spec_from_args
+    from ares.cluster.spec import ClusterSpec
+    from ares.demo import add_parser as add_demo
+    from ares.demo import demo_spec
+
+    parser = argparse.ArgumentParser(prog="ares")  # the `ares` command's parser, without importing every command
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (cluster_cli.add_parser, add_demo, ares_router.cli.add_parser):
+        add(sub)
+
+    def router_argv(spec: ClusterSpec) -> list[str]:
+        return list(spec.servers(list(range(20000, 20005)))[-1].argv)
+
+    def policy_of(argv: list[str]) -> str:
+        return argv[argv.index("--policy") + 1]
+
+    parse = parser.parse_args
+    spec = spec_from_args(parse(["cluster", "up", "--router", "ares"]), "m")
+    assert spec.router_policy == "ares" and policy_of(router_argv(spec)) == "ares"
+    assert "ares_router" in router_argv(spec)
+    spec = spec_from_args(parse(["cluster", "up"]), "m")  # SGLang's router keeps its round robin
+    assert (spec.router, spec.router_policy) == ("sglang", "round_robin")
+    assert "sglang_router.launch_router" in router_argv(spec) and policy_of(router_argv(spec)) == "round_robin"
+    spec = spec_from_args(parse(["cluster", "up", "--router", "ares", "--router-policy", "least_kv"]), "m")
+    assert policy_of(router_argv(spec)) == "least_kv"
+    with pytest.raises(ValueError, match="'cache_aware' is not one of the ares router's"):
+        spec_from_args(parse(["cluster", "up", "--router", "ares", "--router-policy", "cache_aware"]), "m")
+    # The demo starts the ARES router with policy ares (it used to build ClusterSpec without the router at all).
+    spec = demo_spec(parse(["demo"]), "m")
+    assert (spec.router, spec.router_policy) == ("ares", "ares") and policy_of(router_argv(spec)) == "ares"
+    assert demo_spec(parse(["demo", "--router", "sglang"]), "m").router_policy == "round_robin"
+    # `python -m ares_router` / `ares router` and RouterConfig.
+    cfg = config_from_args(parse(["router", "--prefill", "http://p", "1", "--decode", "http://d"]))
+    assert cfg.policy == "ares"
+    assert configure_parser(__import__("argparse").ArgumentParser()).parse_args([]).policy == "ares"
+
+
+# -- the load model's binned demand equals the dense definition ----------------------------------------------------
+@pytest.mark.parametrize("points, horizon", [(16, 2048), (4, 100), (1, 7)])
+def test_binned_demand_equals_the_dense_contributions(points, horizon):
+    from ares_router.policy import LoadModel
+
+    lm = LoadModel(horizon_tokens=horizon, points=points)
+    grid = lm.grid()
+    rng = np.random.default_rng(points)
+    n_req, n = 5000, 37
+    lengths = rng.integers(1, 5000, n_req).astype(np.float64)
+    remaining = rng.uniform(-5, 2.5 * horizon, n_req)
+    remaining[rng.random(n_req) < 0.1] = np.nan  # no prediction
+    on_grid = rng.random(n_req) < 0.1
+    remaining[on_grid] = rng.choice(grid, on_grid.sum())  # exactly on a grid point (0 and the horizon included)
+    remaining[:4] = [0.0, horizon, horizon + 1e-9, -1.0]
+    owner = np.sort(rng.integers(0, n, n_req))
+    owner[-1] = n - 2  # the last instance has no request
+    dense = lm.contributions(lengths, remaining)
+    expected = np.stack([dense[owner == j].sum(axis=0) for j in range(n)])
+    np.testing.assert_allclose(lm.demand_by_owner(lengths, remaining, owner, n), expected, rtol=1e-12)
+    none = np.zeros(0)
+    assert lm.demand_by_owner(none, none, none.astype(int), 3).shape == (3, points + 1)

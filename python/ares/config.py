@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 ENV_VAR = "ARES_SERVER_CONFIG"
 
@@ -21,6 +22,8 @@ class AresServerConfig:
     enabled: bool = False  # --ares: length prediction and load reporting on a decode server
     cpu_mode: bool = False  # the server runs with --device cpu: apply ares.cpu patches
     predictor: str | None = None  # --ares-predictor: head checkpoint path (without suffix)
+    # Set by the launcher process for its children: where the scheduler (TP rank 0) serves `/ares/state` reports.
+    state_ipc: str | None = None
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -50,7 +53,39 @@ def add_ares_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PATH",
         help="ARES length-predictor checkpoint (PATH.safetensors + PATH.json); checked at startup against the "
-        "model's hidden size.",
+        "model's hidden size. Default: the shipped head when the model is SmolLM2-135M, else required.",
+    )
+
+
+# The shipped checkpoint was trained on SmolLM2-135M-Instruct; a model of exactly that shape gets it by default.
+SHIPPED_PREDICTOR = Path(__file__).resolve().parent / "predictor" / "checkpoints" / "ours"
+SHIPPED_PREDICTOR_MODEL = {"hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
+
+
+def model_config(model_path: str | None) -> dict:
+    """The model directory's config.json (the text config for multimodal wrappers); {} when not a local dir."""
+    config_file = os.path.join(model_path, "config.json") if model_path else None
+    if not config_file or not os.path.isfile(config_file):
+        return {}
+    with open(config_file) as f:
+        cfg = json.load(f)
+    return cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
+
+
+def resolve_predictor(config: AresServerConfig, model_path: str | None) -> AresServerConfig:
+    """`config` with a predictor checkpoint: the one given, else the shipped head for a SmolLM2-135M-shaped model.
+
+    Raises ValueError naming `--ares-predictor` when ARES is on and no checkpoint fits the model.
+    """
+    if not config.enabled or config.predictor:
+        return config
+    cfg = model_config(model_path)
+    if cfg and all(cfg.get(k) == v for k, v in SHIPPED_PREDICTOR_MODEL.items()):
+        return replace(config, predictor=str(SHIPPED_PREDICTOR))
+    shape = {k: cfg.get(k) for k in SHIPPED_PREDICTOR_MODEL} if cfg else "unknown (not a local model directory)"
+    raise ValueError(
+        f"--ares needs a length-predictor checkpoint for model {model_path!r} (shape {shape}): pass "
+        f"--ares-predictor PATH (train one with `ares predictor train`); the shipped head fits only SmolLM2-135M"
     )
 
 
@@ -102,12 +137,7 @@ def check_predictor(checkpoint: str, model_path: str | None) -> None:
     """
     from ares.predictor.head import load_head
 
-    hidden = None
-    config_file = os.path.join(model_path, "config.json") if model_path else None
-    if config_file and os.path.isfile(config_file):
-        with open(config_file) as f:
-            cfg = json.load(f)
-        hidden = cfg.get("hidden_size") or cfg.get("text_config", {}).get("hidden_size")
+    hidden = model_config(model_path).get("hidden_size")
     try:
         load_head(checkpoint, model_hidden_size=hidden)
     except (OSError, ValueError) as e:

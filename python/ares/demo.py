@@ -65,6 +65,19 @@ def benchmark_command(router_url: str, model_dir: str, args: argparse.Namespace,
     ]
 
 
+def demo_spec(args: argparse.Namespace, model_dir: str) -> ClusterSpec:
+    """The demo's cluster: 1 prefill, `--decode` decode servers, the router and policy asked for."""
+    return ClusterSpec(
+        model_path=model_dir,
+        n_prefill=1,
+        n_decode=args.decode,
+        ares=args.ares,
+        max_total_tokens=args.max_total_tokens,
+        router=args.router,  # the router asked for (ClusterSpec's own default is SGLang's router)
+        router_policy=args.router_policy,  # None: that router's default (ares for the ARES router)
+    )
+
+
 def _exit_on_sigterm(signum: int, _frame) -> None:
     # Turn SIGTERM into SystemExit so the cluster's context manager stops every server it started.
     sys.exit(128 + signum)
@@ -74,9 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """Start the cluster, run the workload, print and save the summary, stop the cluster."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     model_dir = resolve_model(args.model)
-    spec = ClusterSpec(
-        model_path=model_dir, n_prefill=1, n_decode=args.decode, ares=args.ares, max_total_tokens=args.max_total_tokens
-    )
+    spec = demo_spec(args, model_dir)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "demo_serving.jsonl"
@@ -95,7 +106,7 @@ def run_demo(args: argparse.Namespace) -> int:
     result = json.loads(raw.read_text().strip().splitlines()[-1])
     summary = {
         "model": args.model,
-        "router": f"{args.router}:{args.router_policy}",
+        "router": f"{spec.router}:{spec.router_policy}",
         "decode_instances": args.decode,
         "ares": args.ares,
         "cluster_startup_s": round(startup_s, 1),
@@ -116,7 +127,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=int, default=2, help="decode instances")
     p.add_argument("--ares", action="store_true", help="start the decode servers with --ares")
     p.add_argument("--router", default="ares", choices=["ares", "sglang"], help="which PD router to start")
-    p.add_argument("--router-policy", default="ares", help="the router's placement policy")
+    p.add_argument(
+        "--router-policy", default=None, help="the router's placement policy (default: ares; round_robin for sglang)"
+    )
     p.add_argument("--num-prompts", type=int, default=24)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=96)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ares.cluster.launcher import Cluster, ClusterError, default_state_file, load_state, stop_state
-from ares.cluster.spec import ClusterSpec
+from ares.cluster.spec import DEFAULT_ROUTER_POLICY, ClusterSpec
 from ares.models import MODEL_NAMES, prepare_model
 
 
@@ -18,20 +18,29 @@ def resolve_model(model: str) -> str:
     return str(prepare_model(model)) if model in MODEL_NAMES else model
 
 
-def _up(args: argparse.Namespace) -> int:
-    state_file = default_state_file(args.name)
-    if state_file.exists():
-        print(f"cluster {args.name!r} already recorded in {state_file}; run `ares cluster down --name {args.name}`")
-        return 1
-    spec = ClusterSpec(
-        model_path=resolve_model(args.model),
+def spec_from_args(args: argparse.Namespace, model_path: str) -> ClusterSpec:
+    """The cluster `ares cluster up` starts for these flags (a ValueError names a bad combination)."""
+    return ClusterSpec(
+        model_path=model_path,
         n_prefill=args.prefill,
         n_decode=args.decode,
         ares=args.ares,
         max_total_tokens=args.max_total_tokens,
         router=args.router,
-        router_policy=args.router_policy,
+        router_policy=args.router_policy,  # None: the chosen router's own default
     )
+
+
+def _up(args: argparse.Namespace) -> int:
+    state_file = default_state_file(args.name)
+    if state_file.exists():
+        print(f"cluster {args.name!r} already recorded in {state_file}; run `ares cluster down --name {args.name}`")
+        return 1
+    try:
+        spec = spec_from_args(args, resolve_model(args.model))
+    except ValueError as e:  # e.g. a policy the chosen router does not have: say so before starting anything
+        print(f"ares cluster up: {e}")
+        return 2
     log_dir = Path(args.log_dir or state_file.with_suffix(""))
     cluster = Cluster(spec, log_dir=log_dir, state_file=state_file)
     t0 = time.monotonic()
@@ -92,7 +101,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--model", default="smollm2", help=f"{' | '.join(MODEL_NAMES)} | a model directory")
     up.add_argument("--max-total-tokens", type=int, default=8192, help="KV cache tokens per server")
     up.add_argument("--router", default="sglang", choices=["sglang", "ares"], help="which PD router to start")
-    up.add_argument("--router-policy", default="round_robin", help="policy of the router (sglang_router's or ARES's)")
+    up.add_argument(
+        "--router-policy",
+        default=None,
+        help="placement policy of the router (default: its own, "
+        + ", ".join(f"{r}: {p}" for r, p in DEFAULT_ROUTER_POLICY.items())
+        + ")",
+    )
     up.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the servers' health")
     up.add_argument("--log-dir", default=None, help="server logs (default: next to the state file)")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the cluster")

@@ -6,6 +6,11 @@ import sys
 from dataclasses import dataclass, field
 
 HOST = "127.0.0.1"
+ROUTERS = ("sglang", "ares")
+# Each router's own default policy: SGLang's PD router keeps round robin; the ARES router places by predicted load.
+DEFAULT_ROUTER_POLICY = {"sglang": "round_robin", "ares": "ares"}
+# `--policy` choices of sglang_router 0.3.2's launcher (pinned in pyproject.toml).
+SGLANG_ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two", "manual")
 
 
 @dataclass(frozen=True)
@@ -35,12 +40,24 @@ class ClusterSpec:
     n_prefill: int = 1
     n_decode: int = 2
     ares: bool = False  # start decode servers with --ares
+    ares_decodes: tuple[int, ...] | None = None  # with `ares`: only these decode indices (None: all of them)
     device: str = "cpu"
     max_total_tokens: int = 8192  # KV pool per server (CPU mode would size it from RAM otherwise)
     router: str = "sglang"  # "sglang": SGLang's PD router (sglang_router) | "ares": the ARES router (ares_router)
-    router_policy: str = "round_robin"
+    router_policy: str | None = None  # None: the router's own default (DEFAULT_ROUTER_POLICY); resolved on creation
     extra_server_args: tuple[str, ...] = ()
     python: str = field(default=sys.executable)
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be 'sglang' or 'ares', got {self.router!r}")
+        if self.router_policy is None:
+            object.__setattr__(self, "router_policy", DEFAULT_ROUTER_POLICY[self.router])
+        choices = router_policies(self.router)
+        if self.router_policy not in choices:
+            raise ValueError(
+                f"policy {self.router_policy!r} is not one of the {self.router} router's: {', '.join(choices)}"
+            )
 
     def servers(self, ports: list[int]) -> list[ServerSpec]:
         """All processes, given 2*n_prefill + n_decode + 1 free ports (prefill HTTP+bootstrap, decode, router)."""
@@ -56,12 +73,15 @@ class ClusterSpec:
             out.append(ServerSpec("prefill", i, port, self._server_argv(port, "prefill", boot), bootstrap_port=boot))
         for i in range(self.n_decode):
             port = next(it)
-            out.append(ServerSpec("decode", i, port, self._server_argv(port, "decode")))
+            ares = self.ares and (self.ares_decodes is None or i in self.ares_decodes)
+            out.append(ServerSpec("decode", i, port, self._server_argv(port, "decode", ares=ares)))
         router_port = next(it)
         out.append(ServerSpec("router", 0, router_port, self._router_argv(router_port, out)))
         return out
 
-    def _server_argv(self, port: int, mode: str, bootstrap_port: int | None = None) -> tuple[str, ...]:
+    def _server_argv(
+        self, port: int, mode: str, bootstrap_port: int | None = None, ares: bool = False
+    ) -> tuple[str, ...]:
         argv = [
             self.python,
             "-m",
@@ -84,13 +104,11 @@ class ClusterSpec:
         ]
         if bootstrap_port is not None:
             argv += ["--disaggregation-bootstrap-port", str(bootstrap_port)]
-        if mode == "decode" and self.ares:
+        if ares:
             argv.append("--ares")
         return tuple(argv) + self.extra_server_args
 
     def _router_argv(self, port: int, servers: list[ServerSpec]) -> tuple[str, ...]:
-        if self.router not in ("sglang", "ares"):
-            raise ValueError(f"router must be 'sglang' or 'ares', got {self.router!r}")
         module = ["ares_router"] if self.router == "ares" else ["sglang_router.launch_router", "--pd-disaggregation"]
         argv = [
             self.python,
@@ -109,3 +127,12 @@ class ClusterSpec:
             elif s.role == "decode":
                 argv += ["--decode", s.url]
         return tuple(argv)
+
+
+def router_policies(router: str) -> tuple[str, ...]:
+    """The placement policies `router` accepts."""
+    if router == "ares":
+        from ares_router.config import ROUTER_POLICIES  # the router's registry is the authority
+
+        return ROUTER_POLICIES
+    return SGLANG_ROUTER_POLICIES

@@ -1,0 +1,43 @@
+"""The head's per-step output travelling from the forward to the scheduler through SGLang's auxiliary-output
+protocol (`sglang.srt.managers.auxiliary_output`): the device tensor is copied to the host by SGLang's own
+asynchronous result copy, and `consume` runs once the step's tokens are committed, aligned with `batch.reqs`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ares.engine.request_state import record
+
+_steps = itertools.count(1)  # decode steps whose predictions reached the scheduler, in this process
+
+
+@dataclass(frozen=True)
+class HeadDeviceOutput:
+    """`[bs, 1 + quantiles]` predictions on the device (a fresh tensor, not a CUDA-graph buffer)."""
+
+    predictions: torch.Tensor
+
+    def copy_to_host(self, copy_tensor: Callable[[torch.Tensor], torch.Tensor]) -> HeadHostOutput:
+        return HeadHostOutput(copy_tensor(self.predictions))
+
+
+@dataclass(frozen=True)
+class HeadHostOutput:
+    """The same on the host; `consume` stores each request's prediction on the request."""
+
+    predictions: torch.Tensor
+
+    def consume(self, batch: Any, commits: Sequence[Any]) -> None:
+        preds = self.predictions.tolist()
+        step = next(_steps)
+        has_p90 = bool(preds) and len(preds[0]) > 1
+        for req, commit, row in zip(batch.reqs, commits, preds, strict=False):
+            # No commit: the request produced no visible token this step (finished or retracted meanwhile).
+            if commit is None or req.finished():
+                continue
+            record(req, row[0], row[1] if has_p90 else None, commit.output_index, step)

@@ -1,0 +1,114 @@
+"""The hooks ARES installs in SGLang's scheduler processes (only with `--ares`), through SGLang's HookRegistry.
+
+- `ScheduleBatch.prepare_for_decode` (BEFORE): requests entering decode get their prompt length written to the
+  head's device table, once per request-pool row;
+- `ModelRunner.sample` (AROUND): after sampling a decode step, run the head on `logits_output.hidden_states` on the
+  forward stream and attach the `[bs]` predictions as an auxiliary output;
+- `Scheduler.init_request_dispatcher` (AFTER, TP rank 0): start the `/ares/state` service for this scheduler;
+- `SchedulerInternalStateController.get_internal_state` (AFTER): the same report in `/server_info`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from ares.config import AresServerConfig
+from ares.engine.aux_output import HeadDeviceOutput
+from ares.engine.decode_head import DecodeHead
+from ares.engine.state_report import StateService, build_report
+
+logger = logging.getLogger("ares.engine")
+
+PREPARE_FOR_DECODE = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_decode"
+SAMPLE = "sglang.srt.model_executor.model_runner.ModelRunner.sample"
+INIT_DISPATCHER = "sglang.srt.managers.scheduler.Scheduler.init_request_dispatcher"
+INTERNAL_STATE = (
+    "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state"
+)
+SCHEDULER_HOOK_TARGETS = (PREPARE_FOR_DECODE, SAMPLE, INIT_DISPATCHER, INTERNAL_STATE)
+
+_POOL_ROW = "_ares_pool_row"  # the request-pool row whose prompt length is in the table
+
+
+class _Engine:
+    """Per-process state shared by the hooks (one scheduler per process)."""
+
+    def __init__(self, config: AresServerConfig):
+        self.config = config
+        self.head: DecodeHead | None = None
+        self.service: StateService | None = None
+
+    def decode_head(self) -> DecodeHead:
+        if self.head is None:
+            assert self.config.predictor, "the launcher resolves --ares-predictor before starting schedulers"
+            self.head = DecodeHead(self.config.predictor)
+        return self.head
+
+
+_engine: _Engine | None = None
+
+
+def _before_prepare_for_decode(batch: Any, *args: Any, **kwargs: Any) -> None:
+    assert _engine is not None
+    new_rows, lengths = [], []
+    for req in batch.reqs:
+        row = req.kv.req_pool_idx
+        if getattr(req, _POOL_ROW, None) != row:
+            new_rows.append(row)
+            lengths.append(len(req.origin_input_ids))
+            setattr(req, _POOL_ROW, row)
+    if new_rows:
+        _engine.decode_head().set_prompt_lengths(new_rows, lengths, batch.device, batch.req_to_token_pool.size)
+
+
+def _around_sample(original: Any, runner: Any, logits_output: Any, forward_batch: Any, *args: Any, **kwargs: Any):
+    next_token_ids = original(runner, logits_output, forward_batch, *args, **kwargs)
+    hidden = getattr(logits_output, "hidden_states", None)
+    if _engine is not None and hidden is not None and forward_batch.forward_mode.is_decode():
+        from sglang.srt.managers.auxiliary_output import append_auxiliary_output
+
+        preds = _engine.decode_head()(hidden, forward_batch.seq_lens, forward_batch.req_pool_indices)
+        logits_output.auxiliary_device_output = append_auxiliary_output(
+            logits_output.auxiliary_device_output, HeadDeviceOutput(preds)
+        )
+    return next_token_ids
+
+
+def _tp_rank() -> int:
+    from sglang.srt.runtime_context import get_parallel
+
+    try:
+        return int(get_parallel().tp_rank)
+    except (AttributeError, RuntimeError, ValueError):
+        return 0
+
+
+def _after_init_dispatcher(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    assert _engine is not None
+    # With tensor parallelism every rank holds the same requests; rank 0 reports.
+    if _tp_rank() == 0 and _engine.service is None and _engine.config.state_ipc:
+        _engine.service = StateService(scheduler, _engine.config.state_ipc).start()
+
+
+def _after_internal_state(result: Any, controller: Any, *args: Any, **kwargs: Any) -> None:
+    assert _engine is not None
+    head = _engine.head
+    result.internal_state["ares"] = {
+        "predictor": _engine.config.predictor,
+        "head_backend": head.backend if head is not None else "not run yet",
+        "state": build_report(controller.scheduler),
+    }
+
+
+def register_scheduler_hooks(config: AresServerConfig) -> list[str]:
+    """Register the scheduler-process hooks for `config` (the caller applies them); return their targets."""
+    global _engine
+    _engine = _Engine(config)
+    HookRegistry.register(PREPARE_FOR_DECODE, _before_prepare_for_decode, HookType.BEFORE)
+    HookRegistry.register(SAMPLE, _around_sample, HookType.AROUND)
+    HookRegistry.register(INIT_DISPATCHER, _after_init_dispatcher, HookType.AFTER)
+    HookRegistry.register(INTERNAL_STATE, _after_internal_state, HookType.AFTER)
+    return list(SCHEDULER_HOOK_TARGETS)

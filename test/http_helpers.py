@@ -1,0 +1,92 @@
+"""Helpers shared by the tests that drive real servers: plain HTTP calls, waiting for a condition, and an extra
+`python -m ares_router` process on a free port, stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ares.cluster.launcher import free_ports, stop_groups
+
+HOST = "127.0.0.1"
+
+
+def request(url: str, body: object = None, headers: dict | None = None, timeout: float = 120.0):
+    """(status, headers, body bytes) of a GET (body None) or POST (JSON body, or raw bytes)."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def get_json(url: str, timeout: float = 30.0) -> Any:
+    """The JSON body of a GET that must answer 200."""
+    status, _, body = request(url, timeout=timeout)
+    assert status == 200, (url, status, body[:300])
+    return json.loads(body)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    """Poll `predicate` until it returns something truthy (returned) or `timeout` seconds pass (AssertionError).
+    Tests wait for conditions this way, never for a fixed time: CI machines are busy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class RouterProc:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def ares_router(
+    tmp: Path, prefill: list[tuple[str, int]], decode: list[str], policy: str, *extra: str
+) -> Iterator[RouterProc]:
+    """A `python -m ares_router` process on a free port, stopped by PID (its own process group) at the end."""
+    port = free_ports(1)[0]
+    log = tmp / f"router-{policy}-{port}.log"
+    argv = [sys.executable, "-m", "ares_router", "--host", HOST, "--port", str(port), "--policy", policy]
+    for url, boot in prefill:
+        argv += ["--prefill", url, str(boot)]
+    for url in decode:
+        argv += ["--decode", url]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*argv, *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    r = RouterProc(f"http://{HOST}:{port}", proc, log)
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, f"router exited:\n{r.log_text()}"
+            try:
+                return request(r.url + "/ares/cluster", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(up, 60, "the router to listen")
+        yield r
+    finally:
+        stop_groups([(proc.pid, None)], grace_s=10)
+        proc.wait()
