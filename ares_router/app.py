@@ -48,12 +48,12 @@ _CLIENT_GONE = (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientConn
 # Events of an OpenAI stream that carry no token: SGLang's chat stream opens with a role-only delta and closes with
 # a finish_reason-only chunk (serving_chat.py); completions put the finish reason on the last token's event.
 _NON_TOKEN_EVENTS = {"/v1/chat/completions": 2, "/v1/completions": 0, GENERATE: 0}
-MODELS_MISS_REFRESH_S = 1.0
-# Per-request values the middleware sets: the request's id, and whether the router made it (typed keys, aiohttp's way).
-RID = web.RequestKey("rid", str)
-RID_IS_OURS = web.RequestKey(
-    "rid_is_ours", bool
-)  # at most one model-list refresh per second for requests naming an unknown model
+MODELS_MISS_REFRESH_S = 1.0  # at most one model-list refresh per second for requests naming an unknown model
+# Per-request values the middleware sets: the request's id, and whether the router made it (typed keys where aiohttp
+# has them, >= 3.12; plain strings before).
+_KEY = getattr(web, "RequestKey", None)
+RID = _KEY("rid", str) if _KEY else "rid"
+RID_IS_OURS = _KEY("rid_is_ours", bool) if _KEY else "rid_is_ours"
 
 
 def _count_events(chunk: bytes) -> int:
@@ -325,7 +325,9 @@ class Router:
         generated_at_report, predicted = reported
         actual = tokens - generated_at_report
         if actual < 0:  # fewer tokens than the server had already reported: a count we cannot trust
-            log.debug("backend rid %s: %d output tokens < %d at the last report", backend_rid, tokens, actual)
+            log.debug(
+                "backend rid %s: %d output tokens < %d at the last report", backend_rid, tokens, generated_at_report
+            )
             return
         self.metrics.observe_head_error(decode.name, predicted, actual, source)
 

@@ -229,8 +229,7 @@ class LoadModel:
             return out
         p = np.maximum(remaining[known], 0.0)
         own, ln = owner[known], lengths[known]
-        b = np.searchsorted(s, p, side="left")  # 0..g
-        c = np.searchsorted(s, p, side="right")
+        b, c = _grid_bins(s, p)
 
         def per_bin(bins: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
             return np.bincount(own * (g + 1) + bins, weights=weights, minlength=n * (g + 1)).reshape(n, g + 1)
@@ -284,6 +283,21 @@ class LoadModel:
                 out = np.where(np.isnan(out), float(self.default_output_tokens), out)
             curve += self.contributions(inst.pending_prompt, out).sum(axis=0)
         return curve
+
+
+def _grid_bins(s: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(#{s_i < p}, #{s_i <= p}) per value of `p` (>= 0) on the sorted grid `s` (s_0 = 0). The grid is uniform, so
+    the index comes from one multiplication, then is corrected against the grid itself (so values exactly on a grid
+    point land exactly as `searchsorted` puts them): a third of `searchsorted`'s time at 65k requests."""
+    g = s.size - 1
+    if g < 1 or s[-1] <= 0:
+        return np.searchsorted(s, p, side="left"), np.searchsorted(s, p, side="right")
+    k = np.minimum(p * (g / s[-1]), g).astype(np.intp)  # last grid point <= p, give or take one (rounding)
+    k -= s[k] > p
+    np.maximum(k, 0, out=k)
+    k += (k < g) & (s[np.minimum(k + 1, g)] <= p)
+    c = k + 1
+    return c - (s[k] == p), c
 
 
 @dataclass(frozen=True)

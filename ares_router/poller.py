@@ -26,37 +26,45 @@ Version 1 (rows; what `GET /ares/state` without the query returns):
          "predicted_remaining": float | null,   # the length head's prediction of tokens still to come
          "predicted_p90": float | null}]}       # optional upper quantile of the same
 
-Version 2 (columns; the answer to `GET /ares/state?format=columns`): the same numbers, one JSON array per field,
-so the router turns each into a numpy array in one call instead of building a Python dict per request (at 256
-instances x 256 running requests the rows cost more than a 100 ms poll interval allows on one core):
+Version 2 (columns; the answer to `GET /ares/state?format=columns`): the same numbers, one entry per field, so the
+router turns each field into a numpy array in one call instead of building a Python dict per request (at 256
+instances x 256 running requests, version 1 costs more than a 100 ms poll interval allows on one core):
 
     {"version": 2,
      "capacity_tokens": int,
      "used_tokens": int,
-     "queued_reqs": int,                          # optional, default 0
-     "rids": [str, ...],                          # n running requests, any order; row k of every column is rids[k]
-     "prompt_tokens": [int, ...],                 # n
-     "generated_tokens": [int, ...],              # n
-     "predicted_remaining": [float | null, ...],  # n; null: no prediction yet for that request. The whole key may
-                                                  #   be null or absent (no head): no predictions at all
-     "predicted_p90": [float | null, ...]}        # optional, as predicted_remaining
+     "queued_reqs": int,              # optional, default 0
+     "rids": [str, ...],              # the n running requests, any order; row k of every column is rids[k]
+     "prompt_tokens": COLUMN,         # n token counts (int32)
+     "generated_tokens": COLUMN,      # n token counts (int32)
+     "predicted_remaining": COLUMN,   # n predictions (float32); NaN/null: no prediction yet for that request.
+                                      #   The key may also be null or absent: no predictions at all (no head)
+     "predicted_p90": COLUMN}         # optional, as predicted_remaining
 
-Every column has exactly n entries (n = 0: empty arrays); counts must be non-negative integers; a body that breaks
-this is a bad poll (`BadPayload`), like a missing key.
+    COLUMN = a base64 string (RFC 4648, with padding) of the n values as little-endian binary: int32 (`<i4`) for
+             the two token counts, float32 (`<f4`) for the predictions, NaN for "no prediction"; this is the fast
+             form: numpy.frombuffer, no Python object per value. Server side, e.g.
+             base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+           | a JSON array of n numbers (null for "no prediction"): the readable form, same meaning, ~5x slower to
+             read (one Python object per value).
+
+Every column has exactly n values (n = 0: "" or []); token counts must be finite and >= 0; a body that breaks this
+is a bad poll (`BadPayload`), like a missing key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import numpy as np
 import orjson
 
+from ares_router.pollclient import BadResponse, ConnectFailed, PollClient
 from ares_router.state import Backend, DecodeLoad, RouterState
 
 log = logging.getLogger("ares_router.poller")
@@ -70,6 +78,10 @@ SERVER_INFO_PATH = "/server_info"
 
 class BadPayload(ValueError):
     """A server answered 200 with JSON the router cannot read."""
+
+
+# What a failed poll looks like (ConnectFailed, connection resets and other socket errors are OSErrors).
+_POLL_ERRORS = (asyncio.TimeoutError, OSError, BadResponse, BadPayload, orjson.JSONDecodeError)
 
 
 def _col(rows: list[dict], key: str, required: bool) -> np.ndarray:
@@ -116,13 +128,32 @@ def _check_counts(*cols: np.ndarray) -> None:
             raise ValueError("prompt_tokens and generated_tokens must be non-negative numbers")
 
 
+# The binary form's element types (little-endian): token counts int32, predictions float32.
+_COLUMN_DTYPE = {
+    "prompt_tokens": np.dtype("<i4"),
+    "generated_tokens": np.dtype("<i4"),
+    "predicted_remaining": np.dtype("<f4"),
+    "predicted_p90": np.dtype("<f4"),
+}
+
+
 def _array(data: dict, key: str, n: int, required: bool) -> np.ndarray:
-    """Column `key` as float64 (null -> NaN); exactly `n` entries. An optional column may be null or absent."""
-    v = data.get(key) if not required else data[key]
+    """Column `key` (schema version 2: base64 little-endian binary, or a JSON array) as float64 with exactly `n`
+    values; null -> NaN. An optional column may be null or absent (all NaN)."""
+    v = data[key] if required else data.get(key)
     if v is None and not required:
         return np.full(n, np.nan)
+    if isinstance(v, str):
+        dtype = _COLUMN_DTYPE[key]
+        try:
+            raw = binascii.a2b_base64(v)
+        except binascii.Error as e:
+            raise ValueError(f"'{key}' is not valid base64: {e}") from None
+        if len(raw) != n * dtype.itemsize:
+            raise ValueError(f"'{key}' must hold {n} {dtype.name} values ({n * dtype.itemsize} bytes), got {len(raw)}")
+        return np.frombuffer(raw, dtype=dtype).astype(np.float64)
     if not isinstance(v, list) or len(v) != n:
-        raise ValueError(f"'{key}' must be a list of {n} numbers (one per rid)")
+        raise ValueError(f"'{key}' must be a base64 string or a list of {n} numbers (one per rid)")
     # numpy converts the whole list in C; null becomes NaN, a string or a nested list raises.
     return np.array(v, dtype=np.float64)
 
@@ -203,7 +234,7 @@ class Poller:
         self.models_refresh_s = models_refresh_s
         self.on_round = on_round
         self._no_ares_state: dict[int, float] = {}  # decode index -> when /ares/state last answered 404
-        self._session: aiohttp.ClientSession | None = None
+        self._client: PollClient | None = None
         self._task: asyncio.Task | None = None
         self._models_inflight: dict[str, asyncio.Task] = {}  # backend name -> its model-list fetch
         self.ares_state_url_path = ARES_STATE_PATH + ARES_STATE_QUERY  # what decode servers are asked for
@@ -214,11 +245,9 @@ class Poller:
 
     async def start(self) -> None:
         """Poll once (so the first requests see real state), then keep polling in the background."""
-        # Own connection pool: polling must not queue behind hundreds of relayed streams.
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
-        )
+        # Own keep-alive connections, and a lean client (`pollclient`): polling must not queue behind hundreds of
+        # relayed streams, nor cost more of the router's one core than the requests it relays.
+        self._client = PollClient(self.timeout_s)
         await self.poll_once()
         self._task = asyncio.create_task(self._run(), name="ares-poller")
 
@@ -232,8 +261,8 @@ class Poller:
                 await t
             except asyncio.CancelledError:
                 pass
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            self._client.close()
 
     async def _run(self) -> None:
         t0 = time.monotonic()  # start() has just polled
@@ -260,12 +289,9 @@ class Poller:
             self.on_round()
 
     async def _get_json(self, url: str) -> tuple[int, Any]:
-        assert self._session is not None
-        async with self._session.get(url) as resp:
-            raw = await resp.read()
-            if resp.status != 200:
-                return resp.status, None
-            return 200, orjson.loads(raw)
+        assert self._client is not None
+        status, raw = await self._client.get(url)
+        return (200, orjson.loads(raw)) if status == 200 else (status, None)
 
     async def _poll_decode(self, d: Backend) -> None:
         try:
@@ -286,7 +312,7 @@ class Poller:
                     raise BadPayload(f"/v1/loads answered {status}")
                 load = parse_v1_loads(data)
             self._ok(d, load)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, BadPayload, orjson.JSONDecodeError) as e:
+        except _POLL_ERRORS as e:
             self._failed(d, e)
 
     async def _poll_prefill(self, p: Backend) -> None:
@@ -295,7 +321,7 @@ class Poller:
             if status != 200:
                 raise BadPayload(f"/v1/loads answered {status}")
             self._ok(p, None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, BadPayload, orjson.JSONDecodeError) as e:
+        except _POLL_ERRORS as e:
             self._failed(p, e)
 
     def _ok(self, b: Backend, load: DecodeLoad | None) -> None:
@@ -330,7 +356,7 @@ class Poller:
             if status != 200:
                 raise BadPayload(f"{MODELS_PATH} and {SERVER_INFO_PATH} answered {status}")
             models = parse_models(data)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, BadPayload, orjson.JSONDecodeError) as e:
+        except _POLL_ERRORS as e:
             # Not a health signal: the server's state poll decides that. Asked again after `models_refresh_s` (or
             # when a request names an unknown model); until some server lists its models the router forwards.
             log.info("%s %s: no model list: %s", b.name, b.url, f"{type(e).__name__}: {e}")
@@ -343,7 +369,7 @@ class Poller:
     def _failed(self, b: Backend, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         # Refused: nothing listens there any more, so there is nothing to wait for.
-        threshold = 1 if isinstance(e, aiohttp.ClientConnectorError) else self.failure_threshold
+        threshold = 1 if isinstance(e, ConnectFailed) else self.failure_threshold
         was_healthy = b.healthy
         self.state.poll_failed(b, msg, threshold)
         if not b.healthy and (was_healthy or b.consecutive_failures == 1):  # newly out, or never reachable

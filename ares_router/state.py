@@ -45,6 +45,12 @@ class ReportedRequest:
     predicted_p90: float | None = None
 
 
+_EMPTY = np.zeros(0)
+_EMPTY.flags.writeable = False  # shared by every empty column of every snapshot
+_NO_ROWS = np.zeros(0, dtype=np.intp)
+_NO_ROWS.flags.writeable = False
+
+
 def _col(values: Iterable[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
@@ -64,6 +70,9 @@ class DecodeLoad:
     generated_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
     predicted_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: no prediction yet
     predicted_p90: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: not reported
+    lengths: np.ndarray = field(init=False, repr=False, compare=False)
+    length_sum: float = field(init=False, repr=False, compare=False)
+    unpredicted_rows: np.ndarray = field(init=False, repr=False, compare=False)
 
     @classmethod
     def from_reports(
@@ -88,10 +97,18 @@ class DecodeLoad:
         """rid -> row of the per-request columns."""
         return {rid: k for k, rid in enumerate(self.rids)}
 
-    @cached_property
-    def rid_set(self) -> frozenset[str]:
-        """The reported rids as a set (built in C, once per poll and only when the router relays requests here)."""
-        return frozenset(self.rids)
+    def __post_init__(self) -> None:
+        # Snapshots share these columns (no copy per poll), so nothing may change them in place.
+        for col in (self.prompt_tokens, self.generated_tokens, self.predicted_remaining, self.predicted_p90):
+            col.flags.writeable = False
+        # Derived once per poll, here rather than in cached properties (their lock costs more than the arithmetic).
+        lengths = self.prompt_tokens + self.generated_tokens
+        lengths.flags.writeable = False
+        object.__setattr__(self, "lengths", lengths)  # KV tokens each reported request holds
+        object.__setattr__(self, "length_sum", float(lengths.sum()))  # KV tokens the reported requests explain
+        nan = np.isnan(self.predicted_remaining)
+        # Rows without a prediction yet (the router fills in its estimate there); usually none.
+        object.__setattr__(self, "unpredicted_rows", np.flatnonzero(nan) if nan.any() else _NO_ROWS)
 
     def prediction_of(self, rid: str) -> tuple[float, float] | None:
         """(generated_tokens, predicted_remaining) this report gives for `rid`, or None (not reported, or reported
@@ -223,41 +240,28 @@ class RouterState:
 
     def _instance(self, d: Backend) -> InstanceState:
         load = d.load
-        nan = np.nan
         tracked = d.tracked
         # Requests the server reports (/ares/state): its view wins (exact lengths, the head's prediction). That
         # includes requests this router does not relay (other routers, direct clients): they are load too.
         n_rep = len(load.rids) if load is not None else 0
         # The router's own rows are only the requests the server does not report: a set difference in C, so the
         # Python loop below runs over the few dispatched-but-not-yet-running requests, not over every request.
-        own = tracked.keys() - load.rid_set if n_rep and tracked else tracked.keys()
+        own = tracked.keys() - load.rids if n_rep and tracked else tracked.keys()
         if n_rep and len(own) > 1:
             own = sorted(own, key=lambda rid: tracked[rid].seq)  # few rows; a set's order is not stable
-        ids: list[str] = []
-        prompt: list[float] = []
-        gen: list[float] = []
-        cap: list[float] = []
-        pend_ids: list[str] = []
-        pend_prompt: list[float] = []
-        pend_pred: list[float] = []
-        for rid in own:
-            t = tracked[rid]
-            if t.started:  # running, known from the router's own relaying
-                ids.append(t.rid)
-                prompt.append(t.prompt_tokens)
-                gen.append(t.generated)
-                cap.append(nan if t.max_tokens is None else t.max_tokens)
-            else:  # dispatched, no token yet: prefill, KV transfer or queue
-                pend_ids.append(t.rid)
-                pend_prompt.append(t.prompt_tokens)
-                pend_pred.append(t.estimate)
-        own_prompt, own_gen = np.array(prompt, dtype=np.float64), np.array(gen, dtype=np.float64)
-        own_rem = self.estimator.remaining_array(own_prompt, np.array(cap, dtype=np.float64), own_gen)
+        running = [t for t in map(tracked.__getitem__, own) if t.started]  # known from the router's own relaying
+        pending = [t for t in map(tracked.__getitem__, own) if not t.started]  # prefill, KV transfer or queue
+        if running:
+            own_prompt = np.array([t.prompt_tokens for t in running], dtype=np.float64)
+            own_gen = np.array([t.generated for t in running], dtype=np.float64)
+            cap = np.array([np.nan if t.max_tokens is None else t.max_tokens for t in running], dtype=np.float64)
+            own_rem = self.estimator.remaining_array(own_prompt, cap, own_gen)
+            own_len = own_prompt + own_gen
         if n_rep:
             rep_rem = load.predicted_remaining
-            missing = np.flatnonzero(np.isnan(rep_rem))
+            missing = load.unpredicted_rows
             if missing.size:  # no prediction yet: the initial estimate, capped by the request's max_tokens
-                rep_max = np.full(missing.size, nan)
+                rep_max = np.full(missing.size, np.nan)
                 for i, k in enumerate(missing.tolist()):
                     t = tracked.get(load.rids[k])
                     if t is not None and t.max_tokens is not None:
@@ -266,15 +270,23 @@ class RouterState:
                 rep_rem[missing] = self.estimator.remaining_array(
                     load.prompt_tokens[missing], rep_max, load.generated_tokens[missing]
                 )
-            lengths = np.concatenate([load.prompt_tokens + load.generated_tokens, own_prompt + own_gen])
-            generated = np.concatenate([load.generated_tokens, own_gen])
-            remaining = np.concatenate([rep_rem, own_rem])
-            upper = np.concatenate([load.predicted_p90, np.full(len(ids), nan)])
-            request_ids = load.rids + tuple(ids)
+            if running:
+                lengths = np.concatenate([load.lengths, own_len])
+                generated = np.concatenate([load.generated_tokens, own_gen])
+                remaining = np.concatenate([rep_rem, own_rem])
+                upper = np.concatenate([load.predicted_p90, np.full(len(running), np.nan)])
+                request_ids = load.rids + tuple(t.rid for t in running)
+                length_sum = load.length_sum + float(own_len.sum())
+            else:  # the usual case: the server reports every running request (no copies)
+                lengths, generated, remaining = load.lengths, load.generated_tokens, rep_rem
+                upper, request_ids, length_sum = load.predicted_p90, load.rids, load.length_sum
+        elif running:
+            lengths, generated, remaining = own_len, own_gen, own_rem
+            upper, request_ids = np.full(len(running), np.nan), tuple(t.rid for t in running)
+            length_sum = float(own_len.sum())
         else:
-            lengths, generated, remaining = own_prompt + own_gen, own_gen, own_rem
-            upper, request_ids = np.full(len(ids), nan), tuple(ids)
-        length_sum = float(lengths.sum())
+            lengths = generated = remaining = upper = _EMPTY
+            request_ids, length_sum = (), 0.0
         used = max(load.used_tokens, length_sum) if load is not None else length_sum
         capacity = load.capacity_tokens if load is not None and load.capacity_tokens > 0 else 1
         return InstanceState(
@@ -288,9 +300,9 @@ class RouterState:
             generated=generated,
             predicted_remaining=remaining,
             predicted_upper=upper,
-            pending_ids=tuple(pend_ids),
-            pending_prompt=np.array(pend_prompt, dtype=np.float64),
-            pending_predicted=np.array(pend_pred, dtype=np.float64),
+            pending_ids=tuple(t.rid for t in pending),
+            pending_prompt=np.array([t.prompt_tokens for t in pending], dtype=np.float64) if pending else _EMPTY,
+            pending_predicted=np.array([t.estimate for t in pending], dtype=np.float64) if pending else _EMPTY,
         )
 
     # -- decisions ------------------------------------------------------------------------------------------------

@@ -136,7 +136,8 @@ def main() -> None:
         max_total_tokens=args.max_total_tokens,
         router="ares",
     )
-    log_dir = Path(args.out).parent / ".engine_overhead_logs"
+    log_dir = ROOT / ".ares" / "engine_overhead_logs"  # server logs of this run (ignored by git)
+    log_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     with Cluster(spec, log_dir=log_dir) as cluster, ExitStack() as stack:
         prefill = [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
@@ -68,13 +69,20 @@ def stable_rids(index: int, reqs: int, variants: int, seed: int) -> list[str]:
     return _base(index, reqs, seed)[3][_churn(reqs) * variants :]
 
 
-def instance_states(index: int, reqs: int, variants: int, seed: int) -> tuple[list[bytes], list[bytes]]:
-    """Precomputed `/ares/state` bodies of one instance, (version 1, version 2) per variant. Variant v is the state
+FORMATS = ("v1", "v2", "v2-lists")  # rows; columns in base64 binary (the fast form); columns as JSON arrays
+
+
+def _b64(values: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.asarray(values, dtype=dtype).tobytes()).decode("ascii")
+
+
+def instance_states(index: int, reqs: int, variants: int, seed: int) -> dict[str, list[bytes]]:
+    """Precomputed `/ares/state` bodies of one instance, per format (`FORMATS`) and variant. Variant v is the state
     v polls later: every request one token further, its prediction moved (the head's estimate shrinks by ~1 per
     token, with noise), and `_churn` requests per poll finished and replaced by new ones."""
     prompt, generated, remaining, rids = _base(index, reqs, seed)
     churn = _churn(reqs)
-    v1, v2 = [], []
+    bodies: dict[str, list[bytes]] = {f: [] for f in FORMATS}
     for v in range(variants):
         rng = np.random.default_rng([seed, index, v + 1])
         vr = list(rids)
@@ -99,13 +107,12 @@ def instance_states(index: int, reqs: int, variants: int, seed: int) -> tuple[li
             }
             for k in range(reqs)
         ]
-        v1.append(orjson.dumps({"version": 1, **common, "requests": rows}))
-        v2.append(
+        bodies["v1"].append(orjson.dumps({"version": 1, **common, "requests": rows}))
+        columns = {"version": 2, **common, "rids": vr}
+        bodies["v2-lists"].append(
             orjson.dumps(
                 {
-                    "version": 2,
-                    **common,
-                    "rids": vr,
+                    **columns,
                     "prompt_tokens": prompt.tolist(),
                     "generated_tokens": gen.tolist(),
                     "predicted_remaining": pred.tolist(),
@@ -113,7 +120,18 @@ def instance_states(index: int, reqs: int, variants: int, seed: int) -> tuple[li
                 }
             )
         )
-    return v1, v2
+        bodies["v2"].append(
+            orjson.dumps(
+                {
+                    **columns,
+                    "prompt_tokens": _b64(prompt, "<i4"),
+                    "generated_tokens": _b64(gen, "<i4"),
+                    "predicted_remaining": _b64(pred, "<f4"),
+                    "predicted_p90": _b64(p90, "<f4"),
+                }
+            )
+        )
+    return bodies
 
 
 async def _serve(first: int, count: int, reqs: int, variants: int, seed: int) -> None:
@@ -129,8 +147,9 @@ async def _serve(first: int, count: int, reqs: int, variants: int, seed: int) ->
         slot = port_of_slot[request.transport.get_extra_info("sockname")[1]]
         v = turn[slot] % variants
         turn[slot] += 1  # the next poll sees the next state
-        body = bodies[slot][1 if request.query.get("format") == "columns" else 0][v]
-        return web.Response(body=body, content_type="application/json")
+        # Version 2 when asked with ?format=columns; `bench` (this benchmark only) picks the column encoding.
+        fmt = "v1" if request.query.get("format") != "columns" else request.query.get("bench", "v2")
+        return web.Response(body=bodies[slot][fmt][v], content_type="application/json")
 
     async def fixed(request: web.Request) -> web.Response:
         return web.Response(body=models if request.path == "/v1/models" else loads, content_type="application/json")
@@ -203,7 +222,7 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
     """Back-to-back rounds, then the live loop, for one configuration."""
     from tqdm import tqdm
 
-    from ares_router.poller import ARES_STATE_PATH, Poller
+    from ares_router.poller import ARES_STATE_PATH, ARES_STATE_QUERY, Poller
     from ares_router.state import RouterState
 
     n = len(urls)
@@ -219,6 +238,8 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
     poller = Poller(state, interval_s=3600.0, timeout_s=args.poll_timeout)  # rounds run by hand below
     if fmt == "v1":
         poller.ares_state_url_path = ARES_STATE_PATH  # ask as a router that only knew version 1 did (no query)
+    elif fmt == "v2-lists":  # the stand-in then answers version 2 with JSON arrays (a server's choice)
+        poller.ares_state_url_path = ARES_STATE_PATH + ARES_STATE_QUERY + "&bench=v2-lists"
     await poller.start()
     for _ in range(args.warmup):
         await poller.poll_once()
@@ -257,7 +278,7 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
         "format": fmt,
         "reported_requests": reported,
         "tracked_requests": tracked,
-        "body_bytes_per_instance": len(instance_states(0, args.reqs, 1, args.seed)[0 if fmt == "v1" else 1][0]),
+        "body_bytes_per_instance": len(instance_states(0, args.reqs, 1, args.seed)[fmt][0]),
         "cycles": args.cycles,
         "http_parse": _pct(fetch),
         "rebuild": _pct(refresh),
@@ -325,8 +346,8 @@ def markdown(doc: dict) -> str:
         "",
         "| instances | format | body/instance | HTTP+parse p50 / p99 (ms) | rebuild p50 / p99 (ms) | "
         "round p50 / p99 (ms) | router CPU/round p50 (ms) | live rounds/s (kept) | router CPU share | "
-        f"{cfg['interval'] * 1e3:.0f} ms holds |",
-        "|---:|---|---:|---|---|---|---:|---|---:|---|",
+        f"{cfg['interval'] * 1e3:.0f} ms holds | load avg after |",
+        "|---:|---|---:|---|---|---|---:|---|---:|---|---:|",
     ]
     for r in doc["results"]:
         lv = r["live"]
@@ -336,7 +357,7 @@ def markdown(doc: dict) -> str:
             f"{r['rebuild']['p50_ms']:.1f} / {r['rebuild']['p99_ms']:.1f} | "
             f"{r['round']['p50_ms']:.1f} / {r['round']['p99_ms']:.1f} | {r['router_cpu_per_round']['p50_ms']:.1f} | "
             f"{lv['rounds_per_s']:.2f} ({lv['kept_fraction']:.0%}) | {lv['router_cpu_share']:.0%} | "
-            f"{'yes' if r['holds_interval'] else 'no'} |"
+            f"{'yes' if r['holds_interval'] else 'no'} | {r['loadavg_after'][0]:.2f} |"
         )
     lines += ["", doc["conclusion"], ""]
     return "\n".join(lines)
@@ -345,12 +366,12 @@ def markdown(doc: dict) -> str:
 def conclusion(results: list[dict], interval: float) -> str:
     ms = interval * 1e3
     parts = []
-    for n in sorted({r["instances"] for r in results}):
-        for r in (r for r in results if r["instances"] == n):
-            parts.append(
-                f"{n} instances, {r['format']}: p99 round {r['round']['p99_ms']:.0f} ms "
-                f"({'holds' if r['holds_interval'] else 'does not hold'} at {ms:.0f} ms)"
-            )
+    for r in results:
+        parts.append(
+            f"{r['instances']} instances, {r['format']}: round p99 {r['round']['p99_ms']:.0f} ms, router CPU "
+            f"{r['router_cpu_per_round']['p50_ms']:.0f} ms per round ({r['live']['router_cpu_share']:.0%} of the core "
+            f"polling every {ms:.0f} ms): {'holds' if r['holds_interval'] else 'does not hold'}"
+        )
     return "Result: " + "; ".join(parts) + "."
 
 
@@ -360,7 +381,11 @@ def main() -> int:
     p.add_argument("--reqs", type=int, default=256, help="running requests per instance")
     p.add_argument("--cycles", type=int, default=200, help="back-to-back rounds measured per configuration")
     p.add_argument("--warmup", type=int, default=10, help="rounds before measuring")
-    p.add_argument("--formats", default="v1,v2", help="report versions to measure: v1 (rows), v2 (columns)")
+    p.add_argument(
+        "--formats",
+        default=",".join(FORMATS),
+        help="report forms to measure: v1 (rows), v2 (columns, base64 binary), v2-lists (columns, JSON arrays)",
+    )
     p.add_argument("--interval", type=float, default=0.1, help="poll interval to check (s)")
     p.add_argument("--live-seconds", type=float, default=10.0, help="seconds of the poller's own loop")
     p.add_argument("--poll-timeout", type=float, default=5.0, help="per-poll timeout (s)")
@@ -382,8 +407,8 @@ def main() -> int:
             p.error(f"{name} must be >= 1")
     counts = [int(x) for x in args.instances.split(",") if x.strip()]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    if not counts or min(counts) < 1 or any(f not in ("v1", "v2") for f in formats) or not formats:
-        p.error("--instances takes positive integers, --formats v1 and/or v2")
+    if not counts or min(counts) < 1 or not formats or any(f not in FORMATS for f in formats):
+        p.error(f"--instances takes positive integers, --formats some of {', '.join(FORMATS)}")
     available = os.sched_getaffinity(0)
     if args.router_core not in available:
         p.error(f"--router-core {args.router_core} is not one of this process's cores {sorted(available)}")

@@ -12,7 +12,15 @@ Public API::
 from .length_head import LengthHeadRunner, triton_gpu_reason
 from .length_head_params import HeadParams, prepare_head
 from .length_head_ref import length_head_reference
-from .length_head_triton import KernelBuffers, KernelPlan, alloc_buffers, launch, length_head_triton, make_plan
+from .length_head_triton import (
+    KernelBuffers,
+    KernelPlan,
+    alloc_buffers,
+    default_num_sms,
+    launch,
+    length_head_triton,
+    make_plan,
+)
 
 __all__ = [
     "HeadParams",
@@ -20,6 +28,7 @@ __all__ = [
     "KernelPlan",
     "LengthHeadRunner",
     "alloc_buffers",
+    "default_num_sms",
     "launch",
     "length_head_reference",
     "length_head_triton",

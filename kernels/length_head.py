@@ -10,7 +10,7 @@ from ares.predictor.head import LengthHead
 
 from .length_head_params import HeadParams, prepare_head
 from .length_head_ref import length_head_reference
-from .length_head_triton import KernelBuffers, alloc_buffers, launch
+from .length_head_triton import KernelBuffers, alloc_buffers, interpreting, launch
 
 logger = logging.getLogger("ares_kernels")
 
@@ -18,10 +18,9 @@ logger = logging.getLogger("ares_kernels")
 def triton_gpu_reason() -> str | None:
     """None if Triton can launch GPU kernels here, else why not (no driver, interpreter mode, ...)."""
     try:
-        import triton
         from triton.runtime import driver
 
-        if triton.knobs.runtime.interpret:
+        if interpreting():
             return "TRITON_INTERPRET is set (interpreter mode)"
         backend = driver.active.get_current_target().backend
     except Exception as exc:  # no GPU driver: Triton raises RuntimeError("0 active drivers ...")

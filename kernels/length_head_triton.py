@@ -25,6 +25,7 @@ Rows beyond the caller's real batch (CUDA-graph padding) are computed like any r
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,8 @@ import triton.language as tl
 from .length_head_params import HeadParams
 
 # Counter buffer layout (int32): [0] tile claim, [1] exit ticket, [2 + l] finished tiles of stage l, then the
-# per-tile split-K tickets.
-_CLAIM, _EXIT, _DONE0 = 0, 1, 2
+# per-tile split-K tickets (the kernel hard-codes 0, 1 and 2).
+_DONE0 = 2
 _TORCH_TO_TRITON = {
     torch.float32: "fp32",
     torch.bfloat16: "bf16",
@@ -368,6 +369,8 @@ def make_plan(
         if ntiles[li] and split[li] > 1:
             part_off[li] = cols
             cols += _cdiv(split[li] * dims[li], align) * align
+    if max_batch * max(cols, params.hidden_size) >= 2**31:
+        raise ValueError(f"max_batch {max_batch} too large: the kernel's offsets are int32")
     max_mb = _cdiv(max_batch, 16)
     n_counters = _DONE0 + nl
     for li in range(nl):
@@ -430,10 +433,18 @@ def alloc_buffers(
     )
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``); read the way Triton reads it."""
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older versions read the environment directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _use_dot16(hidden_dtype: torch.dtype, params: HeadParams) -> bool:
     # A native 16-bit tl.dot when hidden and weights share a 16-bit dtype. The interpreter's 16-bit dot is not
     # numerically right, so there the operands are upcast (same maths, float32 products).
-    return hidden_dtype == params.dtype and params.dtype != torch.float32 and not triton.knobs.runtime.interpret
+    return hidden_dtype == params.dtype and params.dtype != torch.float32 and not interpreting()
 
 
 def _kernel_args(
@@ -514,6 +525,8 @@ def launch(
         return bufs.out[:0]
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
+    if n_rows * hidden.stride(0) >= 2**31:
+        raise ValueError("hidden is too large for the kernel's int32 offsets")
     args, constexprs = _kernel_args(hidden, generated, prompt_len, params, bufs)
     _length_head_kernel[_grid(n_rows, bufs.plan)](
         *args, **constexprs, num_warps=bufs.plan.warps(n_rows), num_stages=bufs.plan.num_stages
@@ -544,7 +557,7 @@ def compile_for_target(
     n_rows: int,
     arch: int = 90,
     index_dtype: torch.dtype = torch.int64,
-):
+) -> triton.compiler.CompiledKernel:
     """Compile the kernel ahead of time for NVIDIA ``sm_<arch>`` (no GPU needed; uses Triton's bundled ptxas).
 
     Checks on a CPU machine that the GPU code path compiles; returns Triton's compiled kernel (``.asm['ptx']``, ...).
@@ -552,7 +565,7 @@ def compile_for_target(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if triton.knobs.runtime.interpret:
+    if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the kernel is an interpreted function, not compilable")
     hidden = torch.empty(0, params.hidden_size, dtype=hidden_dtype)
     idx = torch.empty(0, dtype=index_dtype)

@@ -32,6 +32,7 @@ from ares.predictor.head import HeadConfig, LengthHead, load_head
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "python" / "ares" / "predictor" / "checkpoints" / "ours"
 EXTRAS = ["log_generated", "log_prompt_len"]
+GUARD = 64  # sentinel elements after each kernel buffer in the interpreter cases
 
 
 def random_head(
@@ -126,7 +127,7 @@ CASES: dict[str, dict] = {
         head_kw=dict(target="log", activation="relu", extras=["log_prompt_len", "log_generated"]),
     ),
     "deep-5-layers-fused-chain": dict(
-        head="deep", H=576, bs=17, dtype="float32", sms=32, tol=1e-4, fractional_counts=True
+        head="deep", H=200, bs=17, dtype="float32", sms=32, tol=1e-4, fractional_counts=True
     ),
     "padded-garbage-rows": dict(head="ours", H=576, bs=3, dtype="float32", sms=64, tol=1e-4, pad_rows=5),
     "buffer-reuse-across-batches": dict(head="ours", H=576, bs=(40, 3, 17), dtype="bfloat16", sms=64, tol=1e-4),
@@ -138,7 +139,7 @@ def _case_head(case: dict) -> LengthHead:
         return ours_head(case["H"])
     if case["head"] == "paper":
         return paper_head(case["H"], **case.get("head_kw", {}))
-    # 4 hidden layers, odd widths, one extra feature: layer 0 tiled, then a chain of three fused layers.
+    # 4 hidden layers, odd widths (H too), one extra feature: layer 0 tiled, then a chain of three fused layers.
     return random_head(case["H"], [128, 64, 48, 16], extras=["log_prompt_len"], activation="gelu", seed=3)
 
 
@@ -152,7 +153,16 @@ def run_case(case: dict) -> dict:
     tiles = dict(block_n=64, block_k=128, block_k0=256) if case.get("big_tiles") else {}
     plan = make_plan(params, max(sizes) + case.get("pad_rows", 0), case["sms"], **tiles)
     bufs = alloc_buffers(params, plan.max_batch, plan=plan)
+    # Every buffer is a view at the head of a bigger one whose tail holds a sentinel: a write past the end shows.
+    guards = {}
+    for name in ("workspace", "counters", "out"):
+        t = getattr(bufs, name)
+        big = torch.full((t.numel() + GUARD,), 77, dtype=t.dtype)
+        big[: t.numel()] = t.reshape(-1)
+        guards[name] = big
+        setattr(bufs, name, big[: t.numel()].view(t.shape))
     res = {"max_rel_err": 0.0, "counters_after": [], "split": list(plan.split), "fused": plan.n_tiles.count(0)}
+    res["guards_intact"] = True
     for i, bs in enumerate(sizes):
         count_dtype = getattr(torch, case.get("count_dtype", "int64"))
         hidden, gen, plen = make_inputs(bs, case["H"], dtype, seed=10 + i, count_dtype=count_dtype)
@@ -167,7 +177,10 @@ def run_case(case: dict) -> dict:
             hidden = torch.cat([hidden, garbage.expand(pad, case["H"]).to(dtype)])
             gen = torch.cat([gen, torch.full((pad,), -5, dtype=gen.dtype)])
             plen = torch.cat([plen, torch.full((pad,), 10**9, dtype=plen.dtype)])
+        rows_after = bufs.out[hidden.shape[0] :].clone()
         out = launch(hidden, gen, plen, params, bufs).clone()
+        intact = all(bool((g[-GUARD:] == 77).all()) for g in guards.values())
+        res["guards_intact"] &= intact and torch.equal(bufs.out[hidden.shape[0] :], rows_after)
         if case.get("pad_rows"):
             res["padded_rows_out_shape"] = list(out.shape)
             out = out[:bs]
@@ -212,6 +225,7 @@ def test_kernel_matches_reference_interpreted(interp_results: dict, cid: str) ->
     assert "error" not in res, res.get("error")
     assert res["max_rel_err"] <= case["tol"], res
     assert res["finite"] and res["at_least_one"], res
+    assert res["guards_intact"], "the kernel wrote outside its rows or past the end of a buffer"
     # The last program to exit resets every counter: the next launch (or CUDA-graph replay) starts clean.
     assert res["counters_after"] and all(c == 0 for c in res["counters_after"]), res
     if case.get("pad_rows"):

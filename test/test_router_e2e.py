@@ -2,7 +2,8 @@
 
 One cluster for the whole module (its router is the ARES router, policy least_kv); tests that need another policy
 or other backends start extra router processes on free ports against the same servers and stop them by PID.
-The last test kills decode1, so it must stay last.
+The last test kills decode1, so it must stay last. Nothing waits a fixed time and then checks: every wait is for a
+condition, with a generous deadline (`_wait`), because CI machines are busy.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ from ares.cluster.launcher import free_ports, stop_groups
 
 HOST = "127.0.0.1"
 LONG_PROMPT = list(range(1000, 1400))  # 400 token ids
+DEADLINE_S = 30.0  # how long a condition may take on a busy machine before it counts as a failure
+ERROR_KEYS = {"object", "message", "type", "param", "code"}  # SGLang's ErrorResponse (OpenAI endpoints)
+# What SGLang's own handler answers for an internal error (create_error_response), as the failing backend sends it.
+SGLANG_500 = json.dumps(
+    {"object": "error", "message": "Internal server error: broken backend", "type": "InternalServerError",
+     "param": None, "code": 500}
+).encode()  # fmt: skip
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -67,7 +75,7 @@ def _busy(load: dict) -> int:
     )
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.25):
+def _wait(predicate, timeout: float = DEADLINE_S, what: str = "the condition", interval: float = 0.25):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -154,7 +162,7 @@ class _FailingBackend(BaseHTTPRequestHandler):
         self.server.posts.append((self.path, body))
         if self.path == "/abort_request":
             return self._reply(200, b"{}")
-        return self._reply(500, b'{"error": "broken backend"}')
+        return self._reply(500, SGLANG_500)
 
 
 class _Fake(ThreadingHTTPServer):
@@ -202,7 +210,7 @@ def tmp(tmp_path) -> Path:
     return tmp_path
 
 
-def _assert_backends_idle(backends: dict, timeout: float = 30.0) -> None:
+def _assert_backends_idle(backends: dict, timeout: float = DEADLINE_S) -> None:
     for url in backends["decode"]:
         _wait(lambda u=url: _busy(_loads(u)) == 0, timeout, f"{url} to hold no request")
 
@@ -243,13 +251,16 @@ def test_endpoints_answer_and_echo_request_ids(cluster, backends):
     status, _, body = _request(r + "/generate", {**gen, "stream": True})
     events = _sse_events(body)
     assert status == 200 and events[-1] == b"[DONE]" and json.loads(events[-2])["meta_info"]["completion_tokens"] == 3
-    snap = _json(r + "/ares/cluster")
-    assert snap["policy"] == "least_kv" and snap["dispatch_count"] >= 5 and snap["inflight"] == 0
+    # The router forgets a request just after its last byte went out: wait for that, do not assume it.
+    snap = _wait(lambda: (s := _json(r + "/ares/cluster"))["inflight"] == 0 and s, what="no request in flight")
+    assert snap["policy"] == "least_kv" and snap["dispatch_count"] >= 5
     assert [d["healthy"] for d in snap["decode"]] == [True, True] and snap["decode"][0]["capacity_tokens"] == 4096
     metrics = _request(r + "/metrics")[2].decode()
     for needle in (
         'ares_decode_used_tokens{instance="decode0"',
         'ares_decode_predicted_peak_tokens{instance="decode1"',
+        'ares_decode_predicted_tokens_at_horizon{instance="decode0"',
+        'ares_poll_round_seconds_count{phase="fetch"}',
         'ares_decode_running_requests{instance="decode0"',
         'ares_dispatch_total{instance="decode',
         'ares_request_latency_seconds_bucket{endpoint="/v1/chat/completions"',
@@ -270,10 +281,40 @@ def test_endpoints_answer_and_echo_request_ids(cluster, backends):
 def test_bad_requests_get_4xx_and_never_reach_a_backend(backends, body, fragment):
     before = _json(backends["router"] + "/ares/cluster")["dispatch_count"]
     status, headers, raw = _request(backends["router"] + "/v1/chat/completions", body)
-    err = json.loads(raw)["error"]
-    assert status == 400 and fragment in err["message"] and err["type"] == "invalid_request_error"
+    err = json.loads(raw)  # SGLang's ErrorResponse, as SGLang itself answers a bad request
+    assert status == 400 and set(err) == ERROR_KEYS and fragment in err["message"]
+    assert (err["object"], err["type"], err["code"]) == ("error", "BadRequestError", 400)
     assert headers["X-Request-Id"]
     assert _json(backends["router"] + "/ares/cluster")["dispatch_count"] == before
+
+
+def test_model_names_are_checked_against_the_servers(backends):
+    r = backends["router"]
+    served = json.loads(_request(r + "/v1/models")[2])["data"][0]["id"]
+    before = _json(r + "/ares/cluster")["dispatch_count"]
+    status, _, raw = _chat(r, model="no-such-model")
+    err = json.loads(raw)
+    assert status == 404 and set(err) == ERROR_KEYS and (err["type"], err["param"]) == ("model_not_found", "model")
+    assert "The model 'no-such-model' does not exist" in err["message"] and served in err["message"]
+    assert _json(r + "/ares/cluster")["dispatch_count"] == before  # never reached a server
+    for model in (served, "default", None):  # SGLang's served name, its default name, no name
+        status, _, raw = _chat(r, max_tokens=2, **({} if model is None else {"model": model}))
+        assert status == 200, (model, raw[:300])
+
+
+def test_a_backends_own_error_reaches_the_client_unchanged(backends):
+    """A prompt over the model's context length: SGLang's 400, its body shape and message, through the router."""
+    r = backends["router"]
+    too_long = [1000 + i % 500 for i in range(5000)]  # the tiny model's context is 4096 tokens
+    for stream in (False, True):
+        status, _, raw = _request(r + "/v1/completions", {"prompt": too_long, "max_tokens": 2, "stream": stream})
+        err = json.loads(raw)
+        assert status == 400 and set(err) == ERROR_KEYS and err["code"] == 400, raw[:300]
+        assert "context length" in err["message"] and "(5000 tokens)" in err["message"]
+    status, _, raw = _request(r + "/generate", {"input_ids": too_long, "sampling_params": {"max_new_tokens": 2}})
+    err = json.loads(raw)
+    assert status == 400 and list(err) == ["error"] and "context length" in err["error"]["message"], raw[:300]
+    _assert_backends_idle(backends)
 
 
 def test_sglang_benchmark_serving_has_no_failed_request(cluster, backends, tiny_model, tmp):
@@ -359,9 +400,13 @@ def test_policies_place_by_load(backends, tmp):
     try:
         _wait(lambda: _loads(backends["decode"][0])["num_used_tokens"] >= 800, 120, "decode0 to be pre-loaded")
         with ares_router(tmp, backends["prefill"], backends["decode"], "ares") as ares:
-            time.sleep(0.5)  # a few polls
-            snap = _json(ares.url + "/ares/cluster")["decode"]
-            assert snap[0]["used_tokens"] >= 800 and snap[0]["predicted_peak_tokens"] > snap[1]["predicted_peak_tokens"]
+
+            def polled() -> list | None:  # the new router's polls have seen decode0's load
+                snap = _json(ares.url + "/ares/cluster")["decode"]
+                return snap if snap[0]["used_tokens"] >= 800 else None
+
+            snap = _wait(polled, what="the new router to see decode0's load")
+            assert snap[0]["predicted_peak_tokens"] > snap[1]["predicted_peak_tokens"]
             assert _policy_choices(ares.url, 4) == ["decode1"] * 4
         assert _policy_choices(backends["router"], 4) == ["decode1"] * 4  # the cluster's router: least_kv
         with ares_router(tmp, backends["prefill"], backends["decode"], "round_robin") as rr:
@@ -392,7 +437,7 @@ def test_client_disconnect_aborts_on_prefill_and_decode(cluster, backends):
     r = backends["router"]
     decode_name, rid = asyncio.run(_disconnect_streaming(r))
     decode_url = backends["decode"][int(decode_name[-1])]
-    _wait(lambda: _busy(_loads(decode_url)) == 0, 30, "the aborted stream to leave the decode server")
+    _wait(lambda: _busy(_loads(decode_url)) == 0, what="the aborted stream to leave the decode server")
     # Non-streaming: the client hangs up while the request is generating on the decode server.
     sock = socket.create_connection((HOST, int(r.rsplit(":", 1)[1])))
     payload = json.dumps({"input_ids": [8, 9], "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}})
@@ -405,10 +450,10 @@ def test_client_disconnect_aborts_on_prefill_and_decode(cluster, backends):
     _wait(lambda: any(_loads(u)["num_running_reqs"] for u in backends["decode"]), 60, "the request to run")
     sock.close()
     _assert_backends_idle(backends)
-    assert _wait(lambda: _json(r + "/ares/cluster")["inflight"] == 0, 10, "router bookkeeping to drain")
-    log = (cluster.log_dir / "router.log").read_text()
+    _wait(lambda: _json(r + "/ares/cluster")["inflight"] == 0, what="router bookkeeping to drain")
     for rid in ("disconnect-stream", "disconnect-blocking"):
-        assert f"rid={rid} client disconnected; aborting" in log
+        line = f"rid={rid} client disconnected; aborting"
+        _wait(lambda ln=line: ln in (cluster.log_dir / "router.log").read_text(), what=f"the log line {line!r}")
 
 
 def test_backend_failing_before_first_token_is_retried_elsewhere(backends, tmp):
@@ -420,6 +465,8 @@ def test_backend_failing_before_first_token_is_retried_elsewhere(backends, tmp):
             assert status == 200 and _sse_events(body)[-1] == b"[DONE]", body
             assert headers["X-Ares-Decode"] == "decode1"
             rid = headers["X-Request-Id"]
+            # The abort is sent in the background: wait for it to arrive, then check it is the only other call.
+            _wait(lambda: len(fake.posts) >= 2, what="the failed attempt's abort")
             assert [p for p, _ in fake.posts] == ["/v1/chat/completions", "/abort_request"]
             assert fake.posts[1][1] == {"rid": rid}  # the failed attempt is aborted where it ran
             assert 'ares_retries_total{role="decode"} 1.0' in _request(r.url + "/metrics")[2].decode()
@@ -430,25 +477,30 @@ def test_backend_failing_before_first_token_is_retried_elsewhere(backends, tmp):
             status, headers, body = _chat(r.url, max_tokens=3, ignore_eos=True)
             assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
             assert headers["X-Ares-Prefill"] == "prefill1" and fake.posts[0][0] == "/v1/chat/completions"
-        # Both servers broken: one retry, then a 502 with the reason.
+        # Both servers broken: one retry, then the server's own error answer, status and body unchanged.
         with ares_router(tmp, [(fake_url, 1)], [fake_url], "least_kv") as r:
             status, _, body = _chat(r.url)
-            message = json.loads(body)["error"]["message"]
-            assert status == 502 and "failed before the first token" in message and "no other healthy" in message
+            assert (status, body) == (500, SGLANG_500)
+            _wait(lambda: "failed before the first token" in r.log_text(), what="the router to log the failure")
     _assert_backends_idle(backends)
 
 
 def test_no_healthy_backend_gives_503_and_is_reported(backends, tmp):
     with ares_router(tmp, backends["prefill"], [_dead_url()], "ares") as r:
         status, _, body = _chat(r.url)
-        assert status == 503 and "no healthy decode server" in json.loads(body)["error"]["message"]
+        err = json.loads(body)
+        assert status == 503 and set(err) == ERROR_KEYS and "no healthy decode server" in err["message"]
         assert _request(r.url + "/health")[0] == 503
         snap = _json(r.url + "/ares/cluster")["decode"][0]
         assert snap["healthy"] is False and "Connect" in snap["last_error"]
         assert 'ares_decode_healthy{instance="decode0"' in _request(r.url + "/metrics")[2].decode()
     with ares_router(tmp, [(_dead_url(), 1)], backends["decode"], "ares") as r:
         status, _, body = _chat(r.url)
-        assert status == 503 and "no healthy prefill server" in json.loads(body)["error"]["message"]
+        assert status == 503 and "no healthy prefill server" in json.loads(body)["message"]
+        status, _, body = _request(r.url + "/generate", {"text": "hi"})
+        assert status == 503 and json.loads(body) == {
+            "error": {"message": "no healthy prefill server is available; retry later"}
+        }
     _assert_backends_idle(backends)
 
 
@@ -469,8 +521,8 @@ def test_200_concurrent_streaming_clients(backends):
     results = asyncio.run(_many_streams(backends["router"], 200))
     bad = [(s, b[:200]) for s, b in results if s != 200 or _sse_events(b)[-1:] != [b"[DONE]"] or b'"error"' in b]
     assert not bad, bad[:3]
-    snap = _json(backends["router"] + "/ares/cluster")
-    assert snap["inflight"] == 0 and all(d["dispatched"] > 50 for d in snap["decode"])  # both took a share
+    snap = _wait(lambda: (s := _json(backends["router"] + "/ares/cluster"))["inflight"] == 0 and s, what="no inflight")
+    assert all(d["dispatched"] > 50 for d in snap["decode"])  # both took a share
     _assert_backends_idle(backends)
 
 
@@ -487,7 +539,7 @@ def test_dead_decode_is_detected_reported_and_retried(cluster, backends, tmp):
             assert status == 200 and headers["X-Ares-Decode"] == "decode0", body
         assert 'retries_total{role="decode"} 1.0' in _request(slow.url + "/metrics")[2].decode()
     r = backends["router"]
-    _wait(lambda: not _json(r + "/ares/cluster")["decode"][1]["healthy"], 10, "decode1 to be marked unhealthy")
+    _wait(lambda: not _json(r + "/ares/cluster")["decode"][1]["healthy"], what="decode1 to be marked unhealthy")
     assert (
         'ares_decode_healthy{instance="decode1",url="' + backends["decode"][1] + '"} 0.0'
         in _request(r + "/metrics")[2].decode()

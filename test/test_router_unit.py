@@ -452,8 +452,23 @@ V2_STATE = {
 }
 
 
-def test_parse_ares_state_version_2_columns_equals_version_1_rows():
-    v2 = parse_ares_state(V2_STATE)
+def _b64(values: list, dtype: str) -> str:
+    import base64
+
+    return base64.b64encode(np.asarray([np.nan if v is None else v for v in values], dtype=dtype).tobytes()).decode()
+
+
+def _binary(state: dict) -> dict:
+    """`state` with its numeric columns in the binary form (base64 little-endian int32 / float32)."""
+    out = dict(state)
+    for key, dtype in (("prompt_tokens", "<i4"), ("generated_tokens", "<i4"), ("predicted_remaining", "<f4")):
+        out[key] = _b64(state[key], dtype)
+    return out
+
+
+@pytest.mark.parametrize("encode", [lambda st: st, _binary], ids=["json-arrays", "base64-binary"])
+def test_parse_ares_state_version_2_columns_equals_version_1_rows(encode):
+    v2 = parse_ares_state(encode(V2_STATE))
     rows = [
         {"rid": r, "prompt_tokens": p, "generated_tokens": g, "predicted_remaining": q}
         for r, p, g, q in zip(V2_STATE["rids"], [50, 20, 10], [10, 0, 40], [30.5, None, 7], strict=True)
@@ -465,12 +480,12 @@ def test_parse_ares_state_version_2_columns_equals_version_1_rows():
         assert (load.source, load.running_reqs, load.queued_reqs, load.rids) == ("ares_state", 3, 2, ("a", "b", "c"))
         assert load.prompt_tokens.tolist() == [50, 20, 10] and load.generated_tokens.tolist() == [10, 0, 40]
         assert load.predicted_remaining[0] == 30.5 and np.isnan(load.predicted_remaining[1])
+        assert load.predicted_remaining[2] == 7.0 and load.predicted_remaining.dtype == np.float64
         assert load.predicted_p90.shape == (3,) and np.isnan(load.predicted_p90).all()
-    empty = parse_ares_state(
-        {**V2_STATE, "rids": [], "prompt_tokens": [], "generated_tokens": [], "predicted_remaining": []}
-    )
-    assert empty.running_reqs == 0 and empty.predicted_remaining.shape == (0,)
-    no_head = {k: v for k, v in V2_STATE.items() if k not in ("predicted_remaining", "predicted_p90")}
+    empty = {**V2_STATE, "rids": [], "prompt_tokens": [], "generated_tokens": [], "predicted_remaining": []}
+    assert parse_ares_state(encode(empty)).running_reqs == 0
+    assert parse_ares_state(encode(empty)).predicted_remaining.shape == (0,)
+    no_head = {k: v for k, v in encode(V2_STATE).items() if k not in ("predicted_remaining", "predicted_p90")}
     assert np.isnan(parse_ares_state(no_head).predicted_remaining).all()
 
 
@@ -480,12 +495,17 @@ def test_parse_ares_state_version_2_columns_equals_version_1_rows():
         ({"version": 3}, "unsupported version 3"),
         ({"rids": ["a", 2, "c"]}, "version 2"),  # a rid that is not a string
         ({"rids": "abc"}, "'rids' must be a list"),
-        ({"prompt_tokens": [50, 20]}, "'prompt_tokens' must be a list of 3"),
+        ({"prompt_tokens": [50, 20]}, "'prompt_tokens' must be a base64 string or a list of 3"),
         ({"generated_tokens": [10, None, 40]}, "non-negative"),
         ({"generated_tokens": [10, -1, 40]}, "non-negative"),
         ({"predicted_remaining": [1.0, "x", 2.0]}, "version 2"),
-        ({"predicted_remaining": [1.0, 2.0]}, "'predicted_remaining' must be a list of 3"),
+        ({"predicted_remaining": [1.0, 2.0]}, "'predicted_remaining' must be a base64 string or a list of 3"),
         ({"capacity_tokens": None}, "version 2"),
+        ({"prompt_tokens": _b64([50, 20], "<i4")}, "must hold 3 int32 values \\(12 bytes\\), got 8"),
+        ({"predicted_remaining": _b64([1.0, 2.0, 3.0], "<f8")}, "must hold 3 float32 values"),  # float64: 24 bytes
+        ({"generated_tokens": "A"}, "not valid base64"),
+        ({"generated_tokens": _b64([1, -5, 2], "<i4")}, "non-negative"),
+        ({"predicted_remaining": 7}, "a base64 string or a list of 3 numbers"),
     ],
 )
 def test_bad_version_2_bodies_are_bad_polls(change, fragment):
@@ -607,10 +627,9 @@ class FakeSGLang:
             self.listed[rid] = self.listed.get(rid, 0) + 1
         assert request.query.get("format") == "columns"  # the router asks for version 2
         n = len(rids)
-        return web.json_response(
-            {"version": 2, "capacity_tokens": 4096, "used_tokens": 12 * n, "rids": rids, "prompt_tokens": [10] * n,
-             "generated_tokens": [2] * n, "predicted_remaining": [self.predicted] * n}
-        )  # fmt: skip
+        state = {"version": 2, "capacity_tokens": 4096, "used_tokens": 12 * n, "rids": rids, "prompt_tokens": [10] * n,
+                 "generated_tokens": [2] * n, "predicted_remaining": [self.predicted] * n}  # fmt: skip
+        return web.json_response(_binary(state))  # the fast form; a NaN prediction = none yet
 
     async def _abort(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -951,3 +970,103 @@ def test_binned_demand_equals_the_dense_contributions(points, horizon):
     np.testing.assert_allclose(lm.demand_by_owner(lengths, remaining, owner, n), expected, rtol=1e-12)
     none = np.zeros(0)
     assert lm.demand_by_owner(none, none, none.astype(int), 3).shape == (3, points + 1)
+
+
+# -- the poller's HTTP client --------------------------------------------------------------------------------------
+class _RawServer:
+    """A TCP server answering each request on a connection with the next of `answers` (raw bytes; None: close the
+    connection without answering; "hang": never answer). Counts connections."""
+
+    def __init__(self, answers: list[bytes | str | None]):
+        self.answers = list(answers)
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests.append(head)
+                answer = self.answers.pop(0)
+                if answer is None:
+                    break
+                if answer == "hang":
+                    await asyncio.sleep(3600)
+                writer.write(answer)
+                await writer.drain()
+                if b"Connection: close" in answer or b"Content-Length" not in answer and b"chunked" not in answer:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            pass
+        writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+
+
+def test_poll_client_reads_http_answers_and_reuses_connections():
+    from ares_router.pollclient import BadResponse, ConnectFailed, PollClient
+
+    ok = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{"a":1}'
+    chunked = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\n{"b"\r\n3\r\n:2}\r\n0\r\nX-T: 1\r\n\r\n'
+    to_eof = b"HTTP/1.0 404 Not Found\r\n\r\nnot here"
+
+    async def main() -> None:
+        srv = _RawServer([ok, chunked, ok, to_eof])
+        url = await srv.start()
+        client = PollClient(timeout_s=5.0)
+        assert await client.get(url + "/ares/state?format=columns") == (200, b'{"a":1}')
+        assert await client.get(url + "/x") == (200, b'{"b":2}')
+        assert await client.get(url + "/x") == (200, b'{"a":1}')
+        assert srv.connections == 1  # keep-alive: one connection for three answers
+        assert srv.requests[0].startswith(b"GET /ares/state?format=columns HTTP/1.1\r\nHost: 127.0.0.1:")
+        assert await client.get(url + "/y") == (404, b"not here")  # no length: read until the server closes
+        # A kept connection that the server closes as the next GET arrives (its keep-alive timeout crossing our
+        # request): the GET is asked again on a fresh connection, transparently.
+        srv.answers = [ok, None, ok]
+        assert await client.get(url + "/z1") == (200, b'{"a":1}') and srv.connections == 2
+        assert await client.get(url + "/z2") == (200, b'{"a":1}') and srv.connections == 3
+        # A fresh connection closed without an answer is an error (not retried).
+        srv.answers = [None]
+        client.close()
+        with pytest.raises(ConnectionResetError):
+            await client.get(url + "/reset")
+        # No answer in time: TimeoutError, and the connection is not reused.
+        srv.answers = ["hang", ok]
+        client.timeout_s = 0.2
+        with pytest.raises(asyncio.TimeoutError):
+            await client.get(url + "/slow")
+        client.timeout_s = 5.0
+        assert await client.get(url + "/after") == (200, b'{"a":1}')
+        srv.answers = [b"SSH-2.0-OpenSSH\r\n\r\n"]
+        with pytest.raises(BadResponse, match="status line"):
+            await client.get(url + "/bad")
+        srv.answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nConnection: close\r\n\r\n{}"]  # cut short
+        with pytest.raises(ConnectionResetError):
+            await client.get(url + "/cut")
+        await srv.stop()
+        client.close()
+        with pytest.raises(ConnectFailed, match="cannot connect"):
+            await client.get(url + "/gone")  # nothing listens there any more
+        with pytest.raises(ValueError, match="http:// only"):
+            await client.get("https://127.0.0.1:1/x")
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("horizon, points", [(2048, 16), (100, 4), (7, 1), (1000, 3), (1, 16)])
+def test_grid_bins_equal_searchsorted_on_and_around_grid_points(horizon, points):
+    from ares_router.policy import LoadModel, _grid_bins
+
+    s = LoadModel(horizon_tokens=horizon, points=points).grid()
+    rng = np.random.default_rng(horizon)
+    near = np.concatenate([s, np.nextafter(s, -np.inf).clip(0), np.nextafter(s, np.inf)])
+    p = np.concatenate([rng.uniform(0, 3 * horizon, 100_000), near, [0.0, 1e12]])
+    b, c = _grid_bins(s, p)
+    np.testing.assert_array_equal(b, np.searchsorted(s, p, side="left"))
+    np.testing.assert_array_equal(c, np.searchsorted(s, p, side="right"))

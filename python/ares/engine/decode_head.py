@@ -38,8 +38,11 @@ class DecodeHead:
     def set_prompt_lengths(self, rows: list[int], lengths: list[int], device: torch.device | str, pool_rows: int):
         """Record the prompt lengths of requests entering decode at their request-pool rows (one small copy)."""
         table = self.ensure_table(pool_rows, device)
-        idx = torch.tensor(rows, dtype=torch.int64).to(table.device, non_blocking=True)
-        table[idx] = torch.tensor(lengths, dtype=torch.int32).to(table.device, non_blocking=True)
+        # As SGLang moves its own batch tensors: pinned host memory, so the copy is asynchronous (no stream sync),
+        # issued on the scheduler's stream, which the forward stream waits for.
+        pin = table.is_cuda
+        idx = torch.tensor(rows, dtype=torch.int64, pin_memory=pin).to(table.device, non_blocking=True)
+        table[idx] = torch.tensor(lengths, dtype=torch.int32, pin_memory=pin).to(table.device, non_blocking=True)
 
     def _get_runner(self, hidden: torch.Tensor):
         if self._runner is None:

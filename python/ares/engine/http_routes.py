@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from ares.config import AresServerConfig
+from ares.engine.state_report import COLUMNS
 
 logger = logging.getLogger("ares.engine")
 
@@ -33,14 +34,15 @@ class StateClient:
             self._sock.connect(self.address)
         return self._sock
 
-    async def fetch(self) -> bytes:
-        """The current report (JSON bytes). Raises TimeoutError when the scheduler does not answer in time."""
+    async def fetch(self, columns: bool = False) -> bytes:
+        """The current report (JSON bytes; schema version 2 with `columns`, else 1). Raises TimeoutError when the
+        scheduler does not answer in time."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             sock = self._socket()
             try:
-                await asyncio.wait_for(sock.send(b"state"), self.timeout_s)
+                await asyncio.wait_for(sock.send(COLUMNS if columns else b"rows"), self.timeout_s)
                 return await asyncio.wait_for(sock.recv(), self.timeout_s)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 sock.close()
@@ -58,9 +60,15 @@ def add_routes(config: AresServerConfig) -> None:
         raise ValueError("ARES state service address missing from the server config")
     client = StateClient(config.state_ipc)
 
-    async def ares_state() -> Response:
+    async def ares_state(format: str = "rows") -> Response:  # noqa: A002 - the query parameter's name
+        if format not in ("rows", "columns"):
+            return ORJSONResponse(
+                {"object": "error", "message": f"format must be 'rows' or 'columns', got {format!r}",
+                 "type": "BadRequestError", "param": "format", "code": 400},
+                status_code=400,
+            )  # fmt: skip
         try:
-            body = await client.fetch()
+            body = await client.fetch(columns=format == "columns")
         except asyncio.TimeoutError:
             return ORJSONResponse(
                 {"object": "error", "message": "ARES state service did not answer", "type": "ServiceUnavailable",

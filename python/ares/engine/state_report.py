@@ -1,6 +1,7 @@
-"""The `/ares/state` load report (schema version 1, documented in `ares_router/poller.py`), built from what the
-scheduler already holds, and the service that answers it from the scheduler process without waiting for the
-scheduler's event loop (a decode step on a CPU server takes up to a second; a poll must not).
+"""The `/ares/state` load report, built from what the scheduler already holds: schema version 1 (rows) or 2
+(`?format=columns`, base64 binary columns), both documented in `ares_router/poller.py`; and the service that answers
+it from the scheduler process without waiting for the scheduler's event loop (a decode step on a CPU server takes up
+to a second; a poll must not).
 
 The service is a daemon thread with a ZMQ REP socket on a local IPC path: it copies the running batch's request list
 (one atomic list copy under the GIL) and reads each request's lengths and prediction record. Values written by the
@@ -9,17 +10,20 @@ scheduler between two reads are at most one step apart, which is what a poll can
 
 from __future__ import annotations
 
+import base64
 import logging
+import sys
 import threading
 from typing import Any
 
+import numpy as np
 import orjson
 
 from ares.engine.request_state import ATTR
 
 logger = logging.getLogger("ares.engine")
 
-VERSION = 1
+COLUMNS = b"columns"  # the request message asking for schema version 2
 
 
 def _used_tokens(scheduler: Any) -> int:
@@ -65,27 +69,67 @@ def request_rows(reqs: list[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def build_report(scheduler: Any) -> dict[str, Any]:
-    """The `/ares/state` body for one scheduler (its running batch, KV pool and queues)."""
-    reqs = list(scheduler.running_batch.reqs)
+def request_columns(reqs: list[Any]) -> dict[str, Any]:
+    """The same per-request numbers as columns (schema version 2): token counts as little-endian int32, predictions
+    as float32 with NaN for "no prediction yet", each base64-encoded, so the router reads them with one
+    `numpy.frombuffer` per column."""
+    rids: list[str] = []
+    prompt: list[int] = []
+    generated: list[int] = []
+    pred: list[float] = []
+    p90: list[float] = []
+    nan = float("nan")
+    for req in reqs:
+        if req.finished():
+            continue
+        g = len(req.output_ids)
+        rec = getattr(req, ATTR, None)
+        rids.append(req.rid)
+        prompt.append(len(req.origin_input_ids))
+        generated.append(g)
+        pred.append(nan if rec is None else rec.remaining(g))
+        up = None if rec is None else rec.p90_remaining(g)
+        p90.append(nan if up is None else up)
+
+    def b64(values: list, dtype: str) -> str:
+        return base64.b64encode(np.asarray(values, dtype=dtype).tobytes()).decode("ascii")
+
     return {
-        "version": VERSION,
-        "capacity_tokens": int(scheduler.max_total_num_tokens),
-        "used_tokens": _used_tokens(scheduler),
-        "queued_reqs": _queued(scheduler),
-        "requests": request_rows(reqs),
+        "rids": rids,
+        "prompt_tokens": b64(prompt, "<i4"),
+        "generated_tokens": b64(generated, "<i4"),
+        "predicted_remaining": b64(pred, "<f4"),
+        "predicted_p90": b64(p90, "<f4"),
     }
 
 
+def build_report(scheduler: Any, columns: bool = False) -> dict[str, Any]:
+    """The `/ares/state` body for one scheduler (its running batch, KV pool and queues): version 1 (rows) or, with
+    `columns`, version 2."""
+    reqs = list(scheduler.running_batch.reqs)
+    head = {
+        "version": 2 if columns else 1,
+        "capacity_tokens": int(scheduler.max_total_num_tokens),
+        "used_tokens": _used_tokens(scheduler),
+        "queued_reqs": _queued(scheduler),
+    }
+    return {**head, **request_columns(reqs)} if columns else {**head, "requests": request_rows(reqs)}
+
+
 class StateService:
-    """Answers every message on `address` (ZMQ REP) with the current report as JSON bytes."""
+    """Answers every message on `address` (ZMQ REP) with the current report as JSON bytes: version 2 (columns) when
+    the message is `COLUMNS`, else version 1."""
 
     def __init__(self, scheduler: Any, address: str):
         self.scheduler = scheduler
         self.address = address
         self._thread = threading.Thread(target=self._serve, name="ares-state", daemon=True)
 
-    def start(self) -> StateService:
+    def start(self, switch_interval_s: float = 0.0005) -> StateService:
+        """Start serving. A poll needs the GIL for well under a millisecond, but while the scheduler thread runs
+        Python it waits up to CPython's switch interval (5 ms) for it; a shorter interval costs the scheduler only
+        when another thread is actually waiting."""
+        sys.setswitchinterval(min(sys.getswitchinterval(), switch_interval_s))
         self._thread.start()
         return self
 
@@ -97,9 +141,9 @@ class StateService:
         sock.bind(self.address)
         logger.info("ARES state service on %s", self.address)
         while True:
-            sock.recv()
+            msg = sock.recv()
             try:
-                body = orjson.dumps(build_report(self.scheduler))
+                body = orjson.dumps(build_report(self.scheduler, columns=msg == COLUMNS))
             except Exception as e:  # noqa: BLE001 - a bad read must answer, not kill the service
                 logger.exception("ARES state report failed")
                 body = orjson.dumps({"error": f"{type(e).__name__}: {e}"})
