@@ -90,7 +90,9 @@ async def poll_latency(state_url: str, url: str, ids: list[int], n_reqs: int, to
                 body = await r.json()
             lat.append((time.perf_counter() - t0) * 1e3)
             sizes.append(len(body["requests"]))
-        await asyncio.gather(*runs)
+        for t in runs:  # done measuring: disconnect, so the router aborts them on the servers
+            t.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
     return {
         "running_reqs_min": min(sizes),
         "polls": polls,
@@ -116,7 +118,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96, help="max_new_tokens per request (ignore_eos)")
     ap.add_argument("--poll-reqs", type=int, default=64, help="running requests during the /ares/state polls")
     ap.add_argument("--polls", type=int, default=300, help="sequential /ares/state polls")
-    ap.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool per server")
+    ap.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=49152,
+        help="KV pool per server (decode admission reserves ~512 tokens per running request: 64 need > 35k)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "engine_overhead"), help="output stem")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -145,6 +152,16 @@ def main() -> None:
             name: stack.enter_context(ares_router(log_dir, prefill, [url], "round_robin"))
             for name, url in zip(("ares", "plain"), cluster.decode_urls, strict=True)
         }
+        poll = asyncio.run(
+            poll_latency(
+                cluster.decode_urls[0] + "/ares/state",
+                routers["ares"].url,
+                ids,
+                args.poll_reqs,
+                max(args.tokens, 256),
+                args.polls,
+            )
+        )
         results: dict[str, dict[str, list[float]]] = {str(b): {"ares": [], "plain": []} for b in batches}
         bar = tqdm(total=len(batches) * args.reps * 2, desc="batches")
         for b in batches:
@@ -156,16 +173,6 @@ def main() -> None:
                     bar.set_postfix(batch=b, server=name, tok_s=f"{tps:.1f}")
                     bar.update()
         bar.close()
-        poll = asyncio.run(
-            poll_latency(
-                cluster.decode_urls[0] + "/ares/state",
-                routers["ares"].url,
-                ids,
-                args.poll_reqs,
-                max(args.tokens, 256),
-                args.polls,
-            )
-        )
     rows = []
     for b in batches:
         a, p = results[str(b)]["ares"], results[str(b)]["plain"]
