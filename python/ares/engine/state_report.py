@@ -138,7 +138,12 @@ class StateService:
 
         sock = zmq.Context.instance().socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.address)
+        try:
+            sock.bind(self.address)
+        except zmq.ZMQError as e:  # another scheduler of this server (DP > 1) reports already
+            logger.warning("ARES state service not started on %s: %s (only one scheduler reports)", self.address, e)
+            sock.close()
+            return
         logger.info("ARES state service on %s", self.address)
         while True:
             msg = sock.recv()
