@@ -282,7 +282,8 @@ def main() -> None:
         f"`/ares/state` with {poll['running_reqs_min']}+ running requests, {poll['polls']} sequential polls: "
         f"p50 {poll['p50_ms']:.2f} ms, p99 {poll['p99_ms']:.2f} ms, max {poll['max_ms']:.2f} ms; "
         "interleaved control `/model_info` (answered by the launcher alone): "
-        f"p50 {poll['control_model_info_p50_ms']:.2f} ms, p99 {poll['control_model_info_p99_ms']:.2f} ms (targets: ratio >= 0.98, p99 < 5 ms).",
+        f"p50 {poll['control_model_info_p50_ms']:.2f} ms, p99 {poll['control_model_info_p99_ms']:.2f} ms "
+        "(targets: ratio >= 0.98, p99 < 5 ms).",
         "",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines))
