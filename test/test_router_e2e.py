@@ -17,19 +17,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
 import pytest
+from http_helpers import ares_router, get_json, request, wait_for
 
 from ares.cluster import Cluster, ClusterSpec
-from ares.cluster.launcher import free_ports, stop_groups
+from ares.cluster.launcher import free_ports
 
 HOST = "127.0.0.1"
 LONG_PROMPT = list(range(1000, 1400))  # 400 token ids
@@ -43,21 +41,7 @@ SGLANG_500 = json.dumps(
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-def _request(url: str, body: object = None, headers: dict | None = None, timeout: float = 120.0):
-    """(status, headers, body bytes) of a GET (body None) or POST (JSON body, or raw bytes)."""
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
-
-
-def _json(url: str) -> dict:
-    status, _, body = _request(url)
-    assert status == 200, (url, status, body[:300])
-    return json.loads(body)
+_request, _json = request, get_json
 
 
 def _loads(decode_url: str) -> dict:
@@ -76,14 +60,7 @@ def _busy(load: dict) -> int:
 
 
 def _wait(predicate, timeout: float = DEADLINE_S, what: str = "the condition", interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return wait_for(predicate, timeout, what, interval)
 
 
 def _sse_events(raw: bytes) -> list[bytes]:
@@ -92,45 +69,6 @@ def _sse_events(raw: bytes) -> list[bytes]:
 
 def _dead_url() -> str:
     return f"http://{HOST}:{free_ports(1)[0]}"  # nothing listens there
-
-
-@dataclass
-class RouterProc:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@contextmanager
-def ares_router(tmp: Path, prefill: list[tuple[str, int]], decode: list[str], policy: str, *extra: str):
-    """A `python -m ares_router` process on a free port, stopped by PID (its own process group) at the end."""
-    port = free_ports(1)[0]
-    log = tmp / f"router-{policy}-{port}.log"
-    argv = [sys.executable, "-m", "ares_router", "--host", HOST, "--port", str(port), "--policy", policy]
-    for url, boot in prefill:
-        argv += ["--prefill", url, str(boot)]
-    for url in decode:
-        argv += ["--decode", url]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*argv, *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    r = RouterProc(f"http://{HOST}:{port}", proc, log)
-    try:
-
-        def up() -> bool:
-            assert proc.poll() is None, f"router exited:\n{r.log_text()}"
-            try:
-                return _request(r.url + "/ares/cluster", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        _wait(up, 60, "the router to listen")
-        yield r
-    finally:
-        stop_groups([(proc.pid, None)], grace_s=10)
-        proc.wait()
 
 
 class _FailingBackend(BaseHTTPRequestHandler):
