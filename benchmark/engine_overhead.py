@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+from provenance import git_state
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,12 +151,8 @@ def head_step_cost(batches: list[int], reps: int = 200) -> dict[str, float]:
 
 
 def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    commit, dirty = git_state(ROOT)
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
 def main() -> None:

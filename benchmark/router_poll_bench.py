@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from provenance import git_state
 
 OUT = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
@@ -318,14 +319,8 @@ def machine(router_core: int | None, server_cores: set[int]) -> dict:
 
 
 def git_commit() -> dict:
-    def run(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    dirty = run("git", "status", "--porcelain", "--untracked-files=no")
-    return {"commit": run("git", "rev-parse", "HEAD"), "worktree_modified": bool(dirty)}
+    commit, dirty = git_state(ROOT)
+    return {"commit": commit, "worktree_modified": dirty}
 
 
 def markdown(doc: dict) -> str:
