@@ -38,6 +38,24 @@ def get_json(url: str, timeout: float = 30.0) -> Any:
     return json.loads(body)
 
 
+def stream_events(url: str, body: dict, timeout: float = 600.0) -> Iterator[dict]:
+    """POST `body` with `"stream": true` and yield each `data:` event of the server-sent stream as JSON, up to
+    `[DONE]`. The caller reads at its own pace; the server keeps generating meanwhile."""
+    req = urllib.request.Request(
+        url, data=json.dumps({**body, "stream": True}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        assert r.status == 200, r.status
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[len(b"data:") :].strip()
+            if data == b"[DONE]":
+                return
+            yield json.loads(data)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
     """Poll `predicate` until it returns something truthy (returned) or `timeout` seconds pass (AssertionError).
     Tests wait for conditions this way, never for a fixed time: CI machines are busy."""

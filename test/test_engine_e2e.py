@@ -10,14 +10,13 @@ are those of plain greedy decoding.
 from __future__ import annotations
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from http_helpers import ares_router, get_json, request, wait_for
+from http_helpers import ares_router, get_json, request, stream_events, wait_for
 
 from ares.cluster import Cluster, ClusterSpec
 from ares.config import SHIPPED_PREDICTOR
@@ -58,6 +57,7 @@ def cluster(smollm2, tmp_path_factory):
         n_prefill=1,
         n_decode=2,
         ares=True,
+        ares_args=("--ares-return-predictions",),
         max_total_tokens=8192,
         router="ares",
         router_policy="ares",
@@ -92,28 +92,27 @@ def test_every_running_request_gets_a_prediction_and_leaves_when_finished(cluste
     for s in states(cluster):
         assert s["version"] == 1 and s["capacity_tokens"] == 8192 and s["requests"] == []
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
-    seen: dict[str, dict] = {}
-    done = threading.Event()
+    seen: dict[str, dict] = {}  # rid -> its /ares/state row, read while the request was surely running
 
-    def watch() -> None:  # every request must be seen with a prediction while it runs
-        while not done.is_set():
-            for rid, row in rows_by_rid(cluster).items():
-                if row["predicted_remaining"] is not None:
-                    seen.setdefault(rid, row)
+    def run(ids: list[int]) -> dict:
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True}}
+        for event in stream_events(cluster.router_url + "/generate", body):
+            meta = event["meta_info"]
+            if meta["id"] not in seen and meta["completion_tokens"] >= 4:  # 44 tokens still to come
+                rows = ((f"decode{i}", r) for i, st in enumerate(states(cluster)) for r in st["requests"])
+                seen[meta["id"]] = {d: r for d, r in rows if r["rid"] == meta["id"]}
+        return event
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     with ThreadPoolExecutor(len(prompts)) as pool:
-        outs = list(pool.map(lambda ids: generate(cluster.router_url, ids, 48, ignore_eos=True), prompts))
-    done.set()
-    watcher.join()
+        outs = list(pool.map(run, prompts))
     rids = {o["meta_info"]["id"] for o in outs}
-    assert rids <= set(seen), f"never seen with a prediction: {rids - set(seen)}"
+    assert rids == set(seen) and all(o["meta_info"]["completion_tokens"] == 48 for o in outs)
     for rid in rids:
-        row = seen[rid]
-        assert row["generated_tokens"] >= 2 and row["predicted_at_generated"] >= 1  # after the first decode step
+        assert len(seen[rid]) == 1, seen[rid]  # reported by exactly one decode server
+        (row,) = seen[rid].values()
+        assert row["generated_tokens"] >= 4 and row["predicted_at_generated"] >= 1  # after the first decode step
         assert row["predicted_remaining"] >= 0 and row["predicted_p90"] >= row["predicted_remaining"] - 1e-3
-    assert {o["decode"] for o in outs} == {"decode0", "decode1"}  # both ARES servers served some
+    assert {d for rows in seen.values() for d in rows} == {"decode0", "decode1"}  # both ARES servers served some
     wait_for(lambda: not rows_by_rid(cluster), 60, "finished requests to leave /ares/state")
     info = get_json(cluster.decode_urls[0] + "/server_info")
     ares = [s["ares"] for s in info["internal_states"] if "ares" in s]
@@ -129,23 +128,13 @@ def test_served_predictions_equal_the_offline_head_on_transformers_states(cluste
     from ares.predictor.head import load_head
 
     prompt = chat_ids(tokenizer, PROMPTS[0])
-    observed: dict[int, float] = {}  # generated tokens before the step -> that step's prediction
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            for row in rows_by_rid(cluster).values():
-                if row["predicted_remaining"] is not None and row["predicted_remaining"] > 0:
-                    g = row["predicted_at_generated"]
-                    observed[g] = row["predicted_remaining"] + (row["generated_tokens"] - g)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     out = generate(cluster.router_url, prompt, 40)
-    done.set()
-    watcher.join()
     response = out["output_ids"]
-    assert len(observed) >= 5, f"too few predictions observed: {observed}"
+    trace = out["meta_info"]["ares_predicted_remaining"]  # --ares-return-predictions: one value per output token
+    assert len(trace) == len(response)
+    # The first token comes from the prefill server; every later one from a decode step that ran the head.
+    assert trace[0] is None and all(v is not None for v in trace[1:]), trace
+    observed = {g: v for g, v in enumerate(trace) if v is not None}  # generated tokens before the step -> prediction
 
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     with torch.inference_mode():
@@ -163,23 +152,25 @@ def test_served_predictions_equal_the_offline_head_on_transformers_states(cluste
 
 
 def test_router_snapshot_carries_the_head_predictions(cluster, tokenizer):
+    """The router's `/ares/cluster` row for a running request holds the server's prediction: the one the head made
+    at the last decode step the poll saw (checked against the per-token trace the response returns)."""
     ids = chat_ids(tokenizer, PROMPTS[2])
-    with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(generate, cluster.router_url, ids, 64, ignore_eos=True)
-
-        def same_in_both() -> bool:
-            server = rows_by_rid(cluster)
-            snap = get_json(cluster.router_url + "/ares/cluster")
-            for d in snap["decode"]:
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 160, "temperature": 0, "ignore_eos": True}}
+    seen: list[dict] = []  # the router's rows for this request, read while it was running
+    for event in stream_events(cluster.router_url + "/generate", body):
+        rid = event["meta_info"]["id"]
+        if len(seen) < 3 and event["meta_info"]["completion_tokens"] >= 4:
+            for d in get_json(cluster.router_url + "/ares/cluster")["decode"]:
                 assert d["source"] == "ares_state"
-                for r in d["requests"]:
-                    row = server.get(r["rid"])
-                    if row and row["generated_tokens"] == r["generated"] and row["predicted_remaining"] is not None:
-                        return abs(r["predicted_remaining"] - row["predicted_remaining"]) < 1e-3
-            return False
-
-        wait_for(same_in_both, 120, "the router's snapshot to show the server's prediction", interval=0.05)
-        fut.result()
+                seen += [r for r in d["requests"] if r["rid"] == rid and r["predicted_remaining"] is not None]
+    trace = event["meta_info"]["ares_predicted_remaining"]
+    assert seen, "the router never showed a prediction for a request running 156 decode steps"
+    for row in seen:
+        # The router counts the tokens it relayed (`generated`, n); the prediction is the server's at its poll: made
+        # at some step g < n and counted down by the k tokens the server had produced since (1 <= k <= n - g).
+        n, value = int(row["generated"]), row["predicted_remaining"]
+        made = [(g, k) for g in range(1, n) for k in range(1, n - g + 1) if abs(max(trace[g] - k, 0.0) - value) < 1e-3]
+        assert made, (row, trace[:n])
 
 
 def test_ares_dispatch_follows_the_head_where_the_prompt_guess_disagrees(cluster, tokenizer, prefill, tmp_path):

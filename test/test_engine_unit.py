@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ares.config import SHIPPED_PREDICTOR
-from ares.engine.aux_output import HeadDeviceOutput
+from ares.engine.aux_output import TRACE_KEY, HeadDeviceOutput
 from ares.engine.decode_head import DecodeHead
 from ares.engine.request_state import ATTR, EMA_ALPHA, RequestPrediction
 from ares.engine.state_report import request_rows
@@ -23,6 +23,7 @@ class FakeReq:
     origin_input_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     done: bool = False
+    customized_info: dict | None = None  # SGLang's per-token response extras
 
     def finished(self) -> bool:
         return self.done
@@ -59,6 +60,21 @@ def test_consume_stores_predictions_aligned_with_the_batch():
     assert (a.latest, a.p90, a.generated_at) == (40.0, 90.0, 2)
     assert not hasattr(reqs[1], ATTR)  # no visible token this step: nothing to record
     assert not hasattr(reqs[2], ATTR)  # finished: leaves the report
+    assert all(r.customized_info is None for r in reqs)  # no trace unless --ares-return-predictions
+
+
+def test_returned_predictions_stay_aligned_with_the_output_tokens():
+    req = FakeReq("a", [1] * 5, [7])  # the first token came from the prefill server
+    for step, point in enumerate([50.0, 49.0, 47.5]):
+        req.output_ids.append(8)  # SGLang commits the step's token before `consume`
+        host = HeadDeviceOutput(torch.tensor([[point, point * 2]]), trace=True).copy_to_host(lambda t: t)
+        host.consume(FakeBatch([req]), [Commit(1 + step, (8,))])
+    assert req.customized_info[TRACE_KEY] == [None, 50.0, 49.0, 47.5]
+    req.output_ids.append(9)
+    req.done = True  # the last step's prediction is returned too, though the request leaves the report
+    host = HeadDeviceOutput(torch.tensor([[1.0, 2.0]]), trace=True).copy_to_host(lambda t: t)
+    host.consume(FakeBatch([req]), [Commit(4, (9,))])
+    assert req.customized_info[TRACE_KEY] == [None, 50.0, 49.0, 47.5, 1.0] and getattr(req, ATTR).latest == 47.5
 
 
 def test_report_rows_follow_the_schema():

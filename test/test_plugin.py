@@ -54,7 +54,8 @@ def test_split_ares_args_off_changes_nothing():
         (["--ares"], "--disaggregation-mode null"),
         (["--ares", "--disaggregation-mode", "prefill"], "--disaggregation-mode prefill"),
         (["--ares", "--disaggregation-mode", "decode", "--return-hidden-states-mode", "full"], "last"),
-        (["--ares-predictor", "x", "--disaggregation-mode", "decode"], "needs --ares"),
+        (["--ares-predictor", "x", "--disaggregation-mode", "decode"], "--ares-predictor needs --ares"),
+        (["--ares-return-predictions", "--disaggregation-mode", "decode"], "--ares-return-predictions needs --ares"),
     ],
 )
 def test_split_ares_args_rejects(argv, message):

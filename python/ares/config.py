@@ -22,6 +22,7 @@ class AresServerConfig:
     enabled: bool = False  # --ares: length prediction and load reporting on a decode server
     cpu_mode: bool = False  # the server runs with --device cpu: apply ares.cpu patches
     predictor: str | None = None  # --ares-predictor: head checkpoint path (without suffix)
+    return_predictions: bool = False  # --ares-return-predictions: per-token predictions in each response's meta_info
     # Set by the launcher process for its children: where the scheduler (TP rank 0) serves `/ares/state` reports.
     state_ipc: str | None = None
 
@@ -54,6 +55,12 @@ def add_ares_args(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="ARES length-predictor checkpoint (PATH.safetensors + PATH.json); checked at startup against the "
         "model's hidden size. Default: the shipped head when the model is SmolLM2-135M, else required.",
+    )
+    group.add_argument(
+        "--ares-return-predictions",
+        action="store_true",
+        help="Add meta_info.ares_predicted_remaining to every response: per output token, the remaining length the "
+        "head predicted at the decode step that produced it (null for tokens without one, e.g. the prefill's).",
     )
 
 
@@ -114,12 +121,15 @@ def split_ares_args(argv: list[str]) -> tuple[AresServerConfig, list[str]]:
             f"--ares is only valid on a PD decode server (--disaggregation-mode decode); this server has "
             f"--disaggregation-mode {mode}"
         )
-    if known.ares_predictor and not known.ares:
-        raise ValueError("--ares-predictor needs --ares")
+    needs_ares = {"--ares-predictor": known.ares_predictor, "--ares-return-predictions": known.ares_return_predictions}
+    for flag, value in needs_ares.items():
+        if value and not known.ares:
+            raise ValueError(f"{flag} needs --ares")
     config = AresServerConfig(
         enabled=known.ares,
         cpu_mode=flag_value(rest, "--device") == "cpu",
         predictor=known.ares_predictor,
+        return_predictions=known.ares_return_predictions,
     )
     hidden_mode = flag_value(rest, "--return-hidden-states-mode")
     if config.enabled and hidden_mode is None:

@@ -41,6 +41,7 @@ class ClusterSpec:
     n_decode: int = 2
     ares: bool = False  # start decode servers with --ares
     ares_decodes: tuple[int, ...] | None = None  # with `ares`: only these decode indices (None: all of them)
+    ares_args: tuple[str, ...] = ()  # more `--ares-*` flags for the ARES decode servers
     device: str = "cpu"
     max_total_tokens: int = 8192  # KV pool per server (CPU mode would size it from RAM otherwise)
     router: str = "sglang"  # "sglang": SGLang's PD router (sglang_router) | "ares": the ARES router (ares_router)
@@ -105,7 +106,7 @@ class ClusterSpec:
         if bootstrap_port is not None:
             argv += ["--disaggregation-bootstrap-port", str(bootstrap_port)]
         if ares:
-            argv.append("--ares")
+            argv += ["--ares", *self.ares_args]
         return tuple(argv) + self.extra_server_args
 
     def _router_argv(self, port: int, servers: list[ServerSpec]) -> tuple[str, ...]:

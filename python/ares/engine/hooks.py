@@ -72,7 +72,7 @@ def _around_sample(original: Any, runner: Any, logits_output: Any, forward_batch
 
         preds = _engine.decode_head()(hidden, forward_batch.seq_lens, forward_batch.req_pool_indices)
         logits_output.auxiliary_device_output = append_auxiliary_output(
-            logits_output.auxiliary_device_output, HeadDeviceOutput(preds)
+            logits_output.auxiliary_device_output, HeadDeviceOutput(preds, _engine.config.return_predictions)
         )
     return next_token_ids
 
