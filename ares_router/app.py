@@ -33,6 +33,15 @@ from ares_router.backends import (
 )
 from ares_router.config import RouterConfig
 from ares_router.metrics import RouterMetrics
+from ares_router.migration import (
+    MIGRATABLE_ENDPOINTS,
+    InFlight,
+    Migration,
+    MigrationLimits,
+    Splicer,
+    new_mid,
+    run_migration,
+)
 from ares_router.policy import NoHealthyInstance
 from ares_router.poller import Poller, parse_models
 from ares_router.protocol import ENDPOINTS, GENERATE, APIError, ParsedRequest, check_model, parse_request
@@ -86,6 +95,32 @@ def _last_event_tokens(tail: bytes) -> int | None:
     return None
 
 
+async def _sse_events(first: bytes, response: aiohttp.ClientResponse):
+    """Complete server-sent events (each with its blank-line end) of a stream whose first bytes are `first`."""
+    buf = first
+    while True:
+        while (i := buf.find(b"\n\n")) >= 0:
+            yield buf[: i + 2]
+            buf = buf[i + 2 :]
+        chunk = await response.content.readany()
+        if not chunk:
+            if buf.strip():
+                yield buf
+            return
+        buf += chunk
+
+
+def _event_json(event: bytes) -> dict | None:
+    """The JSON object of a `data:` event, None for `[DONE]` and anything else."""
+    if not event.startswith(_SSE) or event.startswith(_SSE_DONE):
+        return None
+    try:
+        obj = orjson.loads(event[len(_SSE) :])
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _json_response(data: object, status: int = 200, headers: dict | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
@@ -114,6 +149,15 @@ class Router:
         )
         self.poller.on_round = self._on_poll_round
         self.client: PDClient | None = None
+        self.inflight: dict[str, InFlight] = {}  # backend rid -> what migrating it needs
+        self.client_rids: dict[str, str] = {}  # the client's request id -> backend rid
+        self.migrations: dict[str, Migration] = {}  # backend rid -> its latest migration
+        self.migration_log: list[dict] = []  # the last records, newest last
+        self.migration_limits = MigrationLimits(
+            max_stages=config.migrate_max_stages,
+            last_stage_tokens=config.migrate_last_stage_tokens,
+            stage_delay_s=config.migrate_stage_delay_s,
+        )
         self._models_asked = -MODELS_MISS_REFRESH_S  # monotonic time of the last on-demand model-list refresh
 
     # -- application ----------------------------------------------------------------------------------------------
@@ -129,6 +173,8 @@ class Router:
         app.router.add_get("/server_info", self.server_info)
         app.router.add_get("/get_server_info", self.server_info)
         app.router.add_post("/flush_cache", self.flush_cache)
+        app.router.add_post("/ares/migrate", self.migrate)
+        app.router.add_get("/ares/migrations", self.migrations_list)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -275,6 +321,8 @@ class Router:
                 backend_rid,
             )
             headers = {"X-Request-Id": rid, "X-Ares-Decode": decode.name, "X-Ares-Prefill": prefill.name}
+            self.inflight[backend_rid] = InFlight(backend_rid, parsed.endpoint, body, parsed.stream, prefill, decode)
+            self.client_rids[rid] = backend_rid
             try:
                 try:
                     start = await self.client.start(prefill, decode, parsed.endpoint, body, parsed.stream)
@@ -296,6 +344,8 @@ class Router:
                 if start.status >= 400:  # the decode rejected it: the prefill must not wait for it to pull the KV
                     self.client.abort(backend_rid, [prefill])
                 if not parsed.stream or start.response is None:
+                    if start.status == 200 and backend_rid in self.migrations:
+                        return await self._spliced_answer(backend_rid, start, headers)
                     if start.status == 200:
                         self._record_head_error(backend_rid, decode, functools.partial(_answer_tokens, start.first))
                     return web.Response(body=start.first, status=start.status, headers=_ctype(start, headers))
@@ -307,6 +357,10 @@ class Router:
                 raise
             finally:
                 self.state.finish(backend_rid)
+                self.inflight.pop(backend_rid, None)
+                self.migrations.pop(backend_rid, None)
+                if self.client_rids.get(rid) == backend_rid:
+                    del self.client_rids[rid]
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _record_head_error(
@@ -347,16 +401,41 @@ class Router:
         tracked.started = True
         resp = web.StreamResponse(status=start.status, headers=_ctype(start, {**headers, "Cache-Control": "no-cache"}))
         prev, last = b"", start.first  # the stream's end, for its final usage/meta_info (no copy per chunk)
+        target_response: aiohttp.ClientResponse | None = None
+        migrated = False
         try:
             await resp.prepare(request)
             self.metrics.ttft.labels(parsed.endpoint).observe(time.perf_counter() - t0)
-            tracked.generated += _count_events(start.first)
-            await resp.write(start.first)
             try:
-                async for chunk in start.response.content.iter_any():
-                    tracked.generated += _count_events(chunk)
-                    prev, last = last, chunk
-                    await resp.write(chunk)
+                if parsed.endpoint in MIGRATABLE_ENDPOINTS:
+                    # Event by event, so that a migration can end A's part and continue with B's at a token boundary.
+                    splicer = Splicer()
+                    async for event in _sse_events(start.first, start.response):
+                        obj = _event_json(event) if backend_rid in self.migrations else None
+                        if obj is not None and Splicer.migrated(obj):
+                            migrated = True
+                            event = b"data: " + orjson.dumps(splicer.source_end(obj)) + b"\n\n"
+                        elif migrated and event.startswith(_SSE_DONE):
+                            continue  # B's stream ends the client's
+                        tracked.generated += _count_events(event)
+                        prev, last = last, event
+                        await resp.write(event)
+                    if migrated:
+                        target_response = await self.migrations[backend_rid].target_response
+                        async for event in _sse_events(b"", target_response):
+                            obj = _event_json(event)
+                            if obj is not None:
+                                event = b"data: " + orjson.dumps(splicer.target(obj)) + b"\n\n"
+                            tracked.generated += _count_events(event)
+                            prev, last = last, event
+                            await resp.write(event)
+                else:
+                    tracked.generated += _count_events(start.first)
+                    await resp.write(start.first)
+                    async for chunk in start.response.content.iter_any():
+                        tracked.generated += _count_events(chunk)
+                        prev, last = last, chunk
+                        await resp.write(chunk)
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError) as e:
                 # Tokens already went out: no retry possible. Say so in-band (SGLang's shape), clean up both servers.
                 log.warning("rid=%s decode stream broke: %r", request[RID], e)
@@ -366,14 +445,77 @@ class Router:
                     err = APIError(502, f"decode server stream failed: {type(e).__name__}")
                     await resp.write(err.stream_event(parsed.endpoint))
             else:
-                decode = next(b for b in backends if b.role == "decode")
+                decode = self.state.decodes[tracked.decode]
                 self._record_head_error(
                     backend_rid, decode, lambda: _stream_tokens(prev + last, tracked.generated, parsed.endpoint)
                 )
         finally:
             start.response.close()
+            if target_response is not None:
+                target_response.close()
         await resp.write_eof()
         return resp
+
+    async def _spliced_answer(self, backend_rid: str, start: DecodeStart, headers: dict) -> web.Response:
+        """A non-streaming answer of a request that may have moved: A's part continued with B's whole answer."""
+        m = self.migrations[backend_rid]
+        a = orjson.loads(start.first)
+        if m.state != "committed" or not Splicer.migrated(a) or m.target_response is None:
+            return web.Response(body=start.first, status=start.status, headers=_ctype(start, headers))
+        async with await m.target_response as b_resp:
+            b_body = await b_resp.read()
+            if b_resp.status != 200:
+                return web.Response(body=b_body, status=b_resp.status, content_type="application/json")
+        splicer = Splicer()
+        splicer.source_end(a)
+        out = splicer.target(orjson.loads(b_body))
+        return web.Response(body=orjson.dumps(out), status=200, headers=_ctype(start, headers))
+
+    # -- migration ------------------------------------------------------------------------------------------------
+    async def migrate(self, request: web.Request) -> web.Response:
+        """`POST /ares/migrate {"rid", "to"}`: move a running request to another decode server now; answers the
+        migration's record (200 committed, 409 failed or refused: the request goes on where it was)."""
+        assert self.client is not None
+        try:
+            body = orjson.loads(await request.read())
+            rid, to = str(body["rid"]), body["to"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise APIError(400, 'body must be JSON {"rid": <request id>, "to": <decode name, index or URL>}') from None
+        backend_rid = rid if rid in self.inflight else self.client_rids.get(rid, rid)
+        flight = self.inflight.get(backend_rid)
+        if flight is None:
+            raise APIError(404, f"no request {rid!r} is running through this router")
+        target = self._decode_named(to)
+        if flight.endpoint not in MIGRATABLE_ENDPOINTS:
+            raise APIError(
+                409, f"requests to {flight.endpoint} cannot migrate yet (only {', '.join(MIGRATABLE_ENDPOINTS)})"
+            )
+        if target is flight.decode:
+            raise APIError(409, f"request {rid!r} already runs on {target.name}")
+        current = self.migrations.get(backend_rid)
+        if current is not None and current.state not in ("committed", "failed"):
+            raise APIError(409, f"request {rid!r} is already migrating ({current.mid})")
+        m = Migration(new_mid(), backend_rid, flight.decode.name, target.name)
+        self.migrations[backend_rid] = m
+        await run_migration(self.client.session, flight, target, self.migration_limits, m)
+        if m.state == "committed":
+            flight.decode = target
+            self.state.move(backend_rid, target.index)
+        record = m.record()
+        log.info("migration %s", " ".join(f"{k}={v}" for k, v in record.items()))
+        self.migration_log = [*self.migration_log[-255:], record]
+        self.metrics.observe_migration(record)
+        return _json_response(record, status=200 if m.state == "committed" else 409)
+
+    def _decode_named(self, to: object) -> Backend:
+        for d in self.state.decodes:
+            if to in (d.name, d.url, d.index, str(d.index)):
+                return d
+        raise APIError(400, f"unknown decode server {to!r}: give its name, index or URL")
+
+    async def migrations_list(self, request: web.Request) -> web.Response:
+        """`GET /ares/migrations`: the last 256 migration records."""
+        return _json_response({"migrations": self.migration_log})
 
     # -- other endpoints ------------------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:

@@ -77,6 +77,19 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="initial output estimate: tokens per prompt token",
     )
     p.add_argument("--estimate-cap", type=float, default=e.cap_tokens, help="initial output estimate: upper bound")
+    p.add_argument("--ares-migrate-max-stages", type=int, default=6, help="pre-copy stages of a migration")
+    p.add_argument(
+        "--ares-migrate-last-stage-tokens",
+        type=int,
+        default=32,
+        help="pause the migrating request once at most this many KV positions are left to copy",
+    )
+    p.add_argument(
+        "--ares-migrate-stage-delay",
+        type=float,
+        default=0.0,
+        help="seconds between pre-copy stages (default 0; tests use it to keep a request on its source longer)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs latency)")
     return p
@@ -106,6 +119,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         ),
         log_level=args.log_level,
         access_log=args.access_log,
+        migrate_max_stages=args.ares_migrate_max_stages,
+        migrate_last_stage_tokens=args.ares_migrate_last_stage_tokens,
+        migrate_stage_delay_s=args.ares_migrate_stage_delay,
     )
 
 

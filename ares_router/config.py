@@ -32,6 +32,9 @@ class RouterConfig:
     estimator: OutputEstimator = field(default_factory=OutputEstimator)
     log_level: str = "info"
     access_log: bool = False
+    migrate_max_stages: int = 6  # pre-copy stages of a migration before the pause
+    migrate_last_stage_tokens: int = 32  # pause once at most this many KV positions are left to copy
+    migrate_stage_delay_s: float = 0.0  # wait between pre-copy stages (tests widen the pre-copy window with it)
 
     def __post_init__(self) -> None:
         if not self.prefill or not self.decode:

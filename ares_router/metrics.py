@@ -147,6 +147,29 @@ class RouterMetrics:
             buckets=HEAD_SIGNED_BUCKETS,
             registry=self.registry,
         )
+        self.migrations = Counter(
+            "ares_migrations",
+            "migrations of running requests between decode instances, by outcome (committed | failed)",
+            ["src", "dst", "outcome"],
+            registry=self.registry,
+        )
+        self.migration_seconds = Histogram(
+            "ares_migration_seconds", "migration start to end", ["outcome"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.migration_pause = Histogram(
+            "ares_migration_pause_seconds",
+            "committed migrations: the request's pause, from A's pause to B's commit",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.migration_kv_tokens = Histogram(
+            "ares_migration_kv_tokens", "committed migrations: KV positions moved", buckets=HEAD_ABS_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.migration_bytes = Counter(
+            "ares_migration_bytes", "KV bytes moved by migrations", ["src", "dst"], registry=self.registry
+        )
         self.head_signed_sum = Gauge(
             "ares_head_signed_error_tokens_total",
             "sum of predicted - actual remaining tokens over finished requests (the signed histogram has no _sum)",
@@ -165,6 +188,18 @@ class RouterMetrics:
         self.head_abs_error.labels(instance, actual_from).observe(abs(err))
         self.head_signed_error.labels(instance, actual_from).observe(err)
         self.head_signed_sum.labels(instance, actual_from).inc(err)
+
+    def observe_migration(self, record: dict) -> None:
+        """Record one finished migration (`ares_router.migration.Migration.record()`)."""
+        outcome = record["state"]
+        self.migrations.labels(record["source"], record["target"], outcome).inc()
+        self.migration_bytes.labels(record["source"], record["target"]).inc(record["bytes"])
+        if record["total_ms"] is not None:
+            self.migration_seconds.labels(outcome).observe(record["total_ms"] / 1e3)
+        if outcome == "committed":
+            self.migration_kv_tokens.observe(record["kv_tokens"])
+            if record["pause_ms"] is not None:
+                self.migration_pause.observe(record["pause_ms"] / 1e3)
 
     def render(self) -> bytes:
         """Prometheus text exposition."""

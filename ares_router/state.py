@@ -345,6 +345,17 @@ class RouterState:
             b.dispatched += 1
         return t
 
+    def move(self, rid: str, decode: int) -> None:
+        """A migrated request now runs on `decode` (its tokens so far stay counted)."""
+        t = self.requests.get(rid)
+        if t is None or t.decode == decode:
+            return
+        self.decodes[t.decode].tracked.pop(rid, None)
+        self.decodes[t.decode].inflight -= 1
+        t.decode = decode
+        self.decodes[decode].tracked[rid] = t
+        self.decodes[decode].inflight += 1
+
     def finish(self, rid: str) -> None:
         """Forget a request (finished, failed or aborted); idempotent."""
         t = self.requests.pop(rid, None)

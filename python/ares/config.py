@@ -25,6 +25,7 @@ class AresServerConfig:
     return_predictions: bool = False  # --ares-return-predictions: per-token predictions in each response's meta_info
     # Set by the launcher process for its children: where the scheduler (TP rank 0) serves `/ares/state` reports.
     state_ipc: str | None = None
+    migrate_ipc: str | None = None  # ... and where its migration agent takes commands
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

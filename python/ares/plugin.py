@@ -51,7 +51,7 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
         argv = add_cpu_default_flags(argv, decode="decode" in argv)
     if config.enabled:
         ipc = os.path.join(tempfile.gettempdir(), f"ares-state-{os.getpid()}-{uuid.uuid4().hex[:8]}.ipc")
-        config = replace(config, state_ipc=f"ipc://{ipc}")
+        config = replace(config, state_ipc=f"ipc://{ipc}", migrate_ipc=f"ipc://{ipc}.migrate")
     # Children spawned from here on inherit it; a stale value from the caller's shell is overwritten.
     os.environ[ENV_VAR] = config.to_env()
     install_runtime_hooks(config, launcher=True)

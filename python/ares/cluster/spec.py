@@ -47,6 +47,7 @@ class ClusterSpec:
     router: str = "sglang"  # "sglang": SGLang's PD router (sglang_router) | "ares": the ARES router (ares_router)
     router_policy: str | None = None  # None: the router's own default (DEFAULT_ROUTER_POLICY); resolved on creation
     extra_server_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()  # more flags for the router
     python: str = field(default=sys.executable)
 
     def __post_init__(self) -> None:
@@ -127,7 +128,7 @@ class ClusterSpec:
                 argv += ["--prefill", s.url, str(s.bootstrap_port)]
             elif s.role == "decode":
                 argv += ["--decode", s.url]
-        return tuple(argv)
+        return tuple(argv) + self.router_args
 
 
 def router_policies(router: str) -> tuple[str, ...]:

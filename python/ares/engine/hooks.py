@@ -5,7 +5,11 @@
 - `ModelRunner.sample` (AROUND): after sampling a decode step, run the head on `logits_output.hidden_states` on the
   forward stream and attach the `[bs]` predictions as an auxiliary output;
 - `Scheduler.init_request_dispatcher` (AFTER, TP rank 0): start the `/ares/state` service for this scheduler;
-- `SchedulerInternalStateController.get_internal_state` (AFTER): the same report in `/server_info`.
+- `SchedulerInternalStateController.get_internal_state` (AFTER): the same report in `/server_info`;
+- migration (`ares.migration.agent`): `Scheduler.process_decode_queue` (AFTER) runs the agent's tick between decode
+  steps; `Scheduler.update_running_batch` (AROUND) keeps paused requests out of the next batch;
+  `DecodePreallocQueue.add` (AROUND) attaches the router's request for an incoming migration instead of waiting for
+  a prefill; `Scheduler.is_fully_idle` (AROUND) is False while the agent holds KV.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from ares.config import AresServerConfig
 from ares.engine.aux_output import HeadDeviceOutput
 from ares.engine.decode_head import DecodeHead
 from ares.engine.state_report import StateService, build_report
+from ares.migration.agent import MigrationAgent, MigrationService
 
 logger = logging.getLogger("ares.engine")
 
@@ -28,7 +33,20 @@ INIT_DISPATCHER = "sglang.srt.managers.scheduler.Scheduler.init_request_dispatch
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state"
 )
-SCHEDULER_HOOK_TARGETS = (PREPARE_FOR_DECODE, SAMPLE, INIT_DISPATCHER, INTERNAL_STATE)
+PROCESS_DECODE_QUEUE = "sglang.srt.managers.scheduler.Scheduler.process_decode_queue"
+UPDATE_RUNNING_BATCH = "sglang.srt.managers.scheduler.Scheduler.update_running_batch"
+PREALLOC_ADD = "sglang.srt.disaggregation.decode.DecodePreallocQueue.add"
+IS_FULLY_IDLE = "sglang.srt.managers.scheduler.Scheduler.is_fully_idle"
+SCHEDULER_HOOK_TARGETS = (
+    PREPARE_FOR_DECODE,
+    SAMPLE,
+    INIT_DISPATCHER,
+    INTERNAL_STATE,
+    PROCESS_DECODE_QUEUE,
+    UPDATE_RUNNING_BATCH,
+    PREALLOC_ADD,
+    IS_FULLY_IDLE,
+)
 
 _POOL_ROW = "_ares_pool_row"  # the request-pool row whose prompt length is in the table
 
@@ -40,6 +58,7 @@ class _Engine:
         self.config = config
         self.head: DecodeHead | None = None
         self.service: StateService | None = None
+        self.migration: MigrationAgent | None = None  # TP rank 0 only (v1 migrates with TP = 1)
 
     def decode_head(self) -> DecodeHead:
         if self.head is None:
@@ -91,6 +110,32 @@ def _after_init_dispatcher(_result: Any, scheduler: Any, *args: Any, **kwargs: A
     # With tensor parallelism every rank holds the same requests; rank 0 reports.
     if _tp_rank() == 0 and _engine.service is None and _engine.config.state_ipc:
         _engine.service = StateService(scheduler, _engine.config.state_ipc).start()
+        if _engine.config.migrate_ipc:
+            _engine.migration = MigrationAgent(scheduler)
+            MigrationService(_engine.migration, _engine.config.migrate_ipc).start()
+
+
+def _after_process_decode_queue(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    if _engine is not None and _engine.migration is not None:
+        _engine.migration.tick()
+
+
+def _around_update_running_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    if _engine is not None and _engine.migration is not None:
+        _engine.migration.exclude_paused(batch)
+    return original(scheduler, batch, *args, **kwargs)
+
+
+def _around_prealloc_add(original: Any, queue: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    if _engine is not None and _engine.migration is not None and _engine.migration.attach(req):
+        return None
+    return original(queue, req, *args, **kwargs)
+
+
+def _around_is_fully_idle(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    if _engine is not None and _engine.migration is not None and _engine.migration.holds():
+        return False
+    return original(scheduler, *args, **kwargs)
 
 
 def _after_internal_state(result: Any, controller: Any, *args: Any, **kwargs: Any) -> None:
@@ -111,4 +156,8 @@ def register_scheduler_hooks(config: AresServerConfig) -> list[str]:
     HookRegistry.register(SAMPLE, _around_sample, HookType.AROUND)
     HookRegistry.register(INIT_DISPATCHER, _after_init_dispatcher, HookType.AFTER)
     HookRegistry.register(INTERNAL_STATE, _after_internal_state, HookType.AFTER)
+    HookRegistry.register(PROCESS_DECODE_QUEUE, _after_process_decode_queue, HookType.AFTER)
+    HookRegistry.register(UPDATE_RUNNING_BATCH, _around_update_running_batch, HookType.AROUND)
+    HookRegistry.register(PREALLOC_ADD, _around_prealloc_add, HookType.AROUND)
+    HookRegistry.register(IS_FULLY_IDLE, _around_is_fully_idle, HookType.AROUND)
     return list(SCHEDULER_HOOK_TARGETS)

@@ -1,10 +1,15 @@
-"""`GET /ares/state` on SGLang's own HTTP app (launcher process): one request to the scheduler's state service
-(TP rank 0) over a local ZMQ socket, its JSON bytes returned as they are."""
+"""ARES routes on SGLang's own HTTP app (launcher process), each one request to a service thread of the scheduler
+(TP rank 0) over a local ZMQ socket, its JSON bytes returned as they are:
+- `GET /ares/state`: the load report (`ares.engine.state_report`);
+- `POST /ares/migrate/cmd`: one migration command (`ares.migration.agent`), used by the ARES router."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+
+import orjson
+from fastapi import Request, Response
 
 from ares.config import AresServerConfig
 from ares.engine.state_report import COLUMNS
@@ -12,10 +17,11 @@ from ares.engine.state_report import COLUMNS
 logger = logging.getLogger("ares.engine")
 
 STATE_PATH = "/ares/state"
+MIGRATE_PATH = "/ares/migrate/cmd"
 
 
-class StateClient:
-    """A REQ socket to the state service; one request at a time, a fresh socket after a timeout (a REQ socket that
+class IpcClient:
+    """A REQ socket to a service thread; one request at a time, a fresh socket after a timeout (a REQ socket that
     missed its reply cannot send again)."""
 
     def __init__(self, address: str, timeout_s: float = 5.0):
@@ -34,15 +40,14 @@ class StateClient:
             self._sock.connect(self.address)
         return self._sock
 
-    async def fetch(self, columns: bool = False) -> bytes:
-        """The current report (JSON bytes; schema version 2 with `columns`, else 1). Raises TimeoutError when the
-        scheduler does not answer in time."""
+    async def request(self, msg: bytes) -> bytes:
+        """Send `msg`, return the answer. Raises TimeoutError when the scheduler does not answer in time."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             sock = self._socket()
             try:
-                await asyncio.wait_for(sock.send(COLUMNS if columns else b"rows"), self.timeout_s)
+                await asyncio.wait_for(sock.send(msg), self.timeout_s)
                 return await asyncio.wait_for(sock.recv(), self.timeout_s)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 sock.close()
@@ -50,32 +55,44 @@ class StateClient:
                 raise
 
 
+def _error(status: int, message: str, kind: str) -> Response:
+    from fastapi.responses import ORJSONResponse
+
+    body = {"object": "error", "message": message, "type": kind, "param": None, "code": status}
+    return ORJSONResponse(body, status_code=status)
+
+
 def add_routes(config: AresServerConfig) -> None:
     """Register `/ares/state` on `sglang.srt.entrypoints.http_server.app` (before the server starts)."""
-    from fastapi import Response
-    from fastapi.responses import ORJSONResponse
     from sglang.srt.entrypoints.http_server import app
 
-    if config.state_ipc is None:
-        raise ValueError("ARES state service address missing from the server config")
-    client = StateClient(config.state_ipc)
+    if config.state_ipc is None or config.migrate_ipc is None:
+        raise ValueError("ARES service addresses missing from the server config")
+    client = IpcClient(config.state_ipc)
+    migrate = IpcClient(config.migrate_ipc, timeout_s=120.0)
 
     async def ares_state(format: str = "rows") -> Response:  # noqa: A002 - the query parameter's name
         if format not in ("rows", "columns"):
-            return ORJSONResponse(
-                {"object": "error", "message": f"format must be 'rows' or 'columns', got {format!r}",
-                 "type": "BadRequestError", "param": "format", "code": 400},
-                status_code=400,
-            )  # fmt: skip
+            return _error(400, f"format must be 'rows' or 'columns', got {format!r}", "BadRequestError")
         try:
-            body = await client.fetch(columns=format == "columns")
+            body = await client.request(COLUMNS if format == "columns" else b"rows")
         except asyncio.TimeoutError:
-            return ORJSONResponse(
-                {"object": "error", "message": "ARES state service did not answer", "type": "ServiceUnavailable",
-                 "param": None, "code": 503},
-                status_code=503,
-            )  # fmt: skip
+            return _error(503, "ARES state service did not answer", "ServiceUnavailable")
         return Response(content=body, media_type="application/json")
 
+    async def migrate_cmd(request: Request) -> Response:
+        raw = await request.body()
+        try:
+            orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            return _error(400, f"body is not JSON: {e}", "BadRequestError")
+        try:
+            body = await migrate.request(raw)
+        except asyncio.TimeoutError:
+            return _error(503, "ARES migration agent did not answer", "ServiceUnavailable")
+        status = orjson.loads(body).get("status", 500)
+        return Response(content=body, status_code=status, media_type="application/json")
+
     app.add_api_route(STATE_PATH, ares_state, methods=["GET"])
-    logger.info("ARES: %s served from %s", STATE_PATH, config.state_ipc)
+    app.add_api_route(MIGRATE_PATH, migrate_cmd, methods=["POST"])
+    logger.info("ARES: %s and %s served from %s", STATE_PATH, MIGRATE_PATH, config.state_ipc)

@@ -1,0 +1,236 @@
+"""Live migration of a running request between two ARES decode servers, driven by the router (`docs/migration.md`).
+
+The router owns the client connection, so it runs the protocol: B attaches R's copy of the request, reserves KV,
+pulls A's KV in pre-copy stages while the request keeps decoding on A, then A pauses it, B pulls the last delta and
+commits (the request continues on B with the next token), and only then A ends its stream and frees the KV. On any
+failure before B's commit the request goes on where it was and B frees what it holds.
+
+`Splicer` turns A's stream followed by B's into one `/generate` stream (or one answer): same id, every token once,
+B's finish and usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ares_router.backends import JSON_HEADERS, bootstrap_fields
+from ares_router.state import Backend
+
+log = logging.getLogger("ares_router.migration")
+
+CMD_PATH = "/ares/migrate/cmd"
+MIGRATED_PREFIX = "ares_migrated:"  # the finish message A's stream ends with once B has committed
+MIGRATABLE_ENDPOINTS = ("/generate",)  # v1: the OpenAI endpoints' parser state lives in A's HTTP handler
+
+
+@dataclass(frozen=True)
+class MigrationLimits:
+    """Bounds of one migration."""
+
+    max_stages: int = 6  # pre-copy stages before the pause
+    last_stage_tokens: int = 32  # pause once at most this many positions are left to copy
+    attach_timeout_s: float = 10.0  # B must have R's request before this
+    stage_delay_s: float = 0.0  # wait between stages (tests widen the window in which the request runs on A)
+
+
+@dataclass
+class InFlight:
+    """What the router keeps about a request it relays, for migrating it: its body and where it runs."""
+
+    rid: str
+    endpoint: str
+    body: dict
+    stream: bool
+    prefill: Backend
+    decode: Backend
+
+
+@dataclass
+class Migration:
+    """One migration's record (also what `POST /ares/migrate` answers)."""
+
+    mid: str
+    rid: str
+    source: str
+    target: str
+    state: str = "starting"  # starting | precopy | paused | committed | failed
+    reason: str | None = None
+    stages: int = 0
+    kv_tokens: int = 0
+    bytes: int = 0
+    n_output: int = 0  # tokens A produced (B continues with token n_output + 1)
+    t_start: float = field(default_factory=time.monotonic)
+    total_s: float | None = None
+    pause_s: float | None = None  # from A's pause to B's commit (no token produced meanwhile)
+    committed: asyncio.Event = field(default_factory=asyncio.Event)
+    target_response: asyncio.Task | None = None  # R's request on B: its `aiohttp.ClientResponse`
+
+    def record(self) -> dict:
+        keys = ("mid", "rid", "source", "target", "state", "reason", "stages", "kv_tokens", "bytes", "n_output")
+        out: dict[str, Any] = {k: getattr(self, k) for k in keys}
+        out["total_ms"] = None if self.total_s is None else round(self.total_s * 1e3, 2)
+        out["pause_ms"] = None if self.pause_s is None else round(self.pause_s * 1e3, 2)
+        return out
+
+
+class MigrationFailed(Exception):
+    """A command was refused or failed; `reason` says which and why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def command(session: aiohttp.ClientSession, server: Backend, msg: dict, timeout_s: float = 120.0) -> dict:
+    """One migration command to a decode server; its answer, or MigrationFailed naming the server and reason."""
+    try:
+        async with session.post(
+            server.url + CMD_PATH, data=orjson.dumps(msg), headers=JSON_HEADERS,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:  # fmt: skip
+            body = await resp.read()
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+        raise MigrationFailed(f"{server.name} unreachable: {type(e).__name__}") from None
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise MigrationFailed(f"{server.name} answered HTTP {resp.status}: {body[:200]!r}") from None
+    if resp.status != 200:
+        reason = answer.get("reason") or answer.get("message") or f"HTTP {resp.status}"
+        raise MigrationFailed(f"{server.name} {msg['cmd']}: {reason}")
+    return answer
+
+
+async def run_migration(
+    session: aiohttp.ClientSession, flight: InFlight, target: Backend, limits: MigrationLimits, m: Migration
+) -> None:
+    """Move `flight` from its decode server to `target`; on return `m.state` is `committed` or `failed`."""
+    source = flight.decode
+    mid = m.mid
+    paused = False
+    try:
+        begin = await command(session, source, {"cmd": "out_begin", "mid": mid, "rid": flight.rid})
+        layout = begin["layout"]
+        m.state = "precopy"
+        # R's request on B: the client's body, the same backend rid, the migration id; bootstrap fields name the
+        # original prefill with a fresh room, so should B ever not attach it, it fails instead of decoding garbage.
+        params = dict(flight.body.get("sampling_params") or {})
+        params["custom_params"] = {**(params.get("custom_params") or {}), "ares_mid": mid}
+        body = {**flight.body, **bootstrap_fields(flight.prefill, _rng), "rid": flight.rid, "sampling_params": params}
+        m.target_response = asyncio.create_task(
+            session.post(target.url + flight.endpoint, data=orjson.dumps(body), headers=JSON_HEADERS)
+        )
+        reserve = {
+            "cmd": "in_reserve", "mid": mid, "prompt_digest": begin["prompt_digest"],
+            "output_ids": begin["output_ids"], "layout": layout,
+        }  # fmt: skip
+        deadline = time.monotonic() + limits.attach_timeout_s
+        while True:
+            try:
+                await command(session, target, reserve)
+                break
+            except MigrationFailed as e:
+                if "not_attached" not in e.reason or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+        sent = 0
+        ps = int(layout["page_size"])
+        for _ in range(limits.max_stages):
+            slots = await command(session, source, {"cmd": "out_slots", "mid": mid, "start": sent})
+            written = slots["written"]
+            end = max(sent, written // ps * ps)  # complete pages only: the page being written goes later
+            if end > sent:
+                pull = {"cmd": "in_pull", "mid": mid, "start": sent, "end": end, "slots": slots["slots"][: end - sent]}
+                m.bytes += (await command(session, target, pull))["bytes"]
+                m.stages += 1
+                sent = end
+            if written - sent <= limits.last_stage_tokens:
+                break
+            if limits.stage_delay_s:
+                await asyncio.sleep(limits.stage_delay_s)
+        t_pause = time.monotonic()
+        final = await command(session, source, {"cmd": "out_pause", "mid": mid, "start": sent})
+        paused = True
+        m.state = "paused"
+        commit = {
+            "cmd": "in_commit", "mid": mid, "output_ids": final["output_ids"], "start": sent,
+            "end": final["written"], "slots": final["slots"],
+        }  # fmt: skip
+        committed = await command(session, target, commit)
+        m.bytes += committed["last_stage"]["bytes"]
+        m.stages += 1
+        m.kv_tokens, m.n_output = final["written"], len(final["output_ids"])
+        m.state = "committed"
+        m.committed.set()  # before A's stream ends: the relay must find the migration committed
+        m.pause_s = time.monotonic() - t_pause
+        await command(session, source, {"cmd": "out_finalize", "mid": mid})
+    except MigrationFailed as e:
+        m.state, m.reason = "failed", e.reason
+        log.warning("migration %s of %s %s -> %s failed: %s", mid, flight.rid, source.name, target.name, e.reason)
+        await _undo(session, source, target, m, paused)
+    except BaseException:
+        if m.state != "committed":
+            m.state, m.reason = "failed", "cancelled"
+            await asyncio.shield(_undo(session, source, target, m, paused))
+        raise
+    finally:
+        m.total_s = time.monotonic() - m.t_start
+
+
+async def _undo(session: aiohttp.ClientSession, source: Backend, target: Backend, m: Migration, paused: bool) -> None:
+    """Before B's commit: B frees what it holds and ends R's request there; the request goes on on A."""
+    for server, cmd in ((target, "in_abort"), (source, "out_resume")):
+        try:
+            await command(session, server, {"cmd": cmd, "mid": m.mid, "reason": m.reason}, timeout_s=30.0)
+        except MigrationFailed as e:
+            log.warning("migration %s: %s failed too: %s", m.mid, cmd, e.reason)
+    if m.target_response is not None:
+        m.target_response.cancel()
+
+
+_rng = random.Random()
+
+
+def new_mid() -> str:
+    """A migration id."""
+    return uuid.uuid4().hex
+
+
+class Splicer:
+    """One `/generate` answer out of A's part and B's: SGLang's `/generate` text and `output_ids` are cumulative per
+    server, so B's are prefixed with A's; meta_info (counts, finish) comes from B, whose counts already include A's
+    tokens."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.ids: list[int] = []
+
+    @staticmethod
+    def migrated(obj: dict) -> bool:
+        """Whether this is A's last event/answer, ended by a committed migration."""
+        fin = (obj.get("meta_info") or {}).get("finish_reason") or {}
+        return isinstance(fin, dict) and str(fin.get("message", "")).startswith(MIGRATED_PREFIX)
+
+    def source_end(self, obj: dict) -> dict:
+        """A's last event: remembered, and relayed without its finish (the request is not done)."""
+        self.text, self.ids = obj.get("text", ""), list(obj.get("output_ids") or [])
+        meta = dict(obj.get("meta_info") or {})
+        meta["finish_reason"] = None
+        return {**obj, "meta_info": meta}
+
+    def target(self, obj: dict) -> dict:
+        """One of B's events (or B's answer), continued from A's."""
+        return {
+            **obj,
+            "text": self.text + obj.get("text", ""),
+            "output_ids": self.ids + list(obj.get("output_ids") or []),
+        }
