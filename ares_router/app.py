@@ -42,9 +42,11 @@ from ares_router.migration import (
     new_mid,
     run_migration,
 )
-from ares_router.policy import NoHealthyInstance
+from ares_router.policy import Migration as PolicyMigration
+from ares_router.policy import NoHealthyInstance, plan_rebalance
 from ares_router.poller import Poller, parse_models
 from ares_router.protocol import ENDPOINTS, GENERATE, APIError, ParsedRequest, check_model, parse_request
+from ares_router.rebalancer import RebalanceGate
 from ares_router.state import Backend, RouterState
 
 log = logging.getLogger("ares_router")
@@ -153,6 +155,9 @@ class Router:
         self.client_rids: dict[str, str] = {}  # the client's request id -> backend rid
         self.migrations: dict[str, Migration] = {}  # backend rid -> its latest migration
         self.migration_log: list[dict] = []  # the last records, newest last
+        self.gate = RebalanceGate(config.rebalance_limits)
+        self._rebalancer: asyncio.Task | None = None
+        self._migration_tasks: set[asyncio.Task] = set()
         self.migration_limits = MigrationLimits(
             max_stages=config.migrate_max_stages,
             last_stage_tokens=config.migrate_last_stage_tokens,
@@ -182,6 +187,8 @@ class Router:
     async def _on_startup(self, app: web.Application) -> None:
         self.client = PDClient.create(self.config.connect_timeout_s, self.config.request_timeout_s)
         await self.poller.start()
+        if self.config.rebalance:
+            self._rebalancer = asyncio.create_task(self._rebalance_loop())
         healthy = sum(d.healthy for d in self.state.decodes), sum(p.healthy for p in self.state.prefills)
         log.info(
             "policy %s; healthy decode %d/%d, prefill %d/%d",
@@ -196,6 +203,8 @@ class Router:
         self.metrics.observe_poll_round(self.poller.last_fetch_s, self.poller.last_refresh_s)
 
     async def _on_cleanup(self, app: web.Application) -> None:
+        if self._rebalancer is not None:
+            self._rebalancer.cancel()
         await self.poller.stop()
         if self.client is not None:
             await self.client.close()
@@ -359,6 +368,7 @@ class Router:
                 self.state.finish(backend_rid)
                 self.inflight.pop(backend_rid, None)
                 self.migrations.pop(backend_rid, None)
+                self.gate.forget([backend_rid])
                 if self.client_rids.get(rid) == backend_rid:
                     del self.client_rids[rid]
         raise AssertionError("unreachable")  # the loop returns or raises
@@ -495,17 +505,52 @@ class Router:
         current = self.migrations.get(backend_rid)
         if current is not None and current.state not in ("committed", "failed"):
             raise APIError(409, f"request {rid!r} is already migrating ({current.mid})")
-        m = Migration(new_mid(), backend_rid, flight.decode.name, target.name)
-        self.migrations[backend_rid] = m
+        m = await self._migrate(flight, target)
+        return _json_response(m.record(), status=200 if m.state == "committed" else 409)
+
+    async def _migrate(self, flight: InFlight, target: Backend) -> Migration:
+        """Run one migration of `flight` to `target` and record it."""
+        assert self.client is not None
+        m = Migration(new_mid(), flight.rid, flight.decode.name, target.name)
+        self.migrations[flight.rid] = m
         await run_migration(self.client.session, flight, target, self.migration_limits, m)
         if m.state == "committed":
             flight.decode = target
-            self.state.move(backend_rid, target.index)
+            self.state.move(flight.rid, target.index)
         record = m.record()
         log.info("migration %s", " ".join(f"{k}={v}" for k, v in record.items()))
         self.migration_log = [*self.migration_log[-255:], record]
         self.metrics.observe_migration(record)
-        return _json_response(record, status=200 if m.state == "committed" else 409)
+        return m
+
+    async def _rebalance_loop(self) -> None:
+        """Every `--ares-rebalance-interval`: the policy's proposals for the current snapshot, through the gate."""
+        while True:
+            await asyncio.sleep(self.config.rebalance_interval_s)
+            try:
+                proposed = plan_rebalance(self.state.snapshot, self.config.rebalance_policy or self.state.policy)
+                decodes = self.state.decodes
+                eligible = [rid for rid, f in self.inflight.items() if f.endpoint in MIGRATABLE_ENDPOINTS]
+                for pm in self.gate.choose(proposed, eligible, time.monotonic()):
+                    flight = self.inflight.get(str(pm.request_id))
+                    if flight is None or flight.decode.index != pm.source:
+                        self.gate.done(pm, committed=False, now=time.monotonic())
+                        continue
+                    task = asyncio.create_task(self._rebalance_one(pm, flight, decodes[pm.target]))
+                    self._migration_tasks.add(task)  # a reference until it ends (asyncio keeps weak ones)
+                    task.add_done_callback(self._migration_tasks.discard)
+                self.metrics.rebalance_rounds.inc()
+            except Exception:  # noqa: BLE001 - one bad round must not end rebalancing
+                log.exception("rebalance round failed")
+
+    async def _rebalance_one(self, pm: PolicyMigration, flight: InFlight, target: Backend) -> None:
+        try:
+            m = await self._migrate(flight, target)
+            committed = m.state == "committed"
+        except Exception:  # noqa: BLE001
+            log.exception("rebalance migration of %s failed", flight.rid)
+            committed = False
+        self.gate.done(pm, committed, time.monotonic())
 
     def _decode_named(self, to: object) -> Backend:
         for d in self.state.decodes:

@@ -11,6 +11,7 @@ import sys
 from ares_router.config import ROUTER_POLICIES, RouterConfig
 from ares_router.estimate import OutputEstimator
 from ares_router.policy import LoadModel
+from ares_router.rebalancer import RebalanceLimits
 
 
 class _PrefillAction(argparse.Action):
@@ -77,6 +78,43 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="initial output estimate: tokens per prompt token",
     )
     p.add_argument("--estimate-cap", type=float, default=e.cap_tokens, help="initial output estimate: upper bound")
+    p.add_argument(
+        "--ares-rebalance",
+        choices=["off", "on"],
+        default="off",
+        help="migrate running requests between decode servers as the policy plans (ares: predicted load; "
+        "current_migrate: current load); off: placement only",
+    )
+    p.add_argument(
+        "--ares-rebalance-policy",
+        default=None,
+        choices=ROUTER_POLICIES,
+        help="the policy whose rebalancing plan is followed (default: --policy's own)",
+    )
+    p.add_argument("--ares-rebalance-interval", type=float, default=1.0, help="seconds between rebalancing rounds")
+    lim = RebalanceLimits()
+    p.add_argument("--ares-migrate-max-concurrent", type=int, default=lim.max_concurrent, help="migrations at once")
+    p.add_argument(
+        "--ares-migrate-per-instance",
+        type=int,
+        default=lim.per_instance,
+        help="migrations at once per decode server (as source and as target each)",
+    )
+    p.add_argument(
+        "--ares-migrate-max-per-request", type=int, default=lim.max_per_request, help="moves of one request at most"
+    )
+    p.add_argument(
+        "--ares-migrate-request-cooldown",
+        type=float,
+        default=lim.request_cooldown_s,
+        help="seconds before a moved request may move again",
+    )
+    p.add_argument(
+        "--ares-migrate-confirm-rounds",
+        type=int,
+        default=lim.confirm_rounds,
+        help="rounds in a row a (source, target) pair must be proposed before a migration starts",
+    )
     p.add_argument("--ares-migrate-max-stages", type=int, default=6, help="pre-copy stages of a migration")
     p.add_argument(
         "--ares-migrate-last-stage-tokens",
@@ -119,6 +157,16 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         ),
         log_level=args.log_level,
         access_log=args.access_log,
+        rebalance=args.ares_rebalance == "on",
+        rebalance_interval_s=args.ares_rebalance_interval,
+        rebalance_policy=args.ares_rebalance_policy,
+        rebalance_limits=RebalanceLimits(
+            max_concurrent=args.ares_migrate_max_concurrent,
+            per_instance=args.ares_migrate_per_instance,
+            max_per_request=args.ares_migrate_max_per_request,
+            request_cooldown_s=args.ares_migrate_request_cooldown,
+            confirm_rounds=args.ares_migrate_confirm_rounds,
+        ),
         migrate_max_stages=args.ares_migrate_max_stages,
         migrate_last_stage_tokens=args.ares_migrate_last_stage_tokens,
         migrate_stage_delay_s=args.ares_migrate_stage_delay,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ares_router.estimate import OutputEstimator
 from ares_router.policy import POLICIES, LoadModel
+from ares_router.rebalancer import RebalanceLimits
 
 ROUTER_POLICIES = tuple(name for name in POLICIES if not POLICIES[name]().needs_true_lengths)
 
@@ -32,6 +33,10 @@ class RouterConfig:
     estimator: OutputEstimator = field(default_factory=OutputEstimator)
     log_level: str = "info"
     access_log: bool = False
+    rebalance: bool = False  # --ares-rebalance on: migrate running requests as the policy plans
+    rebalance_interval_s: float = 1.0
+    rebalance_policy: str | None = None  # whose `plan_rebalance` decides (None: the placement policy's)
+    rebalance_limits: RebalanceLimits = field(default_factory=RebalanceLimits)
     migrate_max_stages: int = 6  # pre-copy stages of a migration before the pause
     migrate_last_stage_tokens: int = 32  # pause once at most this many KV positions are left to copy
     migrate_stage_delay_s: float = 0.0  # wait between pre-copy stages (tests widen the pre-copy window with it)
@@ -45,5 +50,6 @@ class RouterConfig:
             raise ValueError("--health-failure-threshold must be >= 1")
         if self.retries < 0:
             raise ValueError("--retries must be >= 0")
-        if self.policy not in ROUTER_POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(ROUTER_POLICIES)}")
+        for policy in (self.policy, self.rebalance_policy or self.policy):
+            if policy not in ROUTER_POLICIES:
+                raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(ROUTER_POLICIES)}")

@@ -167,6 +167,9 @@ class RouterMetrics:
             "ares_migration_kv_tokens", "committed migrations: KV positions moved", buckets=HEAD_ABS_BUCKETS,
             registry=self.registry,
         )  # fmt: skip
+        self.rebalance_rounds = Counter(
+            "ares_rebalance_rounds", "rebalancing rounds run (--ares-rebalance on)", registry=self.registry
+        )
         self.migration_bytes = Counter(
             "ares_migration_bytes", "KV bytes moved by migrations", ["src", "dst"], registry=self.registry
         )

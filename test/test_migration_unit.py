@@ -6,6 +6,8 @@ import pytest
 
 from ares.migration.pages import page_pairs, page_runs, read_batch, stage_end
 from ares_router.migration import Migration, Splicer
+from ares_router.policy import Migration as PolicyMigration
+from ares_router.rebalancer import RebalanceGate, RebalanceLimits
 
 
 def test_stage_sends_complete_pages_only():
@@ -68,3 +70,38 @@ def test_migration_record_fields():
     m.total_s, m.pause_s = 0.25, 0.0123
     rec = m.record()
     assert rec["total_ms"] == 250.0 and rec["pause_ms"] == 12.3 and rec["stages"] == 3 and rec["state"] == "committed"
+
+
+def _m(rid: str, s: int, t: int) -> PolicyMigration:
+    return PolicyMigration(rid, s, t, kv_tokens=100)
+
+
+def test_gate_needs_confirmation_and_respects_limits():
+    gate = RebalanceGate(RebalanceLimits(max_concurrent=2, per_instance=1, confirm_rounds=2))
+    plan = [_m("a", 0, 1), _m("b", 0, 1), _m("c", 2, 3)]
+    assert gate.choose(plan, ["a", "b", "c"], now=0.0) == []  # first round: not confirmed yet
+    chosen = gate.choose(plan, ["a", "b", "c"], now=1.0)
+    # one per instance: "b" shares source 0 and target 1 with "a"; "c" uses another pair
+    assert [m.request_id for m in chosen] == ["a", "c"]
+    assert gate.choose(plan, ["a", "b", "c"], now=2.0) == []  # two in flight: the limit
+    gate.done(chosen[0], committed=True, now=3.0)
+    assert [m.request_id for m in gate.choose(plan, ["b"], now=3.5)] == []  # pair (0, 1) needs fresh confirmation
+    assert [m.request_id for m in gate.choose(plan, ["b"], now=4.0)] == ["b"]
+
+
+def test_gate_stops_bouncing_and_backs_off_failed_targets():
+    lim = RebalanceLimits(max_concurrent=5, confirm_rounds=1, request_cooldown_s=30, pair_cooldown_s=10)
+    gate = RebalanceGate(lim)
+    (m,) = gate.choose([_m("a", 0, 1)], ["a"], now=0.0)
+    gate.done(m, committed=True, now=1.0)
+    assert gate.choose([_m("a", 1, 0)], ["a"], now=5.0) == []  # request cooldown
+    assert gate.choose([_m("z", 1, 0)], ["z"], now=5.0) == []  # pair cooldown: no move straight back
+    assert [x.request_id for x in gate.choose([_m("z", 1, 0)], ["z"], now=12.0)] == ["z"]
+    (f,) = gate.choose([_m("q", 2, 3)], ["q"], now=20.0)
+    gate.done(f, committed=False, now=20.0)
+    assert gate.choose([_m("r", 2, 3)], ["r"], now=22.0) == []  # target 3 backs off 5 s ...
+    assert [x.request_id for x in gate.choose([_m("r", 2, 3)], ["r"], now=25.5)] == ["r"]
+    assert gate.choose([_m("x", 4, 5)], [], now=30.0) == []  # not eligible (not relayed by this router)
+    gate.done(_m("a", 1, 0), committed=True, now=40.0)
+    gate.done(_m("a", 0, 1), committed=True, now=80.0)
+    assert gate.choose([_m("a", 1, 0)], ["a"], now=200.0) == []  # moved max_per_request times already
