@@ -1,0 +1,213 @@
+"""Migration cost vs KV length on the CPU cluster (SmolLM2-135M, Mooncake TCP on loopback), pre-copy vs
+stop-and-copy, measured side by side in one run.
+
+One cluster: 1 prefill + 2 `--ares` decode servers. Two ARES routers over it: the cluster's own (pre-copy: stages
+while the request keeps decoding, then a pause for the last few positions) and a second one with
+`--ares-migrate-max-stages 0` (stop-and-copy: pause first, copy everything). For each prompt length L and mode, a
+streaming greedy request (`ignore_eos`) is moved to the other decode server once it has 8 tokens; per run:
+- the migration record: total time, pause (A's pause to B's commit, as the router measures it), bytes, stages;
+- the client's view: the longest gap between two tokens after the move started, in decode steps (the request's
+  median token gap before the move), i.e. what the move cost its TPOT;
+- the transfer rate (bytes / total time).
+
+    python benchmark/migration_bench.py                                   # L = 256 .. 4096, 3 reps
+    python benchmark/migration_bench.py --lengths 256,1024 --reps 1       # cut down
+Writes benchmark/results/migration_bench.{json,md,png} (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from provenance import git_state
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "test"))
+
+from http_helpers import ares_router, request, stream_events, wait_for  # noqa: E402
+
+from ares.cluster import Cluster, ClusterSpec  # noqa: E402
+from ares.models import prepare_model  # noqa: E402
+
+MOVE_AT = 8  # tokens before the move
+
+
+def one_run(router: str, decode_urls: list[str], length: int, tokens: int, seed: int) -> dict:
+    """Stream one request of `length` prompt tokens through `router`, move it after MOVE_AT tokens."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(100, 40000, size=length).tolist()
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}
+    times: list[float] = []
+    answer: dict = {}
+    t_move = None
+    mover = None
+    for event in stream_events(router + "/generate", body):
+        times.append(time.monotonic())
+        meta = event["meta_info"]
+        if mover is None and meta["completion_tokens"] >= MOVE_AT:
+            rid = meta["id"]
+            source = wait_for(lambda r=rid: _where(decode_urls, r), 30, "the request on its server") - 1
+
+            def run(rid: str = rid, to: int = 1 - source) -> None:
+                status, _, raw = request(router + "/ares/migrate", {"rid": rid, "to": to}, timeout=600)
+                answer.update(json.loads(raw), http_status=status)
+
+            t_move = time.monotonic()
+            mover = threading.Thread(target=run)
+            mover.start()
+    assert mover is not None and t_move is not None
+    mover.join()
+    gaps = np.diff(times)
+    k = int(np.searchsorted(times, t_move))
+    step = float(np.median(gaps[: max(k - 1, 1)]))  # the request's token gap before the move
+    after = gaps[max(k - 1, 0) :]
+    worst = float(after.max()) if after.size else float("nan")
+    return {
+        "length": length,
+        "state": answer.get("state"),
+        "reason": answer.get("reason"),
+        "kv_tokens": answer.get("kv_tokens"),
+        "bytes": answer.get("bytes"),
+        "stages": answer.get("stages"),
+        "total_ms": answer.get("total_ms"),
+        "pause_ms": answer.get("pause_ms"),
+        "step_ms": step * 1e3,
+        "worst_gap_ms": worst * 1e3,
+        "worst_gap_steps": worst / step,
+        "transfer_MBps": (answer.get("bytes") or 0) / max(answer.get("total_ms") or 1e-9, 1e-9) / 1e3,
+    }
+
+
+def _where(decode_urls: list[str], rid: str) -> int | None:
+    for i, url in enumerate(decode_urls):
+        status, _, raw = request(url + "/ares/state")
+        if status == 200 and any(r["rid"] == rid for r in json.loads(raw)["requests"]):
+            return i + 1  # +1: 0 would read as "not found" to wait_for
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="256,1024,2048,4096", help="prompt lengths (tokens), comma-separated")
+    ap.add_argument("--reps", type=int, default=3, help="runs per (length, mode)")
+    ap.add_argument("--tokens", type=int, default=48, help="output tokens per request")
+    ap.add_argument("--max-total-tokens", type=int, default=16384, help="KV pool per server")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmark" / "results" / "migration_bench")
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    commit, dirty = git_state(ROOT)
+    spec = ClusterSpec(
+        model_path=str(prepare_model("smollm2")),
+        n_prefill=1,
+        n_decode=2,
+        ares=True,
+        max_total_tokens=args.max_total_tokens,
+        router="ares",
+        router_policy="round_robin",
+    )
+    runs: list[dict] = []
+    log_dir = ROOT / ".ares" / "migration_bench_logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with Cluster(spec, log_dir=log_dir) as c:
+        prefill = [(p["url"], p["bootstrap_port"]) for p in c.state()["processes"] if p["role"] == "prefill"]
+        with ares_router(log_dir, prefill, c.decode_urls, "round_robin", "--ares-migrate-max-stages", "0") as sc:
+            routers = {"precopy": c.router_url, "stop_and_copy": sc.url}
+            plan = [(L, mode, rep) for rep in range(args.reps) for L in lengths for mode in routers]
+            for L, mode, rep in tqdm(plan, desc="migrations"):
+                r = one_run(routers[mode], c.decode_urls, L, args.tokens, seed=1000 * rep + L)
+                runs.append({"mode": mode, "rep": rep, **r})
+    summary = []
+    for mode in ("precopy", "stop_and_copy"):
+        for L in lengths:
+            ok = [r for r in runs if r["mode"] == mode and r["length"] == L and r["state"] == "committed"]
+            if not ok:
+                summary.append({"mode": mode, "length": L, "committed": 0})
+                continue
+
+            def med(k: str, ok: list[dict] = ok) -> float:
+                return statistics.median(r[k] for r in ok)
+
+            summary.append({
+                "mode": mode, "length": L, "committed": len(ok),
+                "runs": sum(r["mode"] == mode and r["length"] == L for r in runs),
+                "kv_tokens": med("kv_tokens"), "MB": med("bytes") / 1e6, "stages": med("stages"),
+                "total_ms": med("total_ms"), "pause_ms": med("pause_ms"), "step_ms": med("step_ms"),
+                "worst_gap_steps": med("worst_gap_steps"), "transfer_MBps": med("transfer_MBps"),
+            })  # fmt: skip
+    result = {
+        "benchmark": "migration_bench",
+        "commit": commit,
+        "dirty": dirty,
+        "command": " ".join(["python", "benchmark/migration_bench.py", *sys.argv[1:]]),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), no GPU",
+        "inputs": {
+            "model": "SmolLM2-135M-Instruct",
+            "lengths": lengths,
+            "reps": args.reps,
+            "tokens": args.tokens,
+            "move_at_tokens": MOVE_AT,
+            "max_total_tokens": args.max_total_tokens,
+            "transport": "Mooncake TCP, loopback",
+        },  # fmt: skip
+        "summary": summary,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    lines = [
+        f"# Migration cost vs KV length (commit {commit[:10]}{' dirty' if dirty else ''})",
+        "",
+        f"`{result['command']}` on {result['device']}; {result['inputs']['transport']}; medians over committed runs.",
+        "",
+        "| mode | prompt tokens | committed | KV tokens | MB | stages | total ms | pause ms | step ms "
+        "| worst gap (steps) | MB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        if not s["committed"]:
+            lines.append(f"| {s['mode']} | {s['length']} | 0 | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {s['mode']} | {s['length']} | {s['committed']}/{s['runs']} | {s['kv_tokens']:.0f} | {s['MB']:.1f} | "
+            f"{s['stages']:.0f} | {s['total_ms']:.0f} | {s['pause_ms']:.0f} | {s['step_ms']:.1f} | "
+            f"{s['worst_gap_steps']:.1f} | {s['transfer_MBps']:.0f} |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(summary, args.out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def _plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in ("precopy", "stop_and_copy"):
+        rows = [s for s in summary if s["mode"] == mode and s["committed"]]
+        x = [s["kv_tokens"] for s in rows]
+        axes[0].plot(x, [s["pause_ms"] for s in rows], "o-", label=mode)
+        axes[1].plot(x, [s["worst_gap_steps"] for s in rows], "o-", label=mode)
+    axes[0].set(xlabel="KV tokens moved", ylabel="pause (ms, A's pause to B's commit)", title="pause")
+    axes[1].set(xlabel="KV tokens moved", ylabel="longest token gap after the move (decode steps)", title="client")
+    axes[1].axhline(3, color="grey", ls="--", lw=1)
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
