@@ -360,9 +360,11 @@ class Router:
                     return web.Response(body=start.first, status=start.status, headers=_ctype(start, headers))
                 return await self._relay_stream(request, parsed, start, backend_rid, [prefill, decode], headers, t0)
             except _CLIENT_GONE:
-                log.info("rid=%s client disconnected; aborting on %s, %s", rid, prefill.name, decode.name)
+                # Where it runs now: a migration may have moved it (or be moving it: then both decode servers).
+                servers = self._servers_of(backend_rid, [prefill, decode])
+                log.info("rid=%s client disconnected; aborting on %s", rid, ", ".join(b.name for b in servers))
                 self.metrics.aborts.labels("client_disconnect").inc()
-                self.client.abort(backend_rid, [prefill, decode])
+                self.client.abort(backend_rid, servers)
                 raise
             finally:
                 self.state.finish(backend_rid)
@@ -449,7 +451,7 @@ class Router:
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError) as e:
                 # Tokens already went out: no retry possible. Say so in-band (SGLang's shape), clean up both servers.
                 log.warning("rid=%s decode stream broke: %r", request[RID], e)
-                self.client.abort(backend_rid, backends)
+                self.client.abort(backend_rid, self._servers_of(backend_rid, backends))
                 self.metrics.aborts.labels("backend_stream_error").inc()
                 if _SSE_DONE not in last:  # unless the stream had in fact ended
                     err = APIError(502, f"decode server stream failed: {type(e).__name__}")
@@ -551,6 +553,16 @@ class Router:
             log.exception("rebalance migration of %s failed", flight.rid)
             committed = False
         self.gate.done(pm, committed, time.monotonic())
+
+    def _servers_of(self, backend_rid: str, dispatched: list[Backend]) -> list[Backend]:
+        """The servers that may hold `backend_rid` now: those it was sent to, plus a migration's target."""
+        out = list(dispatched)
+        flight, m = self.inflight.get(backend_rid), self.migrations.get(backend_rid)
+        if flight is not None and flight.decode not in out:
+            out.append(flight.decode)
+        if m is not None and m.state != "failed":
+            out += [d for d in self.state.decodes if d.name == m.target and d not in out]
+        return out
 
     def _decode_named(self, to: object) -> Backend:
         for d in self.state.decodes:

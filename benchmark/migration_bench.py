@@ -6,8 +6,10 @@ while the request keeps decoding, then a pause for the last few positions) and a
 `--ares-migrate-max-stages 0` (stop-and-copy: pause first, copy everything). For each prompt length L and mode, a
 streaming greedy request (`ignore_eos`) is moved to the other decode server once it has 8 tokens; per run:
 - the migration record: total time, pause (A's pause to B's commit, as the router measures it), bytes, stages;
-- the client's view: the longest gap between two tokens after the move started, in decode steps (the request's
-  median token gap before the move), i.e. what the move cost its TPOT;
+- the client's view: the gap between A's last token and B's first (the switch), in decode steps (the request's
+  median token gap), i.e. what the move cost its TPOT at the switch. On this 2-core machine the three servers, the
+  router and the client share the CPU, so the Mooncake transfer also slows A's decode steps while it runs: that
+  shows in the step time, not in the switch gap;
 - the transfer rate (bytes / total time).
 
     python benchmark/migration_bench.py                                   # L = 256 .. 4096, 3 reps
@@ -48,12 +50,13 @@ def one_run(router: str, decode_urls: list[str], length: int, tokens: int, seed:
     ids = rng.integers(100, 40000, size=length).tolist()
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}
     times: list[float] = []
+    counts: list[int] = []
     answer: dict = {}
-    t_move = None
     mover = None
     for event in stream_events(router + "/generate", body):
         times.append(time.monotonic())
         meta = event["meta_info"]
+        counts.append(meta["completion_tokens"])
         if mover is None and meta["completion_tokens"] >= MOVE_AT:
             rid = meta["id"]
             source = wait_for(lambda r=rid: _where(decode_urls, r), 30, "the request on its server") - 1
@@ -62,16 +65,18 @@ def one_run(router: str, decode_urls: list[str], length: int, tokens: int, seed:
                 status, _, raw = request(router + "/ares/migrate", {"rid": rid, "to": to}, timeout=600)
                 answer.update(json.loads(raw), http_status=status)
 
-            t_move = time.monotonic()
             mover = threading.Thread(target=run)
             mover.start()
-    assert mover is not None and t_move is not None
+    assert mover is not None
     mover.join()
-    gaps = np.diff(times)
-    k = int(np.searchsorted(times, t_move))
-    step = float(np.median(gaps[: max(k - 1, 1)]))  # the request's token gap before the move
-    after = gaps[max(k - 1, 0) :]
-    worst = float(after.max()) if after.size else float("nan")
+    t, c = np.array(times), np.array(counts)
+    # The request's token gap: median over the whole stream (the switch is one gap among ~tokens).
+    step = float(np.median(np.diff(t) / np.maximum(np.diff(c), 1)))
+    switch = float("nan")
+    n = answer.get("n_output")
+    if answer.get("state") == "committed" and n is not None and (c > n).any() and (c <= n).any():
+        # A's last token (count <= n) to B's first (count > n): what the client waits at the switch.
+        switch = float(t[np.argmax(c > n)] - t[np.flatnonzero(c <= n)[-1]])
     return {
         "length": length,
         "state": answer.get("state"),
@@ -82,8 +87,8 @@ def one_run(router: str, decode_urls: list[str], length: int, tokens: int, seed:
         "total_ms": answer.get("total_ms"),
         "pause_ms": answer.get("pause_ms"),
         "step_ms": step * 1e3,
-        "worst_gap_ms": worst * 1e3,
-        "worst_gap_steps": worst / step,
+        "switch_gap_ms": switch * 1e3,
+        "switch_gap_steps": switch / step,
         "transfer_MBps": (answer.get("bytes") or 0) / max(answer.get("total_ms") or 1e-9, 1e-9) / 1e3,
     }
 
@@ -142,7 +147,8 @@ def main() -> None:
                 "runs": sum(r["mode"] == mode and r["length"] == L for r in runs),
                 "kv_tokens": med("kv_tokens"), "MB": med("bytes") / 1e6, "stages": med("stages"),
                 "total_ms": med("total_ms"), "pause_ms": med("pause_ms"), "step_ms": med("step_ms"),
-                "worst_gap_steps": med("worst_gap_steps"), "transfer_MBps": med("transfer_MBps"),
+                "switch_gap_steps": med("switch_gap_steps"), "switch_gap_ms": med("switch_gap_ms"),
+                "transfer_MBps": med("transfer_MBps"),
             })  # fmt: skip
     result = {
         "benchmark": "migration_bench",
@@ -170,17 +176,17 @@ def main() -> None:
         f"`{result['command']}` on {result['device']}; {result['inputs']['transport']}; medians over committed runs.",
         "",
         "| mode | prompt tokens | committed | KV tokens | MB | stages | total ms | pause ms | step ms "
-        "| worst gap (steps) | MB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| switch gap ms | switch gap (steps) | MB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         if not s["committed"]:
-            lines.append(f"| {s['mode']} | {s['length']} | 0 | | | | | | | | |")
+            lines.append(f"| {s['mode']} | {s['length']} | 0 | | | | | | | | | |")
             continue
         lines.append(
             f"| {s['mode']} | {s['length']} | {s['committed']}/{s['runs']} | {s['kv_tokens']:.0f} | {s['MB']:.1f} | "
             f"{s['stages']:.0f} | {s['total_ms']:.0f} | {s['pause_ms']:.0f} | {s['step_ms']:.1f} | "
-            f"{s['worst_gap_steps']:.1f} | {s['transfer_MBps']:.0f} |"
+            f"{s['switch_gap_ms']:.0f} | {s['switch_gap_steps']:.1f} | {s['transfer_MBps']:.0f} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(summary, args.out.with_suffix(".png"))
@@ -198,9 +204,9 @@ def _plot(summary: list[dict], path: Path) -> None:
         rows = [s for s in summary if s["mode"] == mode and s["committed"]]
         x = [s["kv_tokens"] for s in rows]
         axes[0].plot(x, [s["pause_ms"] for s in rows], "o-", label=mode)
-        axes[1].plot(x, [s["worst_gap_steps"] for s in rows], "o-", label=mode)
+        axes[1].plot(x, [s["switch_gap_steps"] for s in rows], "o-", label=mode)
     axes[0].set(xlabel="KV tokens moved", ylabel="pause (ms, A's pause to B's commit)", title="pause")
-    axes[1].set(xlabel="KV tokens moved", ylabel="longest token gap after the move (decode steps)", title="client")
+    axes[1].set(xlabel="KV tokens moved", ylabel="client's gap at the switch (decode steps)", title="client")
     axes[1].axhline(3, color="grey", ls="--", lw=1)
     for ax in axes:
         ax.legend()
