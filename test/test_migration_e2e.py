@@ -8,7 +8,10 @@ tokens, text and usage of an unmigrated run of the same request: one stream, the
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -227,3 +230,84 @@ def test_rebalancer_moves_load_off_the_busier_server(cluster, tmp_path):
     moved = {m["rid"] for m in committed}
     assert moved <= {o["meta_info"]["id"] for o in longs}
     assert_idle(cluster)
+
+
+def test_client_gone_mid_migration_leaves_nothing_on_either_server(cluster, prompt, tmp_path):
+    """The client hangs up while its request is being copied to B: the router aborts it on both servers, the agents
+    free what they hold (B's reservation, A's request), the migration ends as failed."""
+    prefill = [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
+    slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
+    with ares_router(tmp_path, prefill, cluster.decode_urls, "round_robin", *slow) as r:
+        payload = json.dumps({**body(prompt, 400), "stream": True}).encode()
+        req = urllib.request.Request(r.url + "/generate", data=payload, headers={"Content-Type": "application/json"})
+        resp = urllib.request.urlopen(req, timeout=120)
+        first = json.loads(resp.readline().removeprefix(b"data:"))  # the first event
+        rid = first["meta_info"]["id"]
+        source = wait_for(lambda: where(cluster, rid), 30, "the request to run")
+        target_url = cluster.decode_urls[int(other(source)[-1])]
+        answer: dict = {}
+        mover = threading.Thread(target=lambda: answer.update(record=migrate(r.url, rid, other(source))[1]))
+        mover.start()
+        wait_for(lambda: "reserved" in _incoming(target_url).values(), 60, "the target to reserve", interval=0.02)
+        resp.close()  # the client goes away mid-migration
+        mover.join()
+        assert answer["record"]["state"] == "failed", answer
+    assert_idle(cluster)
+    assert not {"attached", "reserved"} & set(_incoming(target_url).values())
+
+
+def _incoming(url: str) -> dict:
+    status, _, raw = request(url + "/ares/migrate/cmd", {"cmd": "status"}, timeout=30)
+    assert status == 200, raw
+    return json.loads(raw)["incoming"]
+
+
+def test_target_killed_during_the_transfer_leaves_the_request_running_on_its_source(cluster, prompt, tmp_path):
+    """Last in the module (it kills a server): B dies while A's KV is being copied; the move fails, the request
+    never stopped on A, and the client gets the complete, unchanged output. A router of its own waits 2 s between
+    pre-copy stages, so the kill surely lands before the commit."""
+    ref = generate(cluster.router_url, body(prompt, 150))
+    prefill = [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
+    slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
+    with ares_router(tmp_path, prefill, cluster.decode_urls, "round_robin", *slow) as r:
+        events, answer, killed = _move_and_kill_target(cluster, r.url, body(prompt, 150))
+    assert killed, "the target was never seen reserving"
+    rec = answer["record"]
+    # B dies mid-read (its answer: the transfer failed) or before the next command (unreachable).
+    assert answer["status"] == 409 and rec["state"] == "failed", rec
+    assert any(w in rec["reason"] for w in ("unreachable", "transfer_failed")), rec
+    ref["meta_info"]["id"] = events[-1]["meta_info"]["id"]
+    check_same_output(events, ref)
+    source_url = cluster.decode_urls[int(answer["source"][-1])]
+    wait_for(lambda: get_json(source_url + "/ares/state")["used_tokens"] == 0, 60, "the source to free the KV")
+
+
+def _move_and_kill_target(cluster, router: str, payload: dict) -> tuple[list[dict], dict, dict]:
+    events: list[dict] = []
+    answer: dict = {}
+    killed: dict = {}
+
+    def kill_target_once_reserved(source: str) -> None:
+        target = other(source)
+        url = cluster.decode_urls[int(target[-1])]
+
+        wait_for(lambda: "reserved" in _incoming(url).values(), 60, "the target to reserve", interval=0.02)
+        os.killpg(cluster.pids[target], signal.SIGKILL)  # a process group this test module started
+        killed["target"] = target
+
+    mover = None
+    for event in stream_events(router + "/generate", payload):
+        events.append(event)
+        meta = event["meta_info"]
+        if mover is None and meta["completion_tokens"] >= 10:
+            source = answer["source"] = wait_for(lambda r=meta["id"]: where(cluster, r), 30, "the request to run")
+            threading.Thread(target=kill_target_once_reserved, args=(source,)).start()
+
+            def run(rid: str = meta["id"], to: str = other(source)) -> None:  # noqa: B008 - evaluated once
+                answer["status"], answer["record"] = migrate(router, rid, to)
+
+            mover = threading.Thread(target=run)
+            mover.start()
+    assert mover is not None
+    mover.join()
+    return events, answer, killed

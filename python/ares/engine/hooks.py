@@ -9,7 +9,8 @@
 - migration (`ares.migration.agent`): `Scheduler.process_decode_queue` (AFTER) runs the agent's tick between decode
   steps; `Scheduler.update_running_batch` (AROUND) keeps paused requests out of the next batch;
   `DecodePreallocQueue.add` (AROUND) attaches the router's request for an incoming migration instead of waiting for
-  a prefill; `Scheduler.is_fully_idle` (AROUND) is False while the agent holds KV.
+  a prefill; `Scheduler.is_fully_idle` (AROUND) is False while the agent holds KV; `Scheduler.abort_request`
+  (AFTER) aborts the requests the agent holds, which SGLang's queues do not list.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ PROCESS_DECODE_QUEUE = "sglang.srt.managers.scheduler.Scheduler.process_decode_q
 UPDATE_RUNNING_BATCH = "sglang.srt.managers.scheduler.Scheduler.update_running_batch"
 PREALLOC_ADD = "sglang.srt.disaggregation.decode.DecodePreallocQueue.add"
 IS_FULLY_IDLE = "sglang.srt.managers.scheduler.Scheduler.is_fully_idle"
+ABORT_REQUEST = "sglang.srt.managers.scheduler.Scheduler.abort_request"
 SCHEDULER_HOOK_TARGETS = (
     PREPARE_FOR_DECODE,
     SAMPLE,
@@ -46,6 +48,7 @@ SCHEDULER_HOOK_TARGETS = (
     UPDATE_RUNNING_BATCH,
     PREALLOC_ADD,
     IS_FULLY_IDLE,
+    ABORT_REQUEST,
 )
 
 _POOL_ROW = "_ares_pool_row"  # the request-pool row whose prompt length is in the table
@@ -132,6 +135,11 @@ def _around_prealloc_add(original: Any, queue: Any, req: Any, *args: Any, **kwar
     return original(queue, req, *args, **kwargs)
 
 
+def _after_abort_request(_result: Any, scheduler: Any, recv_req: Any, *args: Any, **kwargs: Any) -> None:
+    if _engine is not None and _engine.migration is not None:
+        _engine.migration.on_abort(str(recv_req.rid or ""), bool(getattr(recv_req, "abort_all", False)))
+
+
 def _around_is_fully_idle(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
     if _engine is not None and _engine.migration is not None and _engine.migration.holds():
         return False
@@ -160,4 +168,5 @@ def register_scheduler_hooks(config: AresServerConfig) -> list[str]:
     HookRegistry.register(UPDATE_RUNNING_BATCH, _around_update_running_batch, HookType.AROUND)
     HookRegistry.register(PREALLOC_ADD, _around_prealloc_add, HookType.AROUND)
     HookRegistry.register(IS_FULLY_IDLE, _around_is_fully_idle, HookType.AROUND)
+    HookRegistry.register(ABORT_REQUEST, _after_abort_request, HookType.AFTER)
     return list(SCHEDULER_HOOK_TARGETS)

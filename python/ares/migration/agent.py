@@ -30,6 +30,7 @@ logger = logging.getLogger("ares.migration")
 MID_PARAM = "ares_mid"  # `sampling_params.custom_params` key marking R's attach request on B
 MIGRATED_PREFIX = "ares_migrated:"  # A's finish message once B has committed
 TICK_TIMEOUT_S = 30.0
+IDLE_TTL_S = 60.0  # B frees an incoming migration no command touched for this long (A or R gone silent)
 
 
 class CommandError(Exception):
@@ -57,7 +58,7 @@ class Incoming:
 
     mid: str
     req: Any
-    t_attach: float = field(default_factory=time.monotonic)
+    touched: float = field(default_factory=time.monotonic)  # the last command for it (or the attach)
     source: dict | None = None  # A's KV layout (session, buffer pointers, item lengths, page size)
     allocated: int = 0  # positions of KV allocated in the request's row
     pulled: int = 0  # positions whose KV has arrived
@@ -88,7 +89,18 @@ class MigrationAgent:
         return fut.result(timeout=TICK_TIMEOUT_S)
 
     def tick(self) -> None:
-        """Scheduler thread, between decode steps: run the queued actions."""
+        """Scheduler thread, between decode steps: run the queued actions; expire silent incoming migrations."""
+        if self.incoming:
+            now = time.monotonic()
+            for rec in list(self.incoming.values()):
+                if rec.state in ("attached", "reserved") and now - rec.touched > IDLE_TTL_S:
+                    self._abort_incoming(rec, f"no command for {IDLE_TTL_S:.0f} s")
+            done = [m for m, r in self.incoming.items() if r.state in ("committed", "aborted")]
+            for mid in done[: max(len(done) - 256, 0)]:  # keep the last records for `status`
+                del self.incoming[mid]
+        ended = [m for m, o in self.outgoing.items() if o.done]
+        for mid in ended[: max(len(ended) - 256, 0)]:
+            del self.outgoing[mid]
         while True:
             try:
                 fn, fut = self.tasks.get_nowait()
@@ -174,7 +186,31 @@ class MigrationAgent:
         rec = self.incoming.get(mid)
         if rec is None or rec.state in ("committed", "aborted"):
             raise CommandError(410, "unknown_migration")
+        rec.touched = time.monotonic()
         return rec
+
+    def on_abort(self, rid: str, abort_all: bool) -> None:
+        """After SGLang's `abort_request` (scheduler thread): SGLang does not see requests the agent holds, so
+        abort them here: an attached/reserved incoming one (B) and a paused outgoing one (A), freeing their KV."""
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+        from sglang.srt.mem_cache.common import release_kv_cache
+
+        if not rid and not abort_all:
+            return  # an empty rid would match every request
+
+        def hit(req: Any) -> bool:
+            return abort_all or req.rid.startswith(rid)
+
+        for rec in list(self.incoming.values()):
+            if rec.state in ("attached", "reserved") and hit(rec.req):
+                self._abort_incoming(rec, "request aborted")
+        for out in self.outgoing.values():
+            if out.paused and not out.done and hit(out.req):
+                self.paused.discard(id(out.req))
+                out.req.finished_reason = FINISH_ABORT(message="aborted while migrating")
+                self.scheduler.output_streamer.stream_output([out.req], False)
+                release_kv_cache(out.req, self.scheduler.tree_cache, checkpoint=False)
+                out.done = "aborted"
 
     # -- A: the source ----------------------------------------------------------------------------------------------
     def cmd_out_begin(self, msg: dict) -> dict:
