@@ -23,8 +23,8 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from ares.config import AresServerConfig
 from ares.engine.aux_output import HeadDeviceOutput
 from ares.engine.decode_head import DecodeHead
-from ares.engine.state_report import StateService, build_report
-from ares.migration.agent import MigrationAgent, MigrationService
+from ares.engine.state_report import ReplyService, build_report, state_service
+from ares.migration.agent import MigrationAgent, migration_service
 
 logger = logging.getLogger("ares.engine")
 
@@ -60,7 +60,7 @@ class _Engine:
     def __init__(self, config: AresServerConfig):
         self.config = config
         self.head: DecodeHead | None = None
-        self.service: StateService | None = None
+        self.service: ReplyService | None = None
         self.migration: MigrationAgent | None = None  # TP rank 0 only (v1 migrates with TP = 1)
 
     def decode_head(self) -> DecodeHead:
@@ -112,10 +112,10 @@ def _after_init_dispatcher(_result: Any, scheduler: Any, *args: Any, **kwargs: A
     assert _engine is not None
     # With tensor parallelism every rank holds the same requests; rank 0 reports.
     if _tp_rank() == 0 and _engine.service is None and _engine.config.state_ipc:
-        _engine.service = StateService(scheduler, _engine.config.state_ipc).start()
+        _engine.service = state_service(scheduler, _engine.config.state_ipc).start()
         if _engine.config.migrate_ipc:
             _engine.migration = MigrationAgent(scheduler)
-            MigrationService(_engine.migration, _engine.config.migrate_ipc).start()
+            migration_service(_engine.migration, _engine.config.migrate_ipc).start()
 
 
 def _after_process_decode_queue(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:

@@ -14,6 +14,7 @@ import base64
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -116,17 +117,18 @@ def build_report(scheduler: Any, columns: bool = False) -> dict[str, Any]:
     return {**head, **request_columns(reqs)} if columns else {**head, "requests": request_rows(reqs)}
 
 
-class StateService:
-    """Answers every message on `address` (ZMQ REP) with the current report as JSON bytes: version 2 (columns) when
-    the message is `COLUMNS`, else version 1."""
+class ReplyService:
+    """A thread answering every message on `address` (ZMQ REP) with `answer(message)`; an exception in `answer`
+    is logged and answered as `{"error": ...}`, so the service outlives a bad request."""
 
-    def __init__(self, scheduler: Any, address: str):
-        self.scheduler = scheduler
+    def __init__(self, name: str, address: str, answer: Callable[[bytes], bytes]):
+        self.name = name
         self.address = address
-        self._thread = threading.Thread(target=self._serve, name="ares-state", daemon=True)
+        self.answer = answer
+        self._thread = threading.Thread(target=self._serve, name=f"ares-{name}", daemon=True)
 
-    def start(self, switch_interval_s: float = 0.0005) -> StateService:
-        """Start serving. A poll needs the GIL for well under a millisecond, but while the scheduler thread runs
+    def start(self, switch_interval_s: float = 0.0005) -> ReplyService:
+        """Start serving. A request needs the GIL for well under a millisecond, but while the scheduler thread runs
         Python it waits up to CPython's switch interval (5 ms) for it; a shorter interval costs the scheduler only
         when another thread is actually waiting."""
         sys.setswitchinterval(min(sys.getswitchinterval(), switch_interval_s))
@@ -140,16 +142,24 @@ class StateService:
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.bind(self.address)
-        except zmq.ZMQError as e:  # another scheduler of this server (DP > 1) reports already
-            logger.warning("ARES state service not started on %s: %s (only one scheduler reports)", self.address, e)
+        except zmq.ZMQError as e:  # another scheduler of this server (DP > 1) serves already
+            logger.warning(
+                "ARES %s service not started on %s: %s (only one scheduler serves)", self.name, self.address, e
+            )
             sock.close()
             return
-        logger.info("ARES state service on %s", self.address)
+        logger.info("ARES %s service on %s", self.name, self.address)
         while True:
             msg = sock.recv()
             try:
-                body = orjson.dumps(build_report(self.scheduler, columns=msg == COLUMNS))
-            except Exception as e:  # noqa: BLE001 - a bad read must answer, not kill the service
-                logger.exception("ARES state report failed")
+                body = self.answer(msg)
+            except Exception as e:  # noqa: BLE001 - a bad request must answer, not kill the service
+                logger.exception("ARES %s service failed", self.name)
                 body = orjson.dumps({"error": f"{type(e).__name__}: {e}"})
             sock.send(body)
+
+
+def state_service(scheduler: Any, address: str) -> ReplyService:
+    """The `/ares/state` service: the current report as JSON bytes, version 2 (columns) when the message is
+    `COLUMNS`, else version 1."""
+    return ReplyService("state", address, lambda msg: orjson.dumps(build_report(scheduler, columns=msg == COLUMNS)))

@@ -1,7 +1,7 @@
 """The migration agent inside a decode server's scheduler process (TP rank 0, `--ares`): the source (A) and
 destination (B) halves of `docs/migration.md`.
 
-Commands arrive as JSON on a local ZMQ REP socket (`MigrationService`, a thread). Anything that touches scheduler
+Commands arrive as JSON on a local ZMQ REP socket (`migration_service`, a thread). Anything that touches scheduler
 state (the running batch, allocators, `req_to_token`, queues, streams) runs in the **tick**, on the scheduler
 thread between two decode steps (an AFTER hook on `process_decode_queue`); the service thread waits for it. B's
 Mooncake reads run on the service thread, outside the tick: the pages they write belong to B's reservation and
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from ares.engine.state_report import ReplyService
 from ares.migration.pages import page_pairs, page_runs, read_batch
 
 logger = logging.getLogger("ares.migration")
@@ -491,34 +491,14 @@ def _not_migratable(req: Any, scheduler: Any) -> str | None:
     return None
 
 
-class MigrationService:
-    """Answers JSON commands on `address` (ZMQ REP) through the agent; one command at a time."""
+def migration_service(agent: MigrationAgent, address: str) -> ReplyService:
+    """The migration command service: JSON command in, the agent's JSON answer out, one command at a time."""
 
-    def __init__(self, agent: MigrationAgent, address: str):
-        self.agent = agent
-        self.address = address
-        self._thread = threading.Thread(target=self._serve, name="ares-migrate", daemon=True)
-
-    def start(self) -> MigrationService:
-        self._thread.start()
-        return self
-
-    def _serve(self) -> None:
-        import zmq
-
-        sock = zmq.Context.instance().socket(zmq.REP)
-        sock.setsockopt(zmq.LINGER, 0)
+    def answer(raw: bytes) -> bytes:
         try:
-            sock.bind(self.address)
-        except zmq.ZMQError as e:
-            logger.warning("ARES migration service not started on %s: %s", self.address, e)
-            sock.close()
-            return
-        logger.info("ARES migration service on %s", self.address)
-        while True:
-            raw = sock.recv()
-            try:
-                reply = self.agent.handle(orjson.loads(raw))
-            except orjson.JSONDecodeError as e:
-                reply = {"status": 400, "reason": f"bad JSON: {e}"}
-            sock.send(orjson.dumps(reply))
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            return orjson.dumps({"status": 400, "reason": f"bad JSON: {e}"})
+        return orjson.dumps(agent.handle(msg))
+
+    return ReplyService("migration", address, answer)
