@@ -136,6 +136,7 @@ class Backend:
     # The report before `load`: a request that finishes just after a poll is often no longer in `load`, but its
     # last prediction is here (one reference kept per poll, no per-request work).
     prev_load: DecodeLoad | None = None
+    snapshot_load: DecodeLoad | None = None  # the report the current snapshot was built from
     models: frozenset[str] | None = None  # model ids the server serves (`/v1/models`); None: not asked yet
     models_time: float | None = None  # monotonic time `models` was fetched
     inflight: int = 0  # router requests on this server now
@@ -240,6 +241,7 @@ class RouterState:
 
     def _instance(self, d: Backend) -> InstanceState:
         load = d.load
+        d.snapshot_load = load
         tracked = d.tracked
         # Requests the server reports (/ares/state): its view wins (exact lengths, the head's prediction). That
         # includes requests this router does not relay (other routers, direct clients): they are load too.
@@ -419,7 +421,7 @@ class RouterState:
         decodes = []
         for j, d in enumerate(self.decodes):
             inst = snap.instances[j]
-            load = d.load
+            load, snap_load = d.load, d.snapshot_load  # the latest poll; the one the snapshot was built from
             decodes.append(
                 {
                     **backend(d),
@@ -436,6 +438,8 @@ class RouterState:
                             "length": float(inst.lengths[k]),
                             "generated": float(inst.generated[k]),
                             "predicted_remaining": _num(inst.predicted_remaining[k]),
+                            # the server's head predicted it (else: the router's estimate from the prompt)
+                            "by_head": snap_load is not None and snap_load.prediction_of(str(rid)) is not None,
                         }
                         for k, rid in enumerate(inst.request_ids)
                     ],

@@ -162,15 +162,16 @@ def test_router_snapshot_carries_the_head_predictions(cluster, tokenizer):
         if len(seen) < 3 and event["meta_info"]["completion_tokens"] >= 4:
             for d in get_json(cluster.router_url + "/ares/cluster")["decode"]:
                 assert d["source"] == "ares_state"
-                seen += [r for r in d["requests"] if r["rid"] == rid and r["predicted_remaining"] is not None]
+                seen += [r for r in d["requests"] if r["rid"] == rid and r["by_head"]]
     trace = event["meta_info"]["ares_predicted_remaining"]
     assert seen, "the router never showed a prediction for a request running 156 decode steps"
     for row in seen:
-        # The router counts the tokens it relayed (`generated`, n); the prediction is the server's at its poll: made
-        # at some step g < n and counted down by the k tokens the server had produced since (1 <= k <= n - g).
-        n, value = int(row["generated"]), row["predicted_remaining"]
-        made = [(g, k) for g in range(1, n) for k in range(1, n - g + 1) if abs(max(trace[g] - k, 0.0) - value) < 1e-3]
-        assert made, (row, trace[:n])
+        # The server's latest prediction (made at some step g, `trace[g]`) counted down by the k >= 0 tokens that
+        # came after it, as of the poll the router last read.
+        value = row["predicted_remaining"]
+        made = [(g, k) for g in range(1, len(trace)) for k in range(len(trace) - g + 1)
+                if abs(max(trace[g] - k, 0.0) - value) < 1e-3]  # fmt: skip
+        assert made, (row, trace)
 
 
 def test_ares_dispatch_follows_the_head_where_the_prompt_guess_disagrees(cluster, tokenizer, prefill, tmp_path):

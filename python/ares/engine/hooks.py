@@ -21,7 +21,7 @@ from typing import Any
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from ares.config import AresServerConfig
-from ares.engine.aux_output import HeadDeviceOutput
+from ares.engine.aux_output import TRACE_KEY, HeadDeviceOutput
 from ares.engine.decode_head import DecodeHead
 from ares.engine.state_report import ReplyService, build_report, state_service
 from ares.migration.agent import MigrationAgent, migration_service
@@ -39,6 +39,7 @@ UPDATE_RUNNING_BATCH = "sglang.srt.managers.scheduler.Scheduler.update_running_b
 PREALLOC_ADD = "sglang.srt.disaggregation.decode.DecodePreallocQueue.add"
 IS_FULLY_IDLE = "sglang.srt.managers.scheduler.Scheduler.is_fully_idle"
 ABORT_REQUEST = "sglang.srt.managers.scheduler.Scheduler.abort_request"
+STREAM_OUTPUT = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output"
 SCHEDULER_HOOK_TARGETS = (
     PREPARE_FOR_DECODE,
     SAMPLE,
@@ -140,6 +141,15 @@ def _after_abort_request(_result: Any, scheduler: Any, recv_req: Any, *args: Any
         _engine.migration.on_abort(str(recv_req.rid or ""), bool(getattr(recv_req, "abort_all", False)))
 
 
+def _before_stream_output(streamer: Any, reqs: Any, *args: Any, **kwargs: Any) -> None:
+    # With --ares-return-predictions: SGLang sends per-token extras only for keys a request already has, from the
+    # request's first chunk on; the first (the prefill's token) goes out before any prediction exists, so the key
+    # must be there, padded, or a stream's values would shift by one token.
+    for req in reqs:
+        if req.customized_info is None:
+            req.customized_info = {TRACE_KEY: [None] * len(req.output_ids)}
+
+
 def _around_is_fully_idle(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
     if _engine is not None and _engine.migration is not None and _engine.migration.holds():
         return False
@@ -169,4 +179,7 @@ def register_scheduler_hooks(config: AresServerConfig) -> list[str]:
     HookRegistry.register(PREALLOC_ADD, _around_prealloc_add, HookType.AROUND)
     HookRegistry.register(IS_FULLY_IDLE, _around_is_fully_idle, HookType.AROUND)
     HookRegistry.register(ABORT_REQUEST, _after_abort_request, HookType.AFTER)
+    if config.return_predictions:
+        HookRegistry.register(STREAM_OUTPUT, _before_stream_output, HookType.BEFORE)
+        return [*SCHEDULER_HOOK_TARGETS, STREAM_OUTPUT]
     return list(SCHEDULER_HOOK_TARGETS)
