@@ -166,9 +166,10 @@ class MigrationAgent:
         return self.scheduler.req_to_token_pool.req_to_token[row, start:end].tolist()
 
     @staticmethod
-    def _written(req: Any) -> int:
+    def _written(req: Any, output_ids: Any = None) -> int:
         """Positions whose KV is written: prompt + outputs but the last (its KV comes with the next step)."""
-        return len(req.origin_input_ids) + len(req.output_ids) - 1
+        n = len(req.output_ids if output_ids is None else output_ids)
+        return len(req.origin_input_ids) + max(n - 1, 0)
 
     def _running(self, rid: str) -> Any:
         for req in self.scheduler.running_batch.reqs:
@@ -193,7 +194,6 @@ class MigrationAgent:
         """After SGLang's `abort_request` (scheduler thread): SGLang does not see requests the agent holds, so
         abort them here: an attached/reserved incoming one (B) and a paused outgoing one (A), freeing their KV."""
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
-        from sglang.srt.mem_cache.common import release_kv_cache
 
         if not rid and not abort_all:
             return  # an empty rid would match every request
@@ -207,9 +207,7 @@ class MigrationAgent:
         for out in self.outgoing.values():
             if out.paused and not out.done and hit(out.req):
                 self.paused.discard(id(out.req))
-                out.req.finished_reason = FINISH_ABORT(message="aborted while migrating")
-                self.scheduler.output_streamer.stream_output([out.req], False)
-                release_kv_cache(out.req, self.scheduler.tree_cache, checkpoint=False)
+                self._end(out.req, FINISH_ABORT(message="aborted while migrating"), free=True)
                 out.done = "aborted"
 
     # -- A: the source ----------------------------------------------------------------------------------------------
@@ -270,15 +268,12 @@ class MigrationAgent:
 
         def act() -> dict:
             from sglang.srt.managers.schedule_batch import FINISH_ABORT
-            from sglang.srt.mem_cache.common import release_kv_cache
 
             out = self._out(msg["mid"])
             req = out.req
             self.paused.discard(id(req))
             self.scheduler.running_batch.filter_batch(reqs_to_exclude=[req])
-            req.finished_reason = FINISH_ABORT(message=MIGRATED_PREFIX + out.mid)
-            self.scheduler.output_streamer.stream_output([req], False)
-            release_kv_cache(req, self.scheduler.tree_cache, checkpoint=False)
+            self._end(req, FINISH_ABORT(message=MIGRATED_PREFIX + out.mid), free=True)
             out.done = "finalized"
             return {"n_output": len(req.output_ids)}
 
@@ -319,7 +314,7 @@ class MigrationAgent:
             src = msg["layout"]
             if (src["item_lens"], src["page_size"]) != (layout["item_lens"], layout["page_size"]):
                 raise CommandError(409, "layout_mismatch")
-            need = self._written_for(req, msg["output_ids"]) + int(msg.get("headroom_tokens", 0))
+            need = self._written(req, msg["output_ids"]) + int(msg.get("headroom_tokens", 0))
             free = int(self.scheduler.token_to_kv_pool_allocator.available_size())
             if self.scheduler.req_to_token_pool.available_size() <= 0:
                 raise CommandError(409, "no_row")
@@ -333,10 +328,6 @@ class MigrationAgent:
             return {"reserved_tokens": rec.allocated}
 
         return self.in_tick(act)
-
-    @staticmethod
-    def _written_for(req: Any, output_ids: list[int]) -> int:
-        return len(req.origin_input_ids) + max(len(output_ids) - 1, 0)
 
     def _grow(self, rec: Incoming, end: int) -> None:
         """Tick: extend B's allocation for the request to `end` positions."""
@@ -405,7 +396,7 @@ class MigrationAgent:
         def act() -> dict:
             rec = self._in(mid)
             req = rec.req
-            written = self._written_for(req, output_ids)
+            written = self._written(req, output_ids)
             if written != msg["end"] or rec.pulled < written:
                 raise CommandError(409, f"mismatch:{written}/{msg['end']}/{rec.pulled}")
             assert rec.allocated == written, (rec.allocated, written)  # grown stage by stage, never past A's length
@@ -430,15 +421,21 @@ class MigrationAgent:
 
     def _abort_incoming(self, rec: Incoming, reason: str) -> None:
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        message = f"ares migration {rec.mid} aborted: {reason}"
+        self._end(rec.req, FINISH_ABORT(message=message, status_code=503), free=rec.state == "reserved")
+        rec.state = "aborted"
+        logger.info("migration %s: incoming request %s aborted (%s)", rec.mid, rec.req.rid, reason)
+
+    def _end(self, req: Any, reason: Any, free: bool) -> None:
+        """Tick: finish a request the agent holds (SGLang's queues do not list it): its stream gets every unsent
+        token and `reason`; with `free`, its row and KV go back to the pools."""
         from sglang.srt.mem_cache.common import release_kv_cache
 
-        req = rec.req
-        if rec.state == "reserved":
-            release_kv_cache(req, self.scheduler.tree_cache, checkpoint=False)
-        req.finished_reason = FINISH_ABORT(message=f"ares migration {rec.mid} aborted: {reason}", status_code=503)
+        req.finished_reason = reason
         self.scheduler.output_streamer.stream_output([req], False)
-        rec.state = "aborted"
-        logger.info("migration %s: incoming request %s aborted (%s)", rec.mid, req.rid, reason)
+        if free:
+            release_kv_cache(req, self.scheduler.tree_cache, checkpoint=False)
 
     def cmd_status(self, msg: dict) -> dict:
         """Reserved tokens and the records (for `/ares/state` and tests); answered without the tick."""
