@@ -32,21 +32,15 @@ from ares_router.backends import (
     bootstrap_fields,
 )
 from ares_router.config import RouterConfig
+from ares_router.link_profile import get_link_profile
 from ares_router.metrics import RouterMetrics
-from ares_router.migration import (
-    MIGRATABLE_ENDPOINTS,
-    InFlight,
-    Migration,
-    MigrationLimits,
-    Splicer,
-    new_mid,
-    run_migration,
-)
+from ares_router.migration import InFlight, Migration, MigrationLimits, new_mid, run_migration
 from ares_router.policy import Migration as PolicyMigration
-from ares_router.policy import NoHealthyInstance, plan_rebalance
+from ares_router.policy import MigrationCost, NoHealthyInstance, plan_rebalance
 from ares_router.poller import Poller, parse_models
 from ares_router.protocol import ENDPOINTS, GENERATE, APIError, ParsedRequest, check_model, parse_request
 from ares_router.rebalancer import RebalanceGate
+from ares_router.splice import Splicer, not_migratable
 from ares_router.state import Backend, RouterState
 
 log = logging.getLogger("ares_router")
@@ -59,6 +53,9 @@ _CLIENT_GONE = (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientConn
 # Events of an OpenAI stream that carry no token: SGLang's chat stream opens with a role-only delta and closes with
 # a finish_reason-only chunk (serving_chat.py); completions put the finish reason on the last token's event.
 _NON_TOKEN_EVENTS = {"/v1/chat/completions": 2, "/v1/completions": 0, GENERATE: 0}
+# A request header naming a decode server (name, index or URL) places the request there, whatever the policy says:
+# for operators and for tests that need one instance overloaded. Responses name where it went in the same header.
+PIN_HEADER = "X-Ares-Decode"
 MODELS_MISS_REFRESH_S = 1.0  # at most one model-list refresh per second for requests naming an unknown model
 # Per-request values the middleware sets: the request's id, and whether the router made it (typed keys where aiohttp
 # has them, >= 3.12; plain strings before).
@@ -138,6 +135,9 @@ class Router:
             config.policy,
             load_model=config.load_model,
             estimator=config.estimator,
+            admission=config.admission,
+            link=(link := get_link_profile(config.migrate_link)),
+            migration_cost=link.migration_cost(MigrationCost().kv_bytes_per_token),  # until servers report theirs
             stale_after_s=config.stale_after_s,
             seed=config.seed,
         )
@@ -253,7 +253,9 @@ class Router:
                 request[RID_IS_OURS] = False
             if parsed.body.get("model") is not None:
                 await self._check_model(parsed)
-            resp = await self._serve(request, parsed, request[RID], t0)
+            pin = request.headers.get(PIN_HEADER)
+            pinned = self._decode_named(pin) if pin else None
+            resp = await self._serve(request, parsed, request[RID], t0, pinned)
             self.metrics.requests.labels(endpoint, str(resp.status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
             return resp
@@ -279,14 +281,22 @@ class Router:
         check_model(parsed, served)
 
     def _choose(
-        self, parsed: ParsedRequest, excluded_d: list[int], excluded_p: list[int], failure: BackendFailure | None
+        self,
+        parsed: ParsedRequest,
+        excluded_d: list[int],
+        excluded_p: list[int],
+        failure: BackendFailure | None,
+        pinned: Backend | None,
     ) -> tuple[Backend, Backend]:
-        """The (prefill, decode) pair for one attempt; 503 when none is healthy (502 after a failed attempt)."""
+        """The (prefill, decode) pair for one attempt; 503 when none is healthy (502 after a failed attempt).
+        A `pinned` decode server is the only candidate (the policy still books the request there)."""
         t = time.perf_counter()
         try:
             p = self.state.choose_prefill(excluded_p)
         except NoHealthyInstance:
             raise self._unavailable("prefill", failure) from None
+        if pinned is not None:
+            excluded_d = [*excluded_d, *(d.index for d in self.state.decodes if d is not pinned)]
         try:
             d = self.state.choose_decode(parsed.prompt_tokens, parsed.max_tokens, excluded_d)
         except NoHealthyInstance:
@@ -302,14 +312,16 @@ class Router:
             502, f"backend failed before the first token ({failure}); no other healthy {role} server to retry on"
         )
 
-    async def _serve(self, request: web.Request, parsed: ParsedRequest, rid: str, t0: float) -> web.StreamResponse:
+    async def _serve(
+        self, request: web.Request, parsed: ParsedRequest, rid: str, t0: float, pinned: Backend | None
+    ) -> web.StreamResponse:
         assert self.client is not None
         excluded_d: list[int] = []
         excluded_p: list[int] = []
         failure: BackendFailure | None = None
         for attempt in range(self.config.retries + 1):
             try:
-                prefill, decode = self._choose(parsed, excluded_d, excluded_p, failure)
+                prefill, decode = self._choose(parsed, excluded_d, excluded_p, failure, pinned)
             except APIError:
                 if failure is not None and failure.answer is not None:
                     return _relay_answer(failure.answer, {"X-Request-Id": rid})  # the server's own error
@@ -329,7 +341,7 @@ class Router:
                 decode.name,
                 backend_rid,
             )
-            headers = {"X-Request-Id": rid, "X-Ares-Decode": decode.name, "X-Ares-Prefill": prefill.name}
+            headers = {"X-Request-Id": rid, PIN_HEADER: decode.name, "X-Ares-Prefill": prefill.name}
             self.inflight[backend_rid] = InFlight(backend_rid, parsed.endpoint, body, parsed.stream, prefill, decode)
             self.client_rids[rid] = backend_rid
             try:
@@ -354,7 +366,7 @@ class Router:
                     self.client.abort(backend_rid, [prefill])
                 if not parsed.stream or start.response is None:
                     if start.status == 200 and backend_rid in self.migrations:
-                        return await self._spliced_answer(backend_rid, start, headers)
+                        return await self._spliced_answer(parsed.endpoint, backend_rid, start, headers)
                     if start.status == 200:
                         self._record_head_error(backend_rid, decode, functools.partial(_answer_tokens, start.first))
                     return web.Response(body=start.first, status=start.status, headers=_ctype(start, headers))
@@ -419,16 +431,20 @@ class Router:
             await resp.prepare(request)
             self.metrics.ttft.labels(parsed.endpoint).observe(time.perf_counter() - t0)
             try:
-                if parsed.endpoint in MIGRATABLE_ENDPOINTS:
+                if not_migratable(parsed.endpoint, parsed.body) is None:
                     # Event by event, so that a migration can end A's part and continue with B's at a token boundary.
-                    splicer = Splicer()
+                    splicer = Splicer.for_endpoint(parsed.endpoint)
                     async for event in _sse_events(start.first, start.response):
-                        obj = _event_json(event) if backend_rid in self.migrations else None
-                        if obj is not None and Splicer.migrated(obj):
+                        if migrated:
+                            continue  # A's events after its end (usage, [DONE]): B's end the client's stream
+                        m = self.migrations.get(backend_rid)
+                        obj = _event_json(event) if m is not None else None
+                        if obj is not None and splicer.is_source_end(obj, m.state == "committed"):
                             migrated = True
-                            event = b"data: " + orjson.dumps(splicer.source_end(obj)) + b"\n\n"
-                        elif migrated and event.startswith(_SSE_DONE):
-                            continue  # B's stream ends the client's
+                            end = splicer.source_end(obj)
+                            if end is None:
+                                continue
+                            event = b"data: " + orjson.dumps(end) + b"\n\n"
                         tracked.generated += _count_events(event)
                         prev, last = last, event
                         await resp.write(event)
@@ -437,7 +453,10 @@ class Router:
                         async for event in _sse_events(b"", target_response):
                             obj = _event_json(event)
                             if obj is not None:
-                                event = b"data: " + orjson.dumps(splicer.target(obj)) + b"\n\n"
+                                obj = splicer.target(obj)
+                                if obj is None:
+                                    continue
+                                event = b"data: " + orjson.dumps(obj) + b"\n\n"
                             tracked.generated += _count_events(event)
                             prev, last = last, event
                             await resp.write(event)
@@ -448,7 +467,12 @@ class Router:
                         tracked.generated += _count_events(chunk)
                         prev, last = last, chunk
                         await resp.write(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError) as e:
+            except (
+                aiohttp.ClientPayloadError,
+                aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError,  # the decode server's connection reset (it died)
+                asyncio.TimeoutError,
+            ) as e:
                 # Tokens already went out: no retry possible. Say so in-band (SGLang's shape), clean up both servers.
                 log.warning("rid=%s decode stream broke: %r", request[RID], e)
                 self.client.abort(backend_rid, self._servers_of(backend_rid, backends))
@@ -468,19 +492,18 @@ class Router:
         await resp.write_eof()
         return resp
 
-    async def _spliced_answer(self, backend_rid: str, start: DecodeStart, headers: dict) -> web.Response:
+    async def _spliced_answer(self, endpoint: str, backend_rid: str, start: DecodeStart, headers: dict) -> web.Response:
         """A non-streaming answer of a request that may have moved: A's part continued with B's whole answer."""
         m = self.migrations[backend_rid]
         a = orjson.loads(start.first)
-        if m.state != "committed" or not Splicer.migrated(a) or m.target_response is None:
+        splicer = Splicer.for_endpoint(endpoint)
+        if m.target_response is None or not splicer.is_source_end(a, m.state == "committed"):
             return web.Response(body=start.first, status=start.status, headers=_ctype(start, headers))
         async with await m.target_response as b_resp:
             b_body = await b_resp.read()
             if b_resp.status != 200:
                 return web.Response(body=b_body, status=b_resp.status, content_type="application/json")
-        splicer = Splicer()
-        splicer.source_end(a)
-        out = splicer.target(orjson.loads(b_body))
+        out = splicer.answer(a, orjson.loads(b_body))
         return web.Response(body=orjson.dumps(out), status=200, headers=_ctype(start, headers))
 
     # -- migration ------------------------------------------------------------------------------------------------
@@ -498,10 +521,9 @@ class Router:
         if flight is None:
             raise APIError(404, f"no request {rid!r} is running through this router")
         target = self._decode_named(to)
-        if flight.endpoint not in MIGRATABLE_ENDPOINTS:
-            raise APIError(
-                409, f"requests to {flight.endpoint} cannot migrate yet (only {', '.join(MIGRATABLE_ENDPOINTS)})"
-            )
+        why = not_migratable(flight.endpoint, flight.body)
+        if why is not None:
+            raise APIError(409, f"request {rid!r} cannot migrate: {why}")
         if target is flight.decode:
             raise APIError(409, f"request {rid!r} already runs on {target.name}")
         current = self.migrations.get(backend_rid)
@@ -532,7 +554,7 @@ class Router:
             try:
                 proposed = plan_rebalance(self.state.snapshot, self.config.rebalance_policy or self.state.policy)
                 decodes = self.state.decodes
-                eligible = [rid for rid, f in self.inflight.items() if f.endpoint in MIGRATABLE_ENDPOINTS]
+                eligible = [rid for rid, f in self.inflight.items() if not_migratable(f.endpoint, f.body) is None]
                 for pm in self.gate.choose(proposed, eligible, time.monotonic()):
                     flight = self.inflight.get(str(pm.request_id))
                     if flight is None or flight.decode.index != pm.source:

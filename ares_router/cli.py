@@ -10,7 +10,8 @@ import sys
 
 from ares_router.config import ROUTER_POLICIES, RouterConfig
 from ares_router.estimate import OutputEstimator
-from ares_router.policy import LoadModel
+from ares_router.link_profile import DEFAULT_LINK, load_profiles
+from ares_router.policy import DEFAULT_RESERVE_TOKENS, Admission, LoadModel
 from ares_router.rebalancer import RebalanceLimits
 
 
@@ -64,6 +65,13 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--horizon-tokens", type=int, default=LoadModel.horizon_tokens, help="load-model horizon (steps)")
     p.add_argument("--horizon-points", type=int, default=LoadModel.points, help="load-model grid points")
     p.add_argument("--use-upper", action="store_true", help="plan with the predicted upper quantile when reported")
+    p.add_argument(
+        "--reserve-tokens",
+        type=int,
+        default=DEFAULT_RESERVE_TOKENS,
+        help="the decode servers' --num-reserved-decode-tokens: the policies place and migrate by SGLang's decode "
+        "admission rule with it (ares_router.policy.admission)",
+    )
     e = OutputEstimator()
     p.add_argument(
         "--estimate-base",
@@ -83,7 +91,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=["off", "on"],
         default="off",
         help="migrate running requests between decode servers as the policy plans (ares: predicted load; "
-        "current_migrate: current load); off: placement only",
+        "current_migrate: current load); off: placement only, so current_migrate places exactly like least_kv",
     )
     p.add_argument(
         "--ares-rebalance-policy",
@@ -128,6 +136,12 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=0.0,
         help="seconds between pre-copy stages (default 0; tests use it to keep a request on its source longer)",
     )
+    p.add_argument(
+        "--ares-migrate-link",
+        default=DEFAULT_LINK,
+        help="link profile that prices migrations for the rebalancing policy (ares_router/link_profile.py): "
+        f"{', '.join(sorted(load_profiles()))}; with the KV bytes per token the decode servers report",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs latency)")
     return p
@@ -150,6 +164,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         retries=args.retries,
         seed=args.seed,
         load_model=LoadModel(horizon_tokens=args.horizon_tokens, points=args.horizon_points, use_upper=args.use_upper),
+        admission=Admission(reserve_tokens=args.reserve_tokens),
         estimator=OutputEstimator(
             base_tokens=args.estimate_base,
             per_prompt_token=args.estimate_per_prompt_token,
@@ -170,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         migrate_max_stages=args.ares_migrate_max_stages,
         migrate_last_stage_tokens=args.ares_migrate_last_stage_tokens,
         migrate_stage_delay_s=args.ares_migrate_stage_delay,
+        migrate_link=args.ares_migrate_link,
     )
 
 

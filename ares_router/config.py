@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ares_router.estimate import OutputEstimator
-from ares_router.policy import POLICIES, LoadModel
+from ares_router.link_profile import DEFAULT_LINK, load_profiles
+from ares_router.policy import POLICIES, Admission, LoadModel
 from ares_router.rebalancer import RebalanceLimits
 
 ROUTER_POLICIES = tuple(name for name in POLICIES if not POLICIES[name]().needs_true_lengths)
@@ -30,6 +31,7 @@ class RouterConfig:
     retries: int = 1  # extra attempts on another instance when a backend fails before the first token
     seed: int | None = None
     load_model: LoadModel = field(default_factory=LoadModel)
+    admission: Admission = field(default_factory=Admission)  # SGLang's decode admission, --reserve-tokens
     estimator: OutputEstimator = field(default_factory=OutputEstimator)
     log_level: str = "info"
     access_log: bool = False
@@ -40,6 +42,7 @@ class RouterConfig:
     migrate_max_stages: int = 6  # pre-copy stages of a migration before the pause
     migrate_last_stage_tokens: int = 32  # pause once at most this many KV positions are left to copy
     migrate_stage_delay_s: float = 0.0  # wait between pre-copy stages (tests widen the pre-copy window with it)
+    migrate_link: str = DEFAULT_LINK  # link profile the rebalancing policy prices migrations with
 
     def __post_init__(self) -> None:
         if not self.prefill or not self.decode:
@@ -50,6 +53,11 @@ class RouterConfig:
             raise ValueError("--health-failure-threshold must be >= 1")
         if self.retries < 0:
             raise ValueError("--retries must be >= 0")
+        if self.admission.reserve_tokens < 0:
+            raise ValueError("--reserve-tokens must be >= 0")
+        if self.migrate_link not in (known := load_profiles()):
+            known_names = ", ".join(sorted(known))
+            raise ValueError(f"unknown --ares-migrate-link {self.migrate_link!r}; choose from {known_names}")
         for policy in (self.policy, self.rebalance_policy or self.policy):
             if policy not in ROUTER_POLICIES:
                 raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(ROUTER_POLICIES)}")

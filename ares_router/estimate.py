@@ -25,6 +25,12 @@ class OutputEstimator:
         est = min(max(self.base_tokens + self.per_prompt_token * prompt_tokens, self.floor_tokens), self.cap_tokens)
         return float(min(est, max_tokens)) if max_tokens is not None else float(est)
 
+    def total_array(self, prompt_tokens: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
+        """`total` over columns (one row per request); NaN in `max_tokens` means no cap."""
+        cap = np.where(np.isnan(max_tokens), np.inf, max_tokens)
+        est = np.clip(self.base_tokens + self.per_prompt_token * prompt_tokens, self.floor_tokens, self.cap_tokens)
+        return np.minimum(est, cap)
+
     def remaining(self, prompt_tokens: int, max_tokens: int | None, generated: int) -> float:
         """Expected tokens still to come after `generated`; a request past its estimate is assumed to run on for
         as long again as it has so far (capped by max_tokens), rather than to stop right now."""
@@ -34,7 +40,6 @@ class OutputEstimator:
     def remaining_array(self, prompt_tokens: np.ndarray, max_tokens: np.ndarray, generated: np.ndarray) -> np.ndarray:
         """`remaining` over columns (one row per request); NaN in `max_tokens` means no cap."""
         cap = np.where(np.isnan(max_tokens), np.inf, max_tokens)
-        total = np.clip(self.base_tokens + self.per_prompt_token * prompt_tokens, self.floor_tokens, self.cap_tokens)
-        total = np.minimum(total, cap)
+        total = self.total_array(prompt_tokens, max_tokens)
         rem = np.where(generated < total, total - generated, np.maximum(generated, self.floor_tokens))
         return np.maximum(np.minimum(rem, cap - generated), 0.0)

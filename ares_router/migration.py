@@ -5,8 +5,7 @@ pulls A's KV in pre-copy stages while the request keeps decoding on A, then A pa
 commits (the request continues on B with the next token), and only then A ends its stream and frees the KV. On any
 failure before B's commit the request goes on where it was and B frees what it holds.
 
-`Splicer` turns A's stream followed by B's into one `/generate` stream (or one answer): same id, every token once,
-B's finish and usage.
+`ares_router.splice` turns A's response followed by B's into one for the client.
 """
 
 from __future__ import annotations
@@ -23,13 +22,12 @@ import aiohttp
 import orjson
 
 from ares_router.backends import JSON_HEADERS, bootstrap_fields
+from ares_router.splice import GENERATE
 from ares_router.state import Backend
 
 log = logging.getLogger("ares_router.migration")
 
 CMD_PATH = "/ares/migrate/cmd"
-MIGRATED_PREFIX = "ares_migrated:"  # the finish message A's stream ends with once B has committed
-MIGRATABLE_ENDPOINTS = ("/generate",)  # v1: the OpenAI endpoints' parser state lives in A's HTTP handler
 
 
 @dataclass(frozen=True)
@@ -118,14 +116,20 @@ async def run_migration(
     mid = m.mid
     paused = False
     try:
-        begin = await command(session, source, {"cmd": "out_begin", "mid": mid, "rid": flight.rid})
+        begin = await command(
+            session, source, {"cmd": "out_begin", "mid": mid, "rid": flight.rid, "endpoint": flight.endpoint}
+        )
         layout = begin["layout"]
         m.state = "precopy"
         # R's request on B: the client's body, the same backend rid, the migration id; bootstrap fields name the
         # original prefill with a fresh room, so should B ever not attach it, it fails instead of decoding garbage.
-        params = dict(flight.body.get("sampling_params") or {})
-        params["custom_params"] = {**(params.get("custom_params") or {}), "ares_mid": mid}
-        body = {**flight.body, **bootstrap_fields(flight.prefill, _rng), "rid": flight.rid, "sampling_params": params}
+        body = {**flight.body, **bootstrap_fields(flight.prefill, _rng), "rid": flight.rid}
+        if flight.endpoint == GENERATE:
+            params = dict(body.get("sampling_params") or {})
+            params["custom_params"] = {**(params.get("custom_params") or {}), "ares_mid": mid}
+            body["sampling_params"] = params
+        else:  # the OpenAI requests' own `custom_params` end up in the sampling params
+            body["custom_params"] = {**(body.get("custom_params") or {}), "ares_mid": mid}
         m.target_response = asyncio.create_task(
             session.post(target.url + flight.endpoint, data=orjson.dumps(body), headers=JSON_HEADERS)
         )
@@ -203,34 +207,3 @@ _rng = random.Random()
 def new_mid() -> str:
     """A migration id."""
     return uuid.uuid4().hex
-
-
-class Splicer:
-    """One `/generate` answer out of A's part and B's: SGLang's `/generate` text and `output_ids` are cumulative per
-    server, so B's are prefixed with A's; meta_info (counts, finish) comes from B, whose counts already include A's
-    tokens."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.ids: list[int] = []
-
-    @staticmethod
-    def migrated(obj: dict) -> bool:
-        """Whether this is A's last event/answer, ended by a committed migration."""
-        fin = (obj.get("meta_info") or {}).get("finish_reason") or {}
-        return isinstance(fin, dict) and str(fin.get("message", "")).startswith(MIGRATED_PREFIX)
-
-    def source_end(self, obj: dict) -> dict:
-        """A's last event: remembered, and relayed without its finish (the request is not done)."""
-        self.text, self.ids = obj.get("text", ""), list(obj.get("output_ids") or [])
-        meta = dict(obj.get("meta_info") or {})
-        meta["finish_reason"] = None
-        return {**obj, "meta_info": meta}
-
-    def target(self, obj: dict) -> dict:
-        """One of B's events (or B's answer), continued from A's."""
-        return {
-            **obj,
-            "text": self.text + obj.get("text", ""),
-            "output_ids": self.ids + list(obj.get("output_ids") or []),
-        }

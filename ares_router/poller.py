@@ -19,6 +19,8 @@ Version 1 (rows; what `GET /ares/state` without the query returns):
      "capacity_tokens": int,     # KV pool size in tokens
      "used_tokens": int,         # KV tokens in use now
      "queued_reqs": int,         # waiting, preallocating, transferring or retracted requests (optional, default 0)
+     "migration": {"version": 1, "reserved_tokens": int, "in": int, "out": int,   # optional: servers that
+                   "kv_bytes_per_token": float},                                # migrate (the router reads the last)
      "requests": [               # running requests
         {"rid": str,
          "prompt_tokens": int,
@@ -34,6 +36,7 @@ instances x 256 running requests, version 1 costs more than a 100 ms poll interv
      "capacity_tokens": int,
      "used_tokens": int,
      "queued_reqs": int,              # optional, default 0
+     "migration": {...},              # optional, as in version 1
      "rids": [str, ...],              # the n running requests, any order; row k of every column is rids[k]
      "prompt_tokens": COLUMN,         # n token counts (int32)
      "generated_tokens": COLUMN,      # n token counts (int32)
@@ -117,9 +120,16 @@ def _parse_rows(data: dict) -> DecodeLoad:
             generated_tokens=generated,
             predicted_remaining=_col(rows, "predicted_remaining", False),
             predicted_p90=_col(rows, "predicted_p90", False),
+            kv_bytes_per_token=_kv_bytes_per_token(data),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BadPayload(f"bad /ares/state payload: {e!r}") from None
+
+
+def _kv_bytes_per_token(data: dict) -> float | None:
+    """KV bytes per token from the optional migration block (servers that migrate report it)."""
+    value = (data.get("migration") or {}).get("kv_bytes_per_token")
+    return None if value is None else float(value)
 
 
 def _check_counts(*cols: np.ndarray) -> None:
@@ -179,6 +189,7 @@ def _parse_columns(data: dict) -> DecodeLoad:
             generated_tokens=generated,
             predicted_remaining=_array(data, "predicted_remaining", n, False),
             predicted_p90=_array(data, "predicted_p90", n, False),
+            kv_bytes_per_token=_kv_bytes_per_token(data),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BadPayload(f"bad /ares/state payload (version 2): {e!r}") from None

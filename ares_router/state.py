@@ -1,123 +1,46 @@
 """The router's view of the cluster: polled server load + its own bookkeeping of the requests it relays, turned
-into a `policy.ClusterSnapshot`, and the dispatch decisions taken on it.
+into a `policy.ClusterSnapshot` by the assembler the simulator uses too (`policy.assemble`), and the dispatch
+decisions taken on it.
 
 Snapshot lifecycle: `refresh()` (after every poll round) rebuilds the snapshot from scratch; each dispatch in
 between updates it incrementally (`ClusterSnapshot.with_dispatch`), so a burst arriving between two polls spreads
 out instead of landing on the instance that looked emptiest at the last poll.
 
 Cost: a rebuild touches each request the server reports only through numpy columns and C-level set operations;
-Python code runs per request only for the few the server does not report (dispatched, not yet running) and for
-reported rows that have no prediction yet. At 256 instances x 256 running requests that is what lets a 100 ms poll
-interval hold on one core (`benchmark/router_poll_bench.py`).
+Python code runs per request only for the few the server does not report (dispatched, not yet running), for
+reported rows that have no prediction yet, and for the rows of a nearly empty server whose max_tokens SGLang's
+admission rule needs (`policy.assemble_instance`). At 256 instances x 256 running requests that is what lets a 100 ms
+poll interval hold on one core (`benchmark/router_poll_bench.py`).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 
 import numpy as np
 
 from ares_router.estimate import OutputEstimator
+from ares_router.link_profile import LinkProfile
 from ares_router.policy import (
+    Admission,
     ClusterSnapshot,
+    DecodeLoad,
     InstanceState,
     LoadModel,
-    NewRequest,
+    MigrationCost,
     NoHealthyInstance,
+    OwnRows,
     Policy,
+    ReportedRequest,
+    assemble_instance,
     build_snapshot,
     get_policy,
+    new_request,
+    place,
 )
-
-
-@dataclass(frozen=True)
-class ReportedRequest:
-    """One running request as a decode server's `/ares/state` reports it."""
-
-    rid: str
-    prompt_tokens: int
-    generated_tokens: int
-    predicted_remaining: float | None = None
-    predicted_p90: float | None = None
-
-
-_EMPTY = np.zeros(0)
-_EMPTY.flags.writeable = False  # shared by every empty column of every snapshot
-_NO_ROWS = np.zeros(0, dtype=np.intp)
-_NO_ROWS.flags.writeable = False
-
-
-def _col(values: Iterable[float | None]) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class DecodeLoad:
-    """What one poll of a decode server returned; per-request state (only from `/ares/state`) in column form,
-    because a poll of a busy server carries hundreds of requests and the snapshot is rebuilt after every poll."""
-
-    capacity_tokens: int
-    used_tokens: int
-    running_reqs: int
-    queued_reqs: int = 0
-    source: str = "v1_loads"  # "ares_state" | "v1_loads"
-    rids: tuple[str, ...] = ()
-    prompt_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    generated_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    predicted_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: no prediction yet
-    predicted_p90: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: not reported
-    lengths: np.ndarray = field(init=False, repr=False, compare=False)
-    length_sum: float = field(init=False, repr=False, compare=False)
-    unpredicted_rows: np.ndarray = field(init=False, repr=False, compare=False)
-
-    @classmethod
-    def from_reports(
-        cls, capacity_tokens: int, used_tokens: int, requests: Sequence[ReportedRequest], queued_reqs: int = 0
-    ) -> DecodeLoad:
-        """An `/ares/state`-style load from row-form requests."""
-        return cls(
-            capacity_tokens,
-            used_tokens,
-            len(requests),
-            queued_reqs,
-            "ares_state",
-            tuple(r.rid for r in requests),
-            _col(r.prompt_tokens for r in requests),
-            _col(r.generated_tokens for r in requests),
-            _col(r.predicted_remaining for r in requests),
-            _col(r.predicted_p90 for r in requests),
-        )
-
-    @cached_property
-    def row_of(self) -> dict[str, int]:
-        """rid -> row of the per-request columns."""
-        return {rid: k for k, rid in enumerate(self.rids)}
-
-    def __post_init__(self) -> None:
-        # Snapshots share these columns (no copy per poll), so nothing may change them in place.
-        for col in (self.prompt_tokens, self.generated_tokens, self.predicted_remaining, self.predicted_p90):
-            col.flags.writeable = False
-        # Derived once per poll, here rather than in cached properties (their lock costs more than the arithmetic).
-        lengths = self.prompt_tokens + self.generated_tokens
-        lengths.flags.writeable = False
-        object.__setattr__(self, "lengths", lengths)  # KV tokens each reported request holds
-        object.__setattr__(self, "length_sum", float(lengths.sum()))  # KV tokens the reported requests explain
-        nan = np.isnan(self.predicted_remaining)
-        # Rows without a prediction yet (the router fills in its estimate there); usually none.
-        object.__setattr__(self, "unpredicted_rows", np.flatnonzero(nan) if nan.any() else _NO_ROWS)
-
-    def prediction_of(self, rid: str) -> tuple[float, float] | None:
-        """(generated_tokens, predicted_remaining) this report gives for `rid`, or None (not reported, or reported
-        without a prediction)."""
-        k = self.row_of.get(rid) if self.rids else None
-        if k is None:
-            return None
-        p = float(self.predicted_remaining[k])
-        return None if np.isnan(p) else (float(self.generated_tokens[k]), p)
 
 
 @dataclass
@@ -157,7 +80,6 @@ class Tracked:
     prefill: int
     prompt_tokens: int
     max_tokens: int | None
-    estimate: float  # initial output estimate (tokens)
     generated: int = 0  # output events relayed so far (streaming requests only)
     started: bool = False  # at least one output token seen: the request is running on its decode server
     seq: int = 0  # dispatch order: the snapshot lists the router's own rows in this order (deterministic)
@@ -172,6 +94,11 @@ class RouterState:
     policy: Policy
     load_model: LoadModel = field(default_factory=LoadModel)
     estimator: OutputEstimator = field(default_factory=OutputEstimator)
+    admission: Admission = field(default_factory=Admission)  # the decode servers' (--reserve-tokens)
+    migration_cost: MigrationCost = field(default_factory=MigrationCost)  # what the rebalancing policy weighs
+    # The link's profile (--ares-migrate-link): with the KV bytes per token the servers report, it sets
+    # `migration_cost` at each refresh; None keeps `migration_cost` as given.
+    link: LinkProfile | None = None
     stale_after_s: float = 10.0
     seed: int | None = 0
     requests: dict[str, Tracked] = field(default_factory=dict)
@@ -235,93 +162,61 @@ class RouterState:
                 b.healthy = False
                 b.last_error = f"stale: no successful poll for {self.stale_after_s:g}s"
         instances = [self._instance(d) for d in self.decodes]
-        self.snapshot = build_snapshot(instances, self.load_model, dispatch_count=self.dispatch_count)
+        if self.link is not None:
+            kvb = next((d.load.kv_bytes_per_token for d in self.decodes if d.load and d.load.kv_bytes_per_token), None)
+            if kvb is not None and kvb != self.migration_cost.kv_bytes_per_token:
+                self.migration_cost = self.link.migration_cost(kvb)
+        self.snapshot = build_snapshot(
+            instances, self.load_model, self.migration_cost, self.admission, dispatch_count=self.dispatch_count
+        )
         self.snapshot_time = now
         return self.snapshot
 
     def _instance(self, d: Backend) -> InstanceState:
+        """The decode server's last report plus this router's bookkeeping of it, through the shared assembler."""
         load = d.load
         d.snapshot_load = load
         tracked = d.tracked
-        # Requests the server reports (/ares/state): its view wins (exact lengths, the head's prediction). That
-        # includes requests this router does not relay (other routers, direct clients): they are load too.
-        n_rep = len(load.rids) if load is not None else 0
+        reported = load.rids if load is not None else ()
         # The router's own rows are only the requests the server does not report: a set difference in C, so the
         # Python loop below runs over the few dispatched-but-not-yet-running requests, not over every request.
-        own = tracked.keys() - load.rids if n_rep and tracked else tracked.keys()
-        if n_rep and len(own) > 1:
+        own = tracked.keys() - reported if reported and tracked else tracked.keys()
+        if reported and len(own) > 1:
             own = sorted(own, key=lambda rid: tracked[rid].seq)  # few rows; a set's order is not stable
-        running = [t for t in map(tracked.__getitem__, own) if t.started]  # known from the router's own relaying
-        pending = [t for t in map(tracked.__getitem__, own) if not t.started]  # prefill, KV transfer or queue
-        if running:
-            own_prompt = np.array([t.prompt_tokens for t in running], dtype=np.float64)
-            own_gen = np.array([t.generated for t in running], dtype=np.float64)
-            cap = np.array([np.nan if t.max_tokens is None else t.max_tokens for t in running], dtype=np.float64)
-            own_rem = self.estimator.remaining_array(own_prompt, cap, own_gen)
-            own_len = own_prompt + own_gen
-        if n_rep:
-            rep_rem = load.predicted_remaining
-            missing = load.unpredicted_rows
-            if missing.size:  # no prediction yet: the initial estimate, capped by the request's max_tokens
-                rep_max = np.full(missing.size, np.nan)
-                for i, k in enumerate(missing.tolist()):
-                    t = tracked.get(load.rids[k])
-                    if t is not None and t.max_tokens is not None:
-                        rep_max[i] = t.max_tokens
-                rep_rem = rep_rem.copy()
-                rep_rem[missing] = self.estimator.remaining_array(
-                    load.prompt_tokens[missing], rep_max, load.generated_tokens[missing]
-                )
-            if running:
-                lengths = np.concatenate([load.lengths, own_len])
-                generated = np.concatenate([load.generated_tokens, own_gen])
-                remaining = np.concatenate([rep_rem, own_rem])
-                upper = np.concatenate([load.predicted_p90, np.full(len(running), np.nan)])
-                request_ids = load.rids + tuple(t.rid for t in running)
-                length_sum = load.length_sum + float(own_len.sum())
-            else:  # the usual case: the server reports every running request (no copies)
-                lengths, generated, remaining = load.lengths, load.generated_tokens, rep_rem
-                upper, request_ids, length_sum = load.predicted_p90, load.rids, load.length_sum
-        elif running:
-            lengths, generated, remaining = own_len, own_gen, own_rem
-            upper, request_ids = np.full(len(running), np.nan), tuple(t.rid for t in running)
-            length_sum = float(own_len.sum())
-        else:
-            lengths = generated = remaining = upper = _EMPTY
-            request_ids, length_sum = (), 0.0
-        used = max(load.used_tokens, length_sum) if load is not None else length_sum
-        capacity = load.capacity_tokens if load is not None and load.capacity_tokens > 0 else 1
-        return InstanceState(
-            instance_id=d.name,
-            capacity_tokens=int(capacity),
-            used_tokens=int(used),
-            healthy=d.healthy and load is not None,
-            url=d.url,
-            request_ids=request_ids,
-            lengths=lengths,
-            generated=generated,
-            predicted_remaining=remaining,
-            predicted_upper=upper,
+        rows = [tracked[rid] for rid in own]
+        running = [t for t in rows if t.started]  # known from the router's own relaying
+        pending = [t for t in rows if not t.started]  # prefill, KV transfer or the decode queue
+
+        def max_new(ts: list[Tracked]) -> np.ndarray:
+            return np.array([np.nan if t.max_tokens is None else t.max_tokens for t in ts], dtype=np.float64)
+
+        def max_new_of(report_rows: np.ndarray) -> np.ndarray:  # max_tokens of reported rows (NaN: none/unknown)
+            rids = [load.rids[k] for k in report_rows.tolist()]
+            return np.array(
+                [np.nan if (t := tracked.get(r)) is None or t.max_tokens is None else t.max_tokens for r in rids],
+                dtype=np.float64,
+            )
+
+        own_rows = OwnRows(
+            running_ids=tuple(t.rid for t in running),
+            running_prompt=np.array([t.prompt_tokens for t in running], dtype=np.float64),
+            running_generated=np.array([t.generated for t in running], dtype=np.float64),
+            running_max_new=max_new(running),
             pending_ids=tuple(t.rid for t in pending),
-            pending_prompt=np.array([t.prompt_tokens for t in pending], dtype=np.float64) if pending else _EMPTY,
-            pending_predicted=np.array([t.estimate for t in pending], dtype=np.float64) if pending else _EMPTY,
+            pending_prompt=np.array([t.prompt_tokens for t in pending], dtype=np.float64),
+            pending_max_new=max_new(pending),
+        )
+        return assemble_instance(
+            d.name, load, own_rows, self.estimator, self.admission, max_new_of, healthy=d.healthy, url=d.url
         )
 
     # -- decisions ------------------------------------------------------------------------------------------------
     def choose_decode(self, prompt_tokens: int, max_tokens: int | None, exclude: Iterable[int] = ()) -> int:
         """Index of the decode server for a new request (policy on the current snapshot); the snapshot then counts
         the request as pending there. Raises `NoHealthyInstance`."""
-        snap = self.snapshot
-        assert snap is not None
-        estimate = self.estimator.total(prompt_tokens, max_tokens)
-        request = NewRequest("", prompt_tokens, estimate)
-        excluded = list(exclude)
-        if excluded:
-            mask = snap.healthy.copy()
-            mask[excluded] = False
-            snap = replace(snap, healthy=mask)
-        index = self.policy.dispatcher.dispatch(snap, request, self.rng)
-        self.snapshot = self.snapshot.with_dispatch(index, request)
+        assert self.snapshot is not None
+        request = new_request("", prompt_tokens, max_tokens, self.estimator)
+        index, self.snapshot = place(self.snapshot, request, self.policy, self.rng, exclude)
         self.dispatch_count += 1
         return index
 
@@ -338,8 +233,7 @@ class RouterState:
     # -- request bookkeeping --------------------------------------------------------------------------------------
     def start(self, rid: str, decode: int, prefill: int, prompt_tokens: int, max_tokens: int | None) -> Tracked:
         """Track a request just sent to (prefill, decode)."""
-        estimate = self.estimator.total(prompt_tokens, max_tokens)
-        t = Tracked(rid, decode, prefill, prompt_tokens, max_tokens, estimate, seq=next(self._seq))
+        t = Tracked(rid, decode, prefill, prompt_tokens, max_tokens, seq=next(self._seq))
         self.requests[rid] = t
         self.decodes[decode].tracked[rid] = t
         for b in (self.decodes[decode], self.prefills[prefill]):

@@ -10,7 +10,13 @@ streaming greedy request (`ignore_eos`) is moved to the other decode server once
   median token gap), i.e. what the move cost its TPOT at the switch. On this 2-core machine the three servers, the
   router and the client share the CPU, so the Mooncake transfer also slows A's decode steps while it runs: that
   shows in the step time, not in the switch gap;
-- the transfer rate (bytes / total time).
+- the transfer rate (bytes / total time);
+- what the other requests lose: one long background stream runs on each decode server (placed there with the
+  router's `X-Ares-Decode` header) during every run; its token rate while the migration runs, against its rate over
+  an equally long window just before, on A and on B.
+At the end the pre-copy runs are fitted to the link profile `cpu-loopback-measured` (setup + bytes / rate, median
+pause; `ares_router/link_profile.py`), which the router and the simulator use, stored in
+`ares_router/link_profiles.json` with this run's provenance.
 
     python benchmark/migration_bench.py                                   # L = 256 .. 4096, 3 reps
     python benchmark/migration_bench.py --lengths 256,1024 --reps 1       # cut down
@@ -27,6 +33,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +47,60 @@ from http_helpers import ares_router, request, stream_events, wait_for  # noqa: 
 
 from ares.cluster import Cluster, ClusterSpec  # noqa: E402
 from ares.models import prepare_model  # noqa: E402
+from ares_router.link_profile import fit_profile, write_measured  # noqa: E402
 
 MOVE_AT = 8  # tokens before the move
+BACKGROUND_TOKENS = 2000  # per background request (SmolLM2's context is 8192); a new one follows each
 
 
-def one_run(router: str, decode_urls: list[str], length: int, tokens: int, seed: int) -> dict:
-    """Stream one request of `length` prompt tokens through `router`, move it after MOVE_AT tokens."""
+class Background:
+    """Greedy streams pinned to one decode server through the router, one after another until `close`; records
+    each token's arrival time."""
+
+    def __init__(self, router: str, decode: str, seed: int):
+        ids = np.random.default_rng(seed).integers(100, 40000, size=64).tolist()
+        body = {
+            "input_ids": ids, "stream": True,
+            "sampling_params": {"max_new_tokens": BACKGROUND_TOKENS, "temperature": 0, "ignore_eos": True},
+        }  # fmt: skip
+        self._req = (router + "/generate", json.dumps(body).encode(), {"Content-Type": "application/json",
+                     "X-Ares-Decode": decode})  # fmt: skip
+        self.times: list[float] = []
+        self._closed = threading.Event()
+        self._resp = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        url, data, headers = self._req
+        while not self._closed.is_set():
+            try:
+                self._resp = urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=3600)
+                for line in self._resp:
+                    if line.startswith(b"data:") and not line.startswith(b"data: [DONE]"):
+                        self.times.append(time.monotonic())
+            except (OSError, ValueError) as e:
+                if not self._closed.is_set():
+                    print(f"background stream on {headers['X-Ares-Decode']} failed: {e!r}; starting another")
+                    time.sleep(1)
+
+    def rate(self, t0: float, t1: float) -> float:
+        """Tokens per second received in [t0, t1)."""
+        t = np.asarray(self.times)
+        return float(((t >= t0) & (t < t1)).sum() / max(t1 - t0, 1e-9))
+
+    def close(self) -> None:
+        """Hang up: the router aborts the request on its server."""
+        self._closed.set()
+        if self._resp is not None:
+            self._resp.close()
+
+
+def one_run(
+    router: str, decode_urls: list[str], length: int, tokens: int, seed: int, background: list[Background]
+) -> dict:
+    """Stream one request of `length` prompt tokens through `router`, move it after MOVE_AT tokens; the background
+    streams' (one per decode server, in `decode_urls` order) token rates during the move and just before."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(100, 40000, size=length).tolist()
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}
@@ -60,10 +115,12 @@ def one_run(router: str, decode_urls: list[str], length: int, tokens: int, seed:
         if mover is None and meta["completion_tokens"] >= MOVE_AT:
             rid = meta["id"]
             source = wait_for(lambda r=rid: _where(decode_urls, r), 30, "the request on its server") - 1
+            answer["src_index"] = source
 
             def run(rid: str = rid, to: int = 1 - source) -> None:
+                answer["t0"] = time.monotonic()
                 status, _, raw = request(router + "/ares/migrate", {"rid": rid, "to": to}, timeout=600)
-                answer.update(json.loads(raw), http_status=status)
+                answer.update(json.loads(raw), http_status=status, t1=time.monotonic())
 
             mover = threading.Thread(target=run)
             mover.start()
@@ -77,8 +134,16 @@ def one_run(router: str, decode_urls: list[str], length: int, tokens: int, seed:
     if answer.get("state") == "committed" and n is not None and (c > n).any() and (c <= n).any():
         # A's last token (count <= n) to B's first (count > n): what the client waits at the switch.
         switch = float(t[np.argmax(c > n)] - t[np.flatnonzero(c <= n)[-1]])
+    t0, t1, src = answer["t0"], answer["t1"], answer["src_index"]
+    # Background rates: during the move, and over an equally long window just before it (tokens/s).
+    during = [b.rate(t0, t1) for b in background]
+    before = [b.rate(2 * t0 - t1, t0) for b in background]
     return {
         "length": length,
+        "bg_tps_before_A": before[src],
+        "bg_tps_during_A": during[src],
+        "bg_tps_before_B": before[1 - src],
+        "bg_tps_during_B": during[1 - src],
         "state": answer.get("state"),
         "reason": answer.get("reason"),
         "kv_tokens": answer.get("kv_tokens"),
@@ -128,9 +193,15 @@ def main() -> None:
         with ares_router(log_dir, prefill, c.decode_urls, "round_robin", "--ares-migrate-max-stages", "0") as sc:
             routers = {"precopy": c.router_url, "stop_and_copy": sc.url}
             plan = [(L, mode, rep) for rep in range(args.reps) for L in lengths for mode in routers]
-            for L, mode, rep in tqdm(plan, desc="migrations"):
-                r = one_run(routers[mode], c.decode_urls, L, args.tokens, seed=1000 * rep + L)
-                runs.append({"mode": mode, "rep": rep, **r})
+            background = [Background(c.router_url, f"decode{i}", seed=i) for i in range(2)]
+            try:
+                wait_for(lambda: all(len(b.times) > 2 for b in background), 300, "the background streams")
+                for L, mode, rep in tqdm(plan, desc="migrations"):
+                    r = one_run(routers[mode], c.decode_urls, L, args.tokens, 1000 * rep + L, background)
+                    runs.append({"mode": mode, "rep": rep, **r})
+            finally:
+                for b in background:
+                    b.close()
     summary = []
     for mode in ("precopy", "stop_and_copy"):
         for L in lengths:
@@ -149,6 +220,7 @@ def main() -> None:
                 "total_ms": med("total_ms"), "pause_ms": med("pause_ms"), "step_ms": med("step_ms"),
                 "switch_gap_steps": med("switch_gap_steps"), "switch_gap_ms": med("switch_gap_ms"),
                 "transfer_MBps": med("transfer_MBps"),
+                **{k: med(k) for k in ("bg_tps_before_A", "bg_tps_during_A", "bg_tps_before_B", "bg_tps_during_B")},
             })  # fmt: skip
     result = {
         "benchmark": "migration_bench",
@@ -176,18 +248,37 @@ def main() -> None:
         f"`{result['command']}` on {result['device']}; {result['inputs']['transport']}; medians over committed runs.",
         "",
         "| mode | prompt tokens | committed | KV tokens | MB | stages | total ms | pause ms | step ms "
-        "| switch gap ms | switch gap (steps) | MB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| switch gap ms | switch gap (steps) | MB/s | others on A, tok/s (before → during) "
+        "| others on B, tok/s (before → during) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         if not s["committed"]:
-            lines.append(f"| {s['mode']} | {s['length']} | 0 | | | | | | | | | |")
+            lines.append(f"| {s['mode']} | {s['length']} | 0 | | | | | | | | | | | |")
             continue
         lines.append(
             f"| {s['mode']} | {s['length']} | {s['committed']}/{s['runs']} | {s['kv_tokens']:.0f} | {s['MB']:.1f} | "
             f"{s['stages']:.0f} | {s['total_ms']:.0f} | {s['pause_ms']:.0f} | {s['step_ms']:.1f} | "
-            f"{s['switch_gap_ms']:.0f} | {s['switch_gap_steps']:.1f} | {s['transfer_MBps']:.0f} |"
+            f"{s['switch_gap_ms']:.0f} | {s['switch_gap_steps']:.1f} | {s['transfer_MBps']:.0f} | "
+            f"{s['bg_tps_before_A']:.1f} → {s['bg_tps_during_A']:.1f} | "
+            f"{s['bg_tps_before_B']:.1f} → {s['bg_tps_during_B']:.1f} |"
         )
+    precopy = [r for r in runs if r["mode"] == "precopy" and r["state"] == "committed"]
+    try:
+        profile = fit_profile(
+            "cpu-loopback-measured", precopy,
+            f"fitted by benchmark/migration_bench.py to {len(precopy)} pre-copy migrations (SmolLM2-135M, Mooncake TCP "
+            f"on loopback, {result['device']})",
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"link profile not updated: {e}")
+    else:
+        write_measured(profile, {k: result[k] for k in ("commit", "dirty", "command", "device", "inputs")})
+        lines += [
+            "",
+            f"Link profile `{profile.name}` (ares_router/link_profiles.json): {profile.bytes_per_s / 1e6:.1f} MB/s, "
+            f"setup {profile.setup_s * 1e3:.0f} ms, pause {profile.pause_s * 1e3:.0f} ms.",
+        ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(summary, args.out.with_suffix(".png"))
     print("\n".join(lines))

@@ -17,3 +17,19 @@ def git_state(root: Path) -> tuple[str, bool]:
             return ""
 
     return run("git", "rev-parse", "HEAD"), bool(run("git", "status", "--porcelain", "--untracked-files=no"))
+
+
+def record(root: Path, inputs: list[Path] | tuple[Path, ...] = ()) -> dict:
+    """Commit, whether tracked files differ from it, the command line, and sha256 of each input file present."""
+    import hashlib
+    import shlex
+    import sys
+
+    commit, dirty = git_state(root)
+    hashes = {}
+    for p in inputs:
+        p = Path(p)
+        if p.is_file():
+            rel = p.resolve().relative_to(root.resolve()) if p.resolve().is_relative_to(root.resolve()) else p
+            hashes[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return {"commit": commit, "dirty": dirty, "command": shlex.join(["python", *sys.argv]), "inputs": hashes}

@@ -1,5 +1,6 @@
-"""Live decode->decode migration on a real CPU cluster: SmolLM2-135M, 1 prefill + 2 `--ares` decode servers (Mooncake
-TCP on loopback), the ARES router. One cluster for the module.
+"""Live decode->decode migration on a real CPU cluster: SmolLM2-135M, 1 prefill + 3 `--ares` decode servers (Mooncake
+TCP on loopback), the ARES router. One cluster for the module; its last two tests each kill a decode server (the
+third one keeps a pair alive for the last).
 
 A greedy request's output does not depend on where it runs, so a migrated run must give the client exactly the
 tokens, text and usage of an unmigrated run of the same request: one stream, the same id, every token once.
@@ -18,9 +19,11 @@ import pytest
 from http_helpers import ares_router, get_json, request, stream_events, wait_for
 
 from ares.cluster import Cluster, ClusterSpec
+from ares.cluster.launcher import http_ok
 from ares.models import prepare_model
 
 MAX_TOTAL_TOKENS = 8192
+RESERVE = 64  # the decode servers' --num-reserved-decode-tokens (and the routers' --reserve-tokens)
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +31,16 @@ def cluster(tmp_path_factory):
     spec = ClusterSpec(
         model_path=str(prepare_model("smollm2")),
         n_prefill=1,
-        n_decode=2,
+        n_decode=3,
         ares=True,
         max_total_tokens=MAX_TOTAL_TOKENS,
         router="ares",
         router_policy="round_robin",
         # A pause between pre-copy stages keeps a request on its source a little longer: several stages happen.
         router_args=("--ares-migrate-stage-delay", "0.2", "--ares-migrate-last-stage-tokens", "4"),
+        # SGLang reserves 512 tokens per running request by default: 16 requests would fill this pool's admission
+        # before its KV. A small reserve lets KV be what fills up (the rebalancing test needs that).
+        extra_server_args=("--num-reserved-decode-tokens", str(RESERVE)),
     )
     with Cluster(spec, log_dir=tmp_path_factory.mktemp("migration-cluster") / "logs") as c:
         yield c
@@ -63,7 +69,11 @@ def migrate(url: str, rid: str, to: str) -> tuple[int, dict]:
 def where(cluster, rid: str) -> str | None:
     """The decode server reporting `rid` as running, if any."""
     for i, url in enumerate(cluster.decode_urls):
-        if any(r["rid"] == rid for r in get_json(url + "/ares/state")["requests"]):
+        try:
+            requests = get_json(url + "/ares/state")["requests"]
+        except OSError:  # a server a fault test killed
+            continue
+        if any(r["rid"] == rid for r in requests):
             return f"decode{i}"
     return None
 
@@ -81,19 +91,29 @@ def other(name: str) -> str:
     return "decode1" if name == "decode0" else "decode0"
 
 
-def stream_and_migrate(cluster, payload: dict, at_tokens: int) -> tuple[list[dict], dict]:
-    """Stream `payload` through the router; once `at_tokens` tokens arrived, migrate it to the other decode server
-    (in a thread, while the stream keeps being read). Returns the events and the migration's answer."""
+def _openai_text(event: dict) -> str:
+    """The text an OpenAI chunk (chat or completions) adds."""
+    choices = event.get("choices") or [{}]
+    return (choices[0].get("delta") or {}).get("content") or choices[0].get("text") or ""
+
+
+def stream_and_migrate(cluster, payload: dict, at_tokens: int, endpoint: str = "/generate") -> tuple[list[dict], dict]:
+    """Stream `payload` to `endpoint` through the router; once `at_tokens` tokens arrived, migrate it to the other
+    decode server (in a thread, while the stream keeps being read). Returns the events and the migration's answer."""
     events: list[dict] = []
     answer: dict = {}
     mover = None
-    for event in stream_events(cluster.router_url + "/generate", payload):
+    pieces = 0  # OpenAI chunks with text so far (one per token with SGLang's stream_interval=1)
+    for event in stream_events(cluster.router_url + endpoint, payload):
         events.append(event)
-        meta = event["meta_info"]
-        rid = meta["id"]
-        if "source" not in answer:  # at the first token: the request surely runs for a while
+        if endpoint == "/generate":
+            rid, tokens = event["meta_info"]["id"], event["meta_info"]["completion_tokens"]
+        else:
+            pieces += bool(_openai_text(event))
+            rid, tokens = event["id"], pieces
+        if "source" not in answer and tokens >= 1:  # at the first token: the request surely runs for a while
             answer["source"] = wait_for(lambda r=rid: where(cluster, r), 30, "the request to show on its server")
-        if mover is None and meta["completion_tokens"] >= at_tokens:
+        if mover is None and tokens >= at_tokens:
 
             def run(rid: str = rid, to: str = other(answer["source"])) -> None:  # noqa: B008 - evaluated once
                 answer["status"], answer["record"] = migrate(cluster.router_url, rid, to)
@@ -186,6 +206,54 @@ def test_a_request_that_finishes_during_the_move_completes_normally(cluster, pro
     assert_idle(cluster)
 
 
+@pytest.fixture(scope="module")
+def model(cluster) -> str:
+    return get_json(cluster.router_url + "/v1/models")["data"][0]["id"]
+
+
+def chat_body(model: str, max_tokens: int) -> dict:
+    return {
+        "model": model, "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+
+
+def test_chat_stream_moves_and_the_client_sees_one_unchanged_stream(cluster, model):
+    """OpenAI chat streams carry deltas: the client gets A's deltas, then B's, one role chunk, one finish, B's usage
+    (which counts A's tokens too), one id."""
+    ref = list(stream_events(cluster.router_url + "/v1/chat/completions", chat_body(model, 90)))
+    events, answer = stream_and_migrate(cluster, chat_body(model, 90), 10, "/v1/chat/completions")
+    assert answer["status"] == 200 and answer["record"]["state"] == "committed", answer
+    assert answer["record"]["n_output"] < 90  # B produced the rest
+    assert "".join(map(_openai_text, events)) == "".join(map(_openai_text, ref))
+    assert len({e["id"] for e in events}) == 1 and len({e["created"] for e in events}) == 1
+    roles = [e for e in events if e["choices"] and (e["choices"][0]["delta"] or {}).get("role")]
+    assert len(roles) == 1 and roles[0] is events[0]
+    finishes = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert finishes == ["length"]
+    usage = events[-1]["usage"]
+    assert usage["completion_tokens"] == 90 and usage["prompt_tokens"] == ref[-1]["usage"]["prompt_tokens"]
+    assert_idle(cluster)
+
+
+def test_non_streaming_completion_moves_and_the_answer_is_assembled(cluster, model):
+    payload = {"model": model, "prompt": "Once upon a time", "max_tokens": 90, "temperature": 0, "ignore_eos": True}
+    status, _, raw = request(cluster.router_url + "/v1/completions", payload, timeout=600)
+    assert status == 200, raw[:300]
+    ref = json.loads(raw)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(request, cluster.router_url + "/v1/completions", {**payload, "rid": "mig-comp"}, None, 600)
+        source = wait_for(lambda: running(cluster, 8), 60, "the request to run on a decode server")
+        status, rec = migrate(cluster.router_url, "mig-comp", other(source))
+        out_status, _, raw = fut.result()
+    assert status == 200 and rec["state"] == "committed", rec
+    assert out_status == 200, raw[:300]
+    out = json.loads(raw)
+    assert out["choices"][0]["text"] == ref["choices"][0]["text"]
+    assert out["choices"][0]["finish_reason"] == "length" and out["usage"] == ref["usage"]
+    assert_idle(cluster)
+
+
 def test_bad_migration_requests_get_clear_errors(cluster, prompt):
     assert request(cluster.router_url + "/ares/migrate", b"not json")[0] == 400
     status, _, raw = request(cluster.router_url + "/ares/migrate", {"rid": "nobody", "to": "decode1"})
@@ -210,7 +278,7 @@ def test_rebalancer_moves_load_off_the_busier_server(cluster, tmp_path):
     with ThreadPoolExecutor(6) as pool:
         refs = list(pool.map(lambda p: generate(cluster.router_url, body(p, 160)), long_prompts))
     with ares_router(
-        tmp_path, prefill, cluster.decode_urls, "round_robin",
+        tmp_path, prefill, cluster.decode_urls[:2], "round_robin",
         "--ares-rebalance", "on", "--ares-rebalance-policy", "current_migrate", "--ares-rebalance-interval", "0.5",
         "--ares-migrate-confirm-rounds", "1",
     ) as r, ThreadPoolExecutor(12) as pool:  # fmt: skip
@@ -232,12 +300,83 @@ def test_rebalancer_moves_load_off_the_busier_server(cluster, tmp_path):
     assert_idle(cluster)
 
 
+def _prefills(cluster) -> list[tuple[str, int]]:
+    return [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
+
+
+def _kv_imbalance(samples: list[tuple[int, int]]) -> float:
+    """KV-time weighted imbalance of two servers: sum over the samples of the larger used KV over the sum of the
+    mean; 2 when one server holds everything, 1 when both always hold the same."""
+    return sum(max(a, b) for a, b in samples) / max(sum((a + b) / 2 for a, b in samples), 1e-9)
+
+
+def _run_pinned(router: str, payloads: list[dict], decode_urls: list[str]) -> tuple[list[dict], list[tuple[int, int]]]:
+    """Send every payload to decode0 at once (`X-Ares-Decode`); sample both servers' used KV until all are done."""
+    samples: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            used = [get_json(u + "/ares/state")["used_tokens"] for u in decode_urls]
+            samples.append((used[0], used[1]))
+            done.wait(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(len(payloads)) as pool:
+            answers = list(
+                pool.map(lambda p: request(router + "/generate", p, {"X-Ares-Decode": "decode0"}, 900), payloads)
+            )
+    finally:
+        done.set()
+        sampler.join()
+    outs = []
+    for status, headers, raw in answers:
+        assert status == 200, raw[:300]
+        outs.append({**json.loads(raw), "decode": headers.get("X-Ares-Decode")})
+    return outs, samples
+
+
+def test_forty_requests_on_one_server_are_rebalanced_with_exact_outputs_and_no_leak(cluster, tmp_path):
+    """40 requests of very different lengths all placed on decode0: without rebalancing decode1 idles; with it
+    (the current-load plan) requests move, the KV imbalance falls well below the unbalanced run's, every request
+    completes once with the unbalanced run's exact output, and both servers end holding no KV. The first peak (all
+    prompts arriving at once) comes before any move can: placement decides it. 128-token prompts put enough KV in
+    use (~60% of decode0's pool) for the current-load plan to act on (it moves while the gap is above 20% of a pool).
+    Measured on 2 cores: imbalance 2.00 unbalanced, 1.57 rebalanced, 13 moves."""
+    lengths = [4, 8, 16, 32, 64, 128, 192, 256]
+    payloads = [body(list(range(2000 + 200 * i, 2000 + 200 * i + 128)), lengths[i % len(lengths)]) for i in range(40)]
+    pair = cluster.decode_urls[:2]
+    with ares_router(tmp_path, _prefills(cluster), pair, "round_robin", "--reserve-tokens", str(RESERVE)) as r:
+        ref, still = _run_pinned(r.url, payloads, pair)
+    assert_idle(cluster)
+    rebalance = (
+        "--ares-rebalance", "on", "--ares-rebalance-policy", "current_migrate", "--ares-rebalance-interval", "0.5",
+        "--ares-migrate-confirm-rounds", "1", "--ares-migrate-per-instance", "3", "--ares-migrate-max-concurrent", "3",
+        "--reserve-tokens", str(RESERVE),
+    )  # fmt: skip
+    with ares_router(tmp_path, _prefills(cluster), pair, "round_robin", *rebalance) as r:
+        outs, moving = _run_pinned(r.url, payloads, pair)
+        migrations = get_json(r.url + "/ares/migrations")["migrations"]
+    committed = [m for m in migrations if m["state"] == "committed"]
+    assert len(committed) >= 3, migrations
+    assert {o["decode"] for o in ref + outs} == {"decode0"}  # where they were placed
+    for o, want, n in zip(outs, ref, (p["sampling_params"]["max_new_tokens"] for p in payloads), strict=True):
+        assert o["output_ids"] == want["output_ids"] and o["meta_info"]["completion_tokens"] == n
+    assert len({o["meta_info"]["id"] for o in outs}) == 40  # each once
+    (tmp_path / "kv_samples.json").write_text(json.dumps({"still": still, "moving": moving}))
+    unbalanced, balanced = _kv_imbalance(still), _kv_imbalance(moving)
+    assert unbalanced > 1.99, unbalanced  # decode1 never held anything
+    assert balanced < 1.7, (balanced, len(moving), committed)
+    assert_idle(cluster)
+
+
 def test_client_gone_mid_migration_leaves_nothing_on_either_server(cluster, prompt, tmp_path):
     """The client hangs up while its request is being copied to B: the router aborts it on both servers, the agents
     free what they hold (B's reservation, A's request), the migration ends as failed."""
-    prefill = [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
     slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
-    with ares_router(tmp_path, prefill, cluster.decode_urls, "round_robin", *slow) as r:
+    with ares_router(tmp_path, _prefills(cluster), cluster.decode_urls, "round_robin", *slow) as r:
         payload = json.dumps({**body(prompt, 400), "stream": True}).encode()
         req = urllib.request.Request(r.url + "/generate", data=payload, headers={"Content-Type": "application/json"})
         resp = urllib.request.urlopen(req, timeout=120)
@@ -256,6 +395,27 @@ def test_client_gone_mid_migration_leaves_nothing_on_either_server(cluster, prom
     assert not {"attached", "reserved"} & set(_incoming(target_url).values())
 
 
+def test_source_killed_mid_migration_ends_the_client_stream_with_an_error_and_the_target_holds_nothing(
+    cluster, prompt, tmp_path
+):
+    """A dies while its KV is being copied to B: the client's stream ends at once with an in-band error (no hang),
+    the migration fails, B frees its reservation, and both show in the router's metrics."""
+    slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
+    with ares_router(tmp_path, _prefills(cluster), cluster.decode_urls, "round_robin", *slow) as r:
+        events, answer, killed = _move_and_kill(cluster, r.url, body(prompt, 400), victim="source")
+        metrics = request(r.url + "/metrics")[2].decode()
+    assert killed, "the target was never seen reserving"
+    assert "error" in events[-1] and events[-1]["error"]["code"] == 502, events[-1]
+    assert all("error" not in e for e in events[:-1])
+    rec = answer["record"]
+    assert answer["status"] == 409 and rec["state"] == "failed" and "unreachable" in rec["reason"], rec
+    target_url = cluster.decode_urls[int(rec["target"][-1])]
+    wait_for(lambda: get_json(target_url + "/ares/state")["used_tokens"] == 0, 60, "the target to free its KV")
+    assert not {"attached", "reserved"} & set(_incoming(target_url).values())
+    assert 'ares_aborts_total{reason="backend_stream_error"} 1.0' in metrics
+    assert f'ares_migrations_total{{dst="{rec["target"]}",outcome="failed",src="{rec["source"]}"}} 1.0' in metrics
+
+
 def _incoming(url: str) -> dict:
     status, _, raw = request(url + "/ares/migrate/cmd", {"cmd": "status"}, timeout=30)
     assert status == 200, raw
@@ -263,14 +423,16 @@ def _incoming(url: str) -> dict:
 
 
 def test_target_killed_during_the_transfer_leaves_the_request_running_on_its_source(cluster, prompt, tmp_path):
-    """Last in the module (it kills a server): B dies while A's KV is being copied; the move fails, the request
-    never stopped on A, and the client gets the complete, unchanged output. A router of its own waits 2 s between
-    pre-copy stages, so the kill surely lands before the commit."""
-    ref = generate(cluster.router_url, body(prompt, 150))
-    prefill = [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
+    """Last in the module (it kills a server; the test before killed another): B dies while A's KV is being
+    copied; the move fails, the request never stopped on A, and the client gets the complete, unchanged output. A
+    router of its own over the two live decode servers waits 2 s between pre-copy stages, so the kill surely lands
+    before the commit."""
+    live = [u for u in cluster.decode_urls if http_ok(u + "/health")]
+    assert len(live) == 2, live
     slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
-    with ares_router(tmp_path, prefill, cluster.decode_urls, "round_robin", *slow) as r:
-        events, answer, killed = _move_and_kill_target(cluster, r.url, body(prompt, 150))
+    with ares_router(tmp_path, _prefills(cluster), live, "round_robin", *slow) as r:
+        ref = generate(r.url, body(prompt, 150))
+        events, answer, killed = _move_and_kill(cluster, r.url, body(prompt, 150), victim="target")
     assert killed, "the target was never seen reserving"
     rec = answer["record"]
     # B dies mid-read (its answer: the transfer failed) or before the next command (unreachable).
@@ -282,28 +444,34 @@ def test_target_killed_during_the_transfer_leaves_the_request_running_on_its_sou
     wait_for(lambda: get_json(source_url + "/ares/state")["used_tokens"] == 0, 60, "the source to free the KV")
 
 
-def _move_and_kill_target(cluster, router: str, payload: dict) -> tuple[list[dict], dict, dict]:
+def _move_and_kill(cluster, router: str, payload: dict, victim: str) -> tuple[list[dict], dict, dict]:
+    """Stream `payload` through `router`; after 10 tokens migrate it to a live decode server other than its source
+    (named in the router's answer), and SIGKILL the `victim` ("source" or "target") once the target reserved."""
     events: list[dict] = []
     answer: dict = {}
     killed: dict = {}
 
-    def kill_target_once_reserved(source: str) -> None:
-        target = other(source)
+    def kill_once_reserved(source: str, target: str) -> None:
         url = cluster.decode_urls[int(target[-1])]
-
         wait_for(lambda: "reserved" in _incoming(url).values(), 60, "the target to reserve", interval=0.02)
-        os.killpg(cluster.pids[target], signal.SIGKILL)  # a process group this test module started
-        killed["target"] = target
+        name = source if victim == "source" else target
+        os.killpg(cluster.pids[name], signal.SIGKILL)  # a process group this test module started
+        killed["name"] = name
 
     mover = None
     for event in stream_events(router + "/generate", payload):
         events.append(event)
-        meta = event["meta_info"]
-        if mover is None and meta["completion_tokens"] >= 10:
+        meta = event.get("meta_info") or {}
+        if mover is None and meta.get("completion_tokens", 0) >= 10:
             source = answer["source"] = wait_for(lambda r=meta["id"]: where(cluster, r), 30, "the request to run")
-            threading.Thread(target=kill_target_once_reserved, args=(source,)).start()
+            target = next(
+                f"decode{i}"
+                for i, u in enumerate(cluster.decode_urls)
+                if f"decode{i}" != source and http_ok(u + "/health")
+            )
+            threading.Thread(target=kill_once_reserved, args=(source, target)).start()
 
-            def run(rid: str = meta["id"], to: str = other(source)) -> None:  # noqa: B008 - evaluated once
+            def run(rid: str = meta["id"], to: str = target) -> None:
                 answer["status"], answer["record"] = migrate(router, rid, to)
 
             mover = threading.Thread(target=run)

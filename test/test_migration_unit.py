@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ares.migration.pages import page_pairs, page_runs, read_batch, stage_end
-from ares_router.migration import Migration, Splicer
+from ares.migration.pages import page_pairs, page_runs, read_batch, split_batches, stage_end
+from ares_router.link_profile import fit_profile, get_link_profile
+from ares_router.migration import Migration
 from ares_router.policy import Migration as PolicyMigration
+from ares_router.poller import parse_ares_state
 from ares_router.rebalancer import RebalanceGate, RebalanceLimits
+from ares_router.splice import Splicer, not_migratable
+from ares_router.state import RouterState
 
 
 def test_stage_sends_complete_pages_only():
@@ -38,6 +42,14 @@ def test_read_batch_covers_every_buffer_and_run():
         read_batch([], [1], [1, 2], [1])
 
 
+def test_reads_are_split_to_fit_the_transport_queue():
+    lengths = [100] * 5 + [200_000] + [100] * 3  # 200 kB: 4 slices of 64 KiB
+    batches = split_batches(list(range(9)), list(range(9)), lengths, max_slices=4, slice_bytes=65536)
+    assert [b[0] for b in batches] == [[0, 1, 2, 3], [4], [5], [6, 7, 8]]
+    assert [n for b in batches for n in b[2]] == lengths  # every entry once, in order
+    assert split_batches([], [], []) == []
+
+
 def test_splicer_continues_b_after_a():
     a_end = {
         "text": "Hello wor",
@@ -48,10 +60,10 @@ def test_splicer_continues_b_after_a():
             "finish_reason": {"type": "abort", "message": "ares_migrated:m"},
         },
     }
-    assert Splicer.migrated(a_end)
-    assert not Splicer.migrated({"meta_info": {"finish_reason": {"type": "abort", "message": "Aborted"}}})
-    assert not Splicer.migrated({"meta_info": {"finish_reason": None}})
-    s = Splicer()
+    s = Splicer.for_endpoint("/generate")
+    assert s.is_source_end(a_end, committed=True)
+    assert not s.is_source_end({"meta_info": {"finish_reason": {"type": "abort", "message": "Aborted"}}}, True)
+    assert not s.is_source_end({"meta_info": {"finish_reason": None}}, True)
     relayed = s.source_end(a_end)
     assert relayed["meta_info"]["finish_reason"] is None and relayed["output_ids"] == [1, 2, 3]
     assert a_end["meta_info"]["finish_reason"] is not None  # the input is not changed
@@ -63,6 +75,57 @@ def test_splicer_continues_b_after_a():
     out = s.target(b)
     assert out["text"] == "Hello world!" and out["output_ids"] == [1, 2, 3, 4, 5]
     assert out["meta_info"] == b["meta_info"]
+
+
+def _chat_chunk(delta: dict, finish: str | None = None, created: int = 100, usage: dict | None = None) -> dict:
+    return {
+        "id": "r", "object": "chat.completion.chunk", "created": created, "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": usage,
+    }  # fmt: skip
+
+
+def test_chat_stream_splice_drops_a_finish_and_b_role_chunk():
+    s = Splicer.for_endpoint("/v1/chat/completions")
+    a_finish = _chat_chunk({}, "abort")
+    assert not s.is_source_end(a_finish, committed=False)  # a client abort is not the migration's end
+    assert s.is_source_end(a_finish, committed=True)
+    assert not s.is_source_end(_chat_chunk({"content": "x"}), committed=True)
+    assert s.source_end(a_finish) is None  # nothing of it reaches the client
+    assert s.target(_chat_chunk({"role": "assistant", "content": ""}, created=200)) is None
+    b = s.target(_chat_chunk({"content": " world"}, created=200))
+    assert b["choices"][0]["delta"] == {"content": " world"} and b["created"] == 100
+    b_end = s.target(_chat_chunk({}, "length", created=200, usage={"completion_tokens": 9}))
+    assert b_end["choices"][0]["finish_reason"] == "length" and b_end["usage"] == {"completion_tokens": 9}
+
+
+def test_chat_and_completion_answers_are_joined():
+    chat = Splicer.for_endpoint("/v1/chat/completions")
+    a_choice = {"message": {"role": "assistant", "content": "Hel"}, "finish_reason": "abort"}
+    a = {"id": "r", "created": 1, "choices": [a_choice]}
+    b = {
+        "id": "r", "created": 2, "usage": {"completion_tokens": 5},
+        "choices": [{"message": {"role": "assistant", "content": "lo"}, "finish_reason": "stop"}],
+    }  # fmt: skip
+    assert chat.is_source_end(a, committed=True)
+    out = chat.answer(a, b)
+    assert out["choices"][0]["message"]["content"] == "Hello" and out["choices"][0]["finish_reason"] == "stop"
+    assert out["created"] == 1 and out["usage"] == {"completion_tokens": 5}
+    comp = Splicer.for_endpoint("/v1/completions")
+    a_ev = {"id": "r", "created": 1, "choices": [{"index": 0, "text": "lo", "finish_reason": "abort"}]}
+    relayed = comp.source_end(a_ev)  # the last token's text stays, its finish goes
+    assert relayed["choices"][0] == {"index": 0, "text": "lo", "finish_reason": None, "matched_stop": None}
+    ca = {"id": "r", "created": 1, "choices": [{"text": "Hel", "finish_reason": "abort"}]}
+    cb = {"id": "r", "created": 3, "choices": [{"text": "lo", "finish_reason": "length"}]}
+    assert Splicer.for_endpoint("/v1/completions").answer(ca, cb)["choices"][0]["text"] == "Hello"
+
+
+def test_requests_whose_state_lives_in_the_http_handler_do_not_migrate():
+    assert not_migratable("/generate", {"n": 3}) is None
+    assert not_migratable("/v1/chat/completions", {"messages": []}) is None
+    assert "n > 1" in not_migratable("/v1/completions", {"n": 2})
+    assert "echo" in not_migratable("/v1/completions", {"echo": True})
+    assert "tools" in not_migratable("/v1/chat/completions", {"tools": [{"type": "function"}]})
+    assert "cannot migrate" in not_migratable("/v1/embeddings", {})
 
 
 def test_migration_record_fields():
@@ -105,3 +168,33 @@ def test_gate_stops_bouncing_and_backs_off_failed_targets():
     gate.done(_m("a", 1, 0), committed=True, now=40.0)
     gate.done(_m("a", 0, 1), committed=True, now=80.0)
     assert gate.choose([_m("a", 1, 0)], ["a"], now=200.0) == []  # moved max_per_request times already
+
+
+def test_link_profile_fit_and_policy_cost():
+    # total = 0.5 s + bytes / 10 MB/s, pauses 0.1/0.2/0.3 s: the fit recovers both, the median pause is 0.2 s.
+    points = ((1e6, 100), (5e6, 300), (9e6, 200))
+    runs = [{"bytes": b, "total_ms": (0.5 + b / 10e6) * 1e3, "pause_ms": p} for b, p in points]
+    prof = fit_profile("x", runs, "hand-made")
+    assert abs(prof.bytes_per_s - 10e6) < 1 and abs(prof.setup_s - 0.5) < 1e-9 and prof.pause_s == 0.2
+    cost = prof.migration_cost(kv_bytes_per_token=1000.0)
+    assert abs(cost.seconds(2000) - (0.5 + 2e6 / 10e6 + 0.2)) < 1e-9  # setup + transfer + pause
+    with pytest.raises(ValueError, match="two sizes"):
+        fit_profile("x", runs[:1], "one point")
+    assert get_link_profile("rdma-8x400g").bytes_per_s == 190e9  # Mooncake's published figure
+    assert get_link_profile("cpu-loopback-measured").bytes_per_s > 0  # shipped, measured by migration_bench
+    with pytest.raises(KeyError, match="known"):
+        get_link_profile("carrier-pigeon")
+
+
+def test_router_prices_migrations_with_the_link_and_the_reported_kv_size():
+    link = get_link_profile("rdma-4x200g")
+    state = RouterState.create([("http://p", 1)], ["http://d0", "http://d1"], "ares", link=link)
+    load = parse_ares_state({"version": 1, "capacity_tokens": 1000, "used_tokens": 0, "requests": [],
+                             "migration": {"version": 1, "reserved_tokens": 0, "in": 0, "out": 0,
+                                           "kv_bytes_per_token": 23040.0}})  # fmt: skip
+    assert load.kv_bytes_per_token == 23040.0
+    for d in state.decodes:
+        state.poll_ok(d, load)
+    state.refresh()
+    assert state.snapshot.migration_cost.kv_bytes_per_token == 23040.0
+    assert state.snapshot.migration_cost.link_bytes_per_s == 87e9

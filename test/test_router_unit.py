@@ -21,6 +21,7 @@ from aiohttp import web
 from ares_router.cli import config_from_args, configure_parser
 from ares_router.estimate import OutputEstimator
 from ares_router.metrics import RouterMetrics
+from ares_router.policy import NewRequest
 from ares_router.poller import BadPayload, Poller, parse_ares_state, parse_v1_loads
 from ares_router.protocol import APIError, check_model, model_accepted, parse_request
 from ares_router.state import DecodeLoad, ReportedRequest, RouterState
@@ -252,6 +253,29 @@ def test_cli_flags_build_a_config():
     cfg = config_from_args(args)
     assert cfg.prefill == [("http://p:1", 8998), ("http://p:2", None)] and cfg.decode == ["http://d:1"]
     assert cfg.policy == "random" and cfg.host == "127.0.0.1"
+    assert cfg.admission.reserve_tokens == 512  # SGLang's default --num-reserved-decode-tokens
+
+
+def test_reserve_tokens_flag_reaches_the_policys_admission():
+    args = configure_parser(__import__("argparse").ArgumentParser()).parse_args(
+        ["--prefill", "http://p:1", "--decode", "http://d:1", "--reserve-tokens", "64", "--policy", "least_kv"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.admission.reserve_tokens == 64
+    request = NewRequest("r", 400, 10.0, 10)
+
+    def admits(**kwargs) -> list[bool]:
+        s = RouterState.create(cfg.prefill, cfg.decode * 2, cfg.policy, seed=0, **kwargs)
+        s.start("a", decode=0, prefill=0, prompt_tokens=300, max_tokens=10)  # relayed: its max_tokens is known
+        for d in s.decodes:
+            s.poll_ok(d, DecodeLoad(1000, 0, 0), now=0.0)
+        s.poll_ok(s.decodes[0], DecodeLoad.from_reports(1000, 300, [ReportedRequest("a", 300, 1, 5.0)]), now=0.0)
+        return [bool(x) for x in s.refresh(now=0.0).admits(request)]
+
+    # decode0: 1000 - 301 = 699 free, one running request that may reach 310 tokens. A 400-token prompt (max_tokens
+    # 10) needs 400 + R <= 699 - R: yes with the flag's R = 64, no with SGLang's default 512.
+    assert admits(admission=cfg.admission) == [True, True]
+    assert admits() == [False, True]
 
 
 def test_metrics_expose_per_instance_load_and_counters():
@@ -967,9 +991,11 @@ def test_binned_demand_equals_the_dense_contributions(points, horizon):
     owner[-1] = n - 2  # the last instance has no request
     dense = lm.contributions(lengths, remaining)
     expected = np.stack([dense[owner == j].sum(axis=0) for j in range(n)])
-    np.testing.assert_allclose(lm.demand_by_owner(lengths, remaining, owner, n), expected, rtol=1e-12)
+    demand, alive = lm.binned(lengths, remaining, owner, n)
+    np.testing.assert_allclose(demand, expected, rtol=1e-12)
+    np.testing.assert_array_equal(alive, np.stack([(dense[owner == j] > 0).sum(axis=0) for j in range(n)]))
     none = np.zeros(0)
-    assert lm.demand_by_owner(none, none, none.astype(int), 3).shape == (3, points + 1)
+    assert all(x.shape == (3, points + 1) for x in lm.binned(none, none, none.astype(int), 3))
 
 
 # -- the poller's HTTP client --------------------------------------------------------------------------------------
@@ -1061,7 +1087,7 @@ def test_poll_client_reads_http_answers_and_reuses_connections():
 
 @pytest.mark.parametrize("horizon, points", [(2048, 16), (100, 4), (7, 1), (1000, 3), (1, 16)])
 def test_grid_bins_equal_searchsorted_on_and_around_grid_points(horizon, points):
-    from ares_router.policy import LoadModel, _grid_bins
+    from ares_router.policy.load_model import LoadModel, _grid_bins
 
     s = LoadModel(horizon_tokens=horizon, points=points).grid()
     rng = np.random.default_rng(horizon)

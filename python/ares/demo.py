@@ -125,7 +125,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="demo cluster on SmolLM2 + a short workload via sglang.benchmark.serving")
     p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a model directory")
     p.add_argument("--decode", type=int, default=2, help="decode instances")
-    p.add_argument("--ares", action="store_true", help="start the decode servers with --ares")
+    p.add_argument(
+        "--ares",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start the decode servers with --ares (the length head; the ares policy's predictions)",
+    )
     p.add_argument("--router", default="ares", choices=["ares", "sglang"], help="which PD router to start")
     p.add_argument(
         "--router-policy", default=None, help="the router's placement policy (default: ares; round_robin for sglang)"
@@ -136,5 +141,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-rate", type=float, default=2.0, help="requests per second (Poisson)")
     p.add_argument("--max-total-tokens", type=int, default=16384, help="KV cache tokens per server")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--output-dir", default="benchmark/results", help="where demo_summary.json is written")
+    p.add_argument(
+        "--output-dir",
+        default=".ares/demo",
+        help="where demo_summary.json and the raw results go (a user's run never overwrites the repo's results)",
+    )
     p.set_defaults(func=run_demo)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,14 +27,31 @@ class ClusterError(RuntimeError):
     """A cluster process failed to start or become healthy."""
 
 
+# Servers bind their ports a minute or more after they are chosen, and meanwhile the other servers bind ports of
+# their own: the kernel's ephemeral range (every `bind(0)` and outgoing connection: SGLang's ZMQ sockets), Mooncake's
+# handshake ports (15000-16999) and its TCP transport's data ports (seen at 20000-29999), so a port picked in any of
+# those can be gone by then ("address already in use"). Cluster ports come from below all of them.
+PORT_RANGE = (10000, 15000)
+
+
 def free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (held open together so they are distinct)."""
-    socks = []
+    """`n` distinct free TCP ports on 127.0.0.1 from `PORT_RANGE` (held open together while they are picked, so
+    they are distinct)."""
+    rng = random.Random()
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        for _ in range(100 * n):
+            if len(socks) == n:
+                break
             s = socket.socket()
-            s.bind((HOST, 0))
+            try:
+                s.bind((HOST, rng.randrange(*PORT_RANGE)))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
+        if len(socks) < n:
+            raise ClusterError(f"found only {len(socks)} of {n} free ports in {PORT_RANGE}")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
@@ -155,6 +173,10 @@ class Cluster:
         env.pop(ENV_VAR, None)  # each SGLang launcher derives its own ARES config from its flags
         env["SGLANG_HOST_IP"] = HOST  # Mooncake would otherwise advertise the machine's external address
         env["PYTHONUNBUFFERED"] = "1"
+        # Mooncake's TCP transport queues at most 1,024 transfer slices per peer and fails a whole batch beyond that;
+        # on one loopback machine tens of concurrent KV transfers (PD and migration) pass it. Users' values win.
+        for key in ("MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER", "MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER"):
+            env.setdefault(key, "16384")  # Mooncake 0.3.13 refuses 65536
         if self.spec.device == "cpu" and "OMP_NUM_THREADS" not in env:
             # torch's OpenMP pool defaults to one thread per core in every server; several servers on a small
             # CPU machine then oversubscribe it with spinning threads. Give each server its share instead.

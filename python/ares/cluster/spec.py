@@ -106,6 +106,10 @@ class ClusterSpec:
         ]
         if bootstrap_port is not None:
             argv += ["--disaggregation-bootstrap-port", str(bootstrap_port)]
+        if self.device == "cpu":
+            # An idle scheduler otherwise polls its sockets in a busy loop: on a few cores, every idle server of the
+            # cluster would take CPU from the one that decodes. SGLang's own idle sleeper wakes on a new request.
+            argv.append("--sleep-on-idle")
         if ares:
             argv += ["--ares", *self.ares_args]
         return tuple(argv) + self.extra_server_args

@@ -113,10 +113,17 @@ def _after_init_dispatcher(_result: Any, scheduler: Any, *args: Any, **kwargs: A
     assert _engine is not None
     # With tensor parallelism every rank holds the same requests; rank 0 reports.
     if _tp_rank() == 0 and _engine.service is None and _engine.config.state_ipc:
-        _engine.service = state_service(scheduler, _engine.config.state_ipc).start()
         if _engine.config.migrate_ipc:
             _engine.migration = MigrationAgent(scheduler)
             migration_service(_engine.migration, _engine.config.migrate_ipc).start()
+        _engine.service = state_service(scheduler, _engine.config.state_ipc, _migration_block).start()
+
+
+def _migration_block() -> dict[str, Any]:
+    """`/ares/state`'s migration block, when this server migrates."""
+    if _engine is None or _engine.migration is None:
+        return {}
+    return {"migration": _engine.migration.report()}
 
 
 def _after_process_decode_queue(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
@@ -162,7 +169,7 @@ def _after_internal_state(result: Any, controller: Any, *args: Any, **kwargs: An
     result.internal_state["ares"] = {
         "predictor": _engine.config.predictor,
         "head_backend": head.backend if head is not None else "not run yet",
-        "state": build_report(controller.scheduler),
+        "state": build_report(controller.scheduler, extra=_migration_block),
     }
 
 

@@ -104,15 +104,18 @@ def request_columns(reqs: list[Any]) -> dict[str, Any]:
     }
 
 
-def build_report(scheduler: Any, columns: bool = False) -> dict[str, Any]:
+def build_report(
+    scheduler: Any, columns: bool = False, extra: Callable[[], dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The `/ares/state` body for one scheduler (its running batch, KV pool and queues): version 1 (rows) or, with
-    `columns`, version 2."""
+    `columns`, version 2; `extra()` adds blocks (the migration agent's)."""
     reqs = list(scheduler.running_batch.reqs)
     head = {
         "version": 2 if columns else 1,
         "capacity_tokens": int(scheduler.max_total_num_tokens),
         "used_tokens": _used_tokens(scheduler),
         "queued_reqs": _queued(scheduler),
+        **(extra() if extra is not None else {}),
     }
     return {**head, **request_columns(reqs)} if columns else {**head, "requests": request_rows(reqs)}
 
@@ -159,7 +162,9 @@ class ReplyService:
             sock.send(body)
 
 
-def state_service(scheduler: Any, address: str) -> ReplyService:
+def state_service(scheduler: Any, address: str, extra: Callable[[], dict[str, Any]] | None = None) -> ReplyService:
     """The `/ares/state` service: the current report as JSON bytes, version 2 (columns) when the message is
     `COLUMNS`, else version 1."""
-    return ReplyService("state", address, lambda msg: orjson.dumps(build_report(scheduler, columns=msg == COLUMNS)))
+    return ReplyService(
+        "state", address, lambda msg: orjson.dumps(build_report(scheduler, columns=msg == COLUMNS, extra=extra))
+    )

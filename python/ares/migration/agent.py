@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from ares.engine.state_report import ReplyService
-from ares.migration.pages import page_pairs, page_runs, read_batch
+from ares.migration.pages import page_pairs, page_runs, read_batch, split_batches
 
 logger = logging.getLogger("ares.migration")
 
@@ -112,9 +112,15 @@ class MigrationAgent:
                 fut.set_exception(e)
 
     def holds(self) -> bool:
-        """Whether KV is held outside SGLang's queues (a paused request on A, a reservation on B): the server is
-        not idle then, or SGLang's idle leak check would count those pages as leaked."""
-        return bool(self.paused) or any(r.state == "reserved" for r in self.incoming.values())
+        """Whether the agent holds requests or KV outside SGLang's queues (a paused request on A, an attached or
+        reserved one on B) or has commands waiting for a tick: the server is not idle then, or SGLang's idle leak
+        check would count those pages as leaked, and with `--sleep-on-idle` the scheduler would sleep instead of
+        ticking."""
+        return (
+            bool(self.paused)
+            or not self.tasks.empty()
+            or any(r.state in ("attached", "reserved") for r in self.incoming.values())
+        )
 
     def exclude_paused(self, batch: Any) -> None:
         """Keep paused requests out of the batch about to run (their KV stays allocated)."""
@@ -216,7 +222,7 @@ class MigrationAgent:
 
         def act() -> dict:
             req = self._running(msg["rid"])
-            why = _not_migratable(req, self.scheduler)
+            why = _not_migratable(req, self.scheduler, msg.get("endpoint", "/generate"))
             if why:
                 raise CommandError(409, f"not_migratable:{why}")
             self.outgoing[msg["mid"]] = Outgoing(msg["mid"], req)
@@ -377,9 +383,10 @@ class MigrationAgent:
         local, peer, lengths = read_batch(runs, src["ptrs"], mine["ptrs"], src["item_lens"])
         if lengths:
             engine = self._prealloc.kv_manager.engine.engine  # Mooncake's TransferEngine, KV pool registered
-            ret = engine.batch_transfer_sync_read(src["session"], local, peer, lengths)
-            if ret < 0:
-                raise CommandError(502, f"transfer_failed:{ret}")
+            for batch in split_batches(local, peer, lengths):
+                ret = engine.batch_transfer_sync_read(src["session"], *batch)
+                if ret < 0:
+                    raise CommandError(502, f"transfer_failed:{ret}")
         rec.pulled = max(rec.pulled, end)
         rec.bytes += sum(lengths)
         return {"bytes": sum(lengths), "seconds": time.perf_counter() - t0, "runs": len(runs)}
@@ -437,6 +444,20 @@ class MigrationAgent:
         if free:
             release_kv_cache(req, self.scheduler.tree_cache, checkpoint=False)
 
+    def report(self) -> dict:
+        """`/ares/state`'s migration block (read from the state service's thread, over copies of the records):
+        KV reserved for incoming requests (already inside `used_tokens`), migrations in and out in progress, and
+        the pool's KV bytes per token (what a migration moves per position, for the router's cost model)."""
+        incoming, outgoing = list(self.incoming.values()), list(self.outgoing.values())
+        layout = self._layout()
+        return {
+            "version": 1,
+            "reserved_tokens": sum(r.allocated for r in incoming if r.state == "reserved"),
+            "in": sum(r.state in ("attached", "reserved") for r in incoming),
+            "out": sum(o.done is None for o in outgoing),
+            "kv_bytes_per_token": sum(layout["item_lens"]) / layout["page_size"],
+        }
+
     def cmd_status(self, msg: dict) -> dict:
         """Reserved tokens and the records (for `/ares/state` and tests); answered without the tick."""
         return {
@@ -468,11 +489,14 @@ def _continue_from(req: Any, output_ids: list[int], written: int) -> None:
     req.send_decode_id_offset = 0
 
 
-def _not_migratable(req: Any, scheduler: Any) -> str | None:
-    """Why `req` cannot move in v1 (`docs/migration.md` §1), or None."""
+def _not_migratable(req: Any, scheduler: Any, endpoint: str) -> str | None:
+    """Why `req` (a request to `endpoint`) cannot move in v1 (`docs/migration.md` §1), or None."""
     sp = req.sampling_params
     if scheduler.enable_overlap:
         return "overlap_scheduler"
+    args = scheduler.server_args
+    if endpoint == "/v1/chat/completions" and (args.reasoning_parser or args.tool_call_parser):
+        return "chat_parser"  # the reasoning/tool-call parser's state lives in A's HTTP handler
     if getattr(req, "grammar", None) is not None:
         return "grammar"
     if req.return_logprob:

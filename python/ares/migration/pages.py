@@ -58,3 +58,36 @@ def read_batch(
             peer.append(src + s * item)
             lengths.append(n * item)
     return local, peer, lengths
+
+
+# Mooncake's TCP transport queues at most 1024 transfer slices (64 KiB each) per peer and fails a batch outright
+# when the queue is full (`tcp_transport.cpp`: max_queued_transfers_per_peer, slice_size); fragmented KV (many short
+# runs across 2 x layers buffers) easily passes that, so reads go in batches of at most half of it.
+MAX_BATCH_SLICES = 512
+SLICE_BYTES = 64 * 1024
+
+
+def split_batches(
+    local: Sequence[int],
+    peer: Sequence[int],
+    lengths: Sequence[int],
+    max_slices: int = MAX_BATCH_SLICES,
+    slice_bytes: int = SLICE_BYTES,
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """Consecutive groups of read entries, each at most `max_slices` transport slices (an entry larger than that
+    goes alone)."""
+    out: list[tuple[list[int], list[int], list[int]]] = []
+    cur: tuple[list[int], list[int], list[int]] = ([], [], [])
+    slices = 0
+    for a, b, n in zip(local, peer, lengths, strict=True):
+        k = max(1, -(-n // slice_bytes))
+        if cur[0] and slices + k > max_slices:
+            out.append(cur)
+            cur, slices = ([], [], []), 0
+        cur[0].append(a)
+        cur[1].append(b)
+        cur[2].append(n)
+        slices += k
+    if cur[0]:
+        out.append(cur)
+    return out

@@ -22,11 +22,16 @@ def kendall_tau(pred: np.ndarray, true: np.ndarray, max_points: int = 20000, see
 def evaluate(
     pred: np.ndarray, true: np.ndarray, progress: np.ndarray, length: np.ndarray, upper: np.ndarray | None = None
 ) -> dict:
-    """MAE overall, by progress bucket (position / length) and by true total-length bucket; tau; P90 coverage."""
+    """MAE overall, by progress bucket (position / length) and by true total-length bucket; tau; P90 coverage.
+
+    `mean_remaining_by_progress`: the mean true remaining length of each progress bucket's points, so that
+    MAE / mean remaining is the relative error by progress the simulator applies to other workloads' lengths.
+    """
     err = np.abs(pred - true)
     out = {
         "mae": float(err.mean()),
         "mae_by_progress": {},
+        "mean_remaining_by_progress": {},
         "mae_by_length": {},
         "kendall_tau": kendall_tau(pred, true),
         "median_ae": float(np.median(err)),
@@ -34,6 +39,9 @@ def evaluate(
     for lo, hi in PROGRESS_BUCKETS:
         m = (progress >= lo) & (progress < hi)
         out["mae_by_progress"][f"{int(lo * 100)}-{int(hi * 100)}%"] = float(err[m].mean()) if m.any() else None
+        out["mean_remaining_by_progress"][f"{int(lo * 100)}-{int(hi * 100)}%"] = (
+            float(true[m].mean()) if m.any() else None
+        )
     for lo, hi in LENGTH_BUCKETS:
         m = (length >= lo) & (length < hi)
         out["mae_by_length"][f"{lo}-{hi - 1}"] = float(err[m].mean()) if m.any() else None

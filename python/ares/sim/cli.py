@@ -8,10 +8,14 @@ from pathlib import Path
 
 from ares_router.policy import POLICIES, LoadModel
 
+from .bounds import POOLED_BOUND
 from .cost_model import PRESETS, get_cost_model
 from .engine import SimConfig
+from .metrics import SLO_PAIRS, slo_pairs
 from .predictor_model import ErrorModel, load_error_model
-from .sweep import RunSpec, capacity_rate, find_goodput, run_point
+from .sweep import RunSpec, capacity_rate, goodput_over_seeds, run_point
+
+QUICK_DURATION_S = 300.0
 
 DEFAULT_ACCURACY = Path("benchmark/results/predictor_accuracy.json")
 
@@ -21,38 +25,55 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="r1", help="r1, azure_conv, mooncake_conv or sharegpt")
     p.add_argument("--decode", type=int, default=8, help="decode instances")
     p.add_argument("--prefill", type=int, default=None, help="prefill instances (default decode/2)")
-    p.add_argument("--policy", default=",".join(POLICIES), help="comma-separated policies")
+    p.add_argument(
+        "--policy",
+        default=",".join([*POLICIES, POOLED_BOUND]),
+        help=f"comma-separated policies; {POOLED_BOUND}: one instance with the cluster's pooled KV and compute",
+    )
     p.add_argument("--cost", default="h100-llama2-7b", choices=sorted(PRESETS), help="cost model preset")
     p.add_argument("--duration", type=float, default=1800.0, help="simulated seconds of arrivals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sigma", type=float, default=0.5, help="predictor log-error sigma at the start")
     p.add_argument("--accuracy-json", default=None, help="empirical error profile (default: the results file if any)")
     p.add_argument("--horizon", type=int, default=2048, help="ARES load-model horizon (decode steps)")
-    p.add_argument("--dispatch-prediction", action="store_true", help="ARES knows a noisy length at dispatch")
     p.add_argument("--poll", type=float, default=0.5, help="snapshot poll interval (s)")
     p.add_argument(
         "--reserve-tokens",
         type=int,
         default=512,
-        help="decode admission headroom per running request (SGLang's num_reserved_decode_tokens; 0: admit "
-        "whenever the prompt fits, so overload shows as retractions instead of queueing)",
+        help="decode admission reserve per active request (SGLang's --num-reserved-decode-tokens; 0: no reserve, "
+        "so overload shows as retractions instead of queueing; SGLang's single-request term still applies)",
     )
-    p.add_argument("--tpot-factor", type=float, default=1.25, help="TPOT SLO = factor x full-KV step time")
-    p.add_argument("--quick", action="store_true", help="short runs (600 s) for a smoke test")
+    p.add_argument(
+        "--max-tokens",
+        default="none",
+        help="max_tokens the clients send: none (SGLang budgets 4096 new tokens per request at admission), output "
+        "(each request's own length, as sglang.benchmark.serving sends it), or a number (outputs end there)",
+    )
+    p.add_argument(
+        "--slos",
+        default=",".join(pr.name for pr in SLO_PAIRS),
+        help="comma-separated SLO pairs from ares.sim.metrics.SLO_PAIRS; the first is the headline "
+        "(default: all: " + "; ".join(f"{pr.name}: {pr.why}" for pr in SLO_PAIRS) + ")",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per goodput search (mean and 95%% interval)")
+    p.add_argument("--resolution", type=float, default=0.01, help="goodput search resolution (relative)")
+    p.add_argument("--method", default=None, help="predictor method in the accuracy file (default: ours)")
+    p.add_argument("--quick", action="store_true", help="short runs (300 s), 1 seed, 10%% resolution: a smoke test")
+
+
+def _max_tokens(arg: str) -> int | str | None:
+    """`--max-tokens`: "none" -> None, "output" -> "output", else a number."""
+    return None if arg == "none" else arg if arg == "output" else int(arg)
 
 
 def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, str]:
     """The RunSpec the flags describe, and a line saying which error model is used."""
-    from ares.workloads import load_workload
-
-    from .metrics import SLO
-
     cost = get_cost_model(args.cost)
     err = ErrorModel.parametric(args.sigma)
     acc = Path(args.accuracy_json) if args.accuracy_json else DEFAULT_ACCURACY
     if acc.exists():
-        outs = load_workload(args.workload, None if args.workload != "sharegpt" else 1.0, 3600.0).output_tokens
-        err = load_error_model(acc, outs) or err
+        err = load_error_model(acc, method=args.method) or err
     cfg = SimConfig(
         n_decode=args.decode,
         n_prefill=args.prefill,
@@ -60,13 +81,21 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, str]:
         error_model=err,
         load_model=LoadModel(horizon_tokens=args.horizon),
         poll_interval_s=args.poll,
-        dispatch_prediction=args.dispatch_prediction,
         reserve_tokens=args.reserve_tokens,
+        max_tokens=_max_tokens(args.max_tokens),
         record_kv_instances=64,
     )
-    duration = 600.0 if args.quick else args.duration
-    spec = RunSpec(args.workload, duration, args.seed, cfg, SLO.for_cost(cost, tpot_factor=args.tpot_factor))
+    duration = QUICK_DURATION_S if args.quick else args.duration
+    spec = RunSpec(args.workload, duration, args.seed, cfg, slo_pairs(cost, args.slos))
     return spec, err.source
+
+
+def search_kwargs(args: argparse.Namespace) -> dict:
+    """Goodput-search settings from the flags (--quick: 1 seed, 10% resolution)."""
+    return {
+        "seeds": [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds)),
+        "resolution": max(args.resolution, 0.10) if args.quick else args.resolution,
+    }
 
 
 def add_parser(subparsers) -> None:
@@ -79,13 +108,14 @@ def add_parser(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the sweep and write `sim_<workload>_d<D>.json` and its P99 TPOT plot."""
+    """Run the sweep (or goodput search) and write `sim_<workload>_d<D>.json` and its P99 TPOT plot."""
     from tqdm import tqdm
 
     from .plots import plot_tpot_vs_rate
 
     spec, err_src = spec_from_args(args)
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    slos = spec.slos_or_default()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs, goodput = [], {}
@@ -96,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         start = 0.5 * capacity_rate(spec)
         for pol in tqdm(policies, desc="goodput"):
-            goodput[pol], pol_runs = find_goodput(spec, pol, start)
+            goodput[pol], pol_runs = goodput_over_seeds(spec, pol, start, **search_kwargs(args))
             runs += pol_runs
     stem = f"sim_{spec.workload}_d{spec.config.n_decode}"
     doc = {
@@ -104,26 +134,25 @@ def main(args: argparse.Namespace) -> int:
         "decode": spec.config.n_decode,
         "duration_s": spec.duration_s,
         "cost_model": spec.config.cost.to_dict(),
-        "slo": spec.slo_or_default().to_dict(),
+        "slos": {k: v.to_dict() for k, v in slos.items()},
         "error_model": err_src,
         "goodput": goodput,
         "runs": runs,
     }
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    plot_tpot_vs_rate(
-        runs,
-        out / f"{stem}_tpot.png",
-        f"{spec.workload}, {spec.config.n_decode} decode",
-        spec.slo_or_default().tpot_s,
-    )
+    head = next(iter(slos.values()))
+    plot_tpot_vs_rate(runs, out / f"{stem}_tpot.png", f"{spec.workload}, {spec.config.n_decode} decode", head.tpot_s)
     for r in runs:
         print(
-            f"{r['policy']:16s} rate {r['offered_rate']:7.2f}  attain {r['slo_attainment']:.3f}  "
-            f"P99 TPOT {r['tpot_p99'] * 1e3:6.1f} ms  P99 TTFT {r['ttft_p99']:7.2f} s  "
+            f"{r['policy']:16s} rate {r['offered_rate']:7.2f} seed {r['seed']}  "
+            + " ".join(f"{k} {v:.3f}" for k, v in r["attainment"].items())
+            + f"  P99 TPOT {r['tpot_p99'] * 1e3:6.1f} ms  P50/P99 ITL {r['itl_p50'] * 1e3:5.1f}/"
+            f"{r['itl_p99'] * 1e3:5.1f} ms  P99 TTFT {r['ttft_p99']:7.2f} s  "
             f"retract {r['retractions']}  migr {r['migrations']}"
         )
-    for pol, g in goodput.items():
-        print(f"goodput {pol:16s} {g:.2f} req/s")
+    for pol, per_slo in goodput.items():
+        for name, g in per_slo.items():
+            print(f"goodput {pol:18s} {name:12s} {g['label']}")
     print(f"wrote {out / stem}.json")
     return 0
 

@@ -14,7 +14,9 @@ event in closed form instead of stepping token by token.
 
 Prefill of p tokens: t = prefill_overhead + 2 * params * p / prefill FLOP/s (linear attention term ignored).
 KV capacity = (HBM * memory fraction - weight bytes) / KV bytes per token.
-Migration: KV bytes / link bandwidth + fixed pause; P->D transfer uses the same link.
+Migration: setup + KV bytes / link bandwidth + pause, from a link profile (`ares_router.link_profile`, the one the
+router prices migrations with: `rdma-4x200g` for the H100 presets, the measured `cpu-loopback-measured` for the CPU
+one); P->D transfer uses the same link.
 
 `cpu-smollm2-135m-estimate` is NOT a measurement: its constants are an estimate fitted to the figures in
 docs/sglang-notes.md (SmolLM2-135M decodes 15-50 tok/s at batch 1-8 on a 2-core machine, teacher-forces
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ares_router.link_profile import get_link_profile
 from ares_router.policy import MigrationCost
 
 
@@ -42,6 +45,7 @@ class CostModel:
     kv_bytes_per_token: float
     link_bytes_per_s: float
     migration_pause_s: float
+    migration_setup_s: float = 0.0
     note: str = ""
 
     def step_time(self, batch: int, kv_tokens: float) -> float:
@@ -58,7 +62,13 @@ class CostModel:
 
     def migration_cost(self) -> MigrationCost:
         """The policy's view of migration cost."""
-        return MigrationCost(self.kv_bytes_per_token, self.link_bytes_per_s, self.migration_pause_s)
+        return MigrationCost(
+            self.kv_bytes_per_token, self.link_bytes_per_s, self.migration_pause_s, self.migration_setup_s
+        )
+
+    def migration_time(self, tokens: float) -> float:
+        """Seconds a migration of `tokens` KV tokens takes end to end (setup, transfer, pause)."""
+        return self.migration_setup_s + self.transfer_time(tokens) + self.migration_pause_s
 
     def to_dict(self) -> dict:
         """JSON-ready constants."""
@@ -80,12 +90,12 @@ def roofline(
     memory_fraction: float = 0.9,
     step_overhead_s: float = 0.003,
     prefill_overhead_s: float = 0.005,
-    link_bytes_per_s: float = 25e9,
-    migration_pause_s: float = 0.02,
+    link: str = "rdma-4x200g",
     dtype_bytes: int = 2,
 ) -> CostModel:
     """Cost model of a dense decoder from its shapes and the accelerator's roofline (defaults: H100 SXM,
-    bf16, 3.35 TB/s HBM at 80% efficiency, 989 TFLOP/s dense at 50% MFU, 200 Gb/s RDMA-class link)."""
+    bf16, 3.35 TB/s HBM at 80% efficiency, 989 TFLOP/s dense at 50% MFU, Mooncake over 4x200 Gbps RoCE)."""
+    profile = get_link_profile(link)
     weight_bytes = params * dtype_bytes
     kv_bytes = 2 * layers * kv_heads * head_dim * dtype_bytes  # K and V, every layer
     bw = hbm_bytes_per_s * mem_efficiency
@@ -99,13 +109,14 @@ def roofline(
         prefill_per_token_s=2 * params / (flops * mfu_prefill),
         kv_capacity_tokens=capacity,
         kv_bytes_per_token=float(kv_bytes),
-        link_bytes_per_s=link_bytes_per_s,
-        migration_pause_s=migration_pause_s,
+        link_bytes_per_s=profile.bytes_per_s,
+        migration_pause_s=profile.pause_s,
+        migration_setup_s=profile.setup_s,
         note=(
             f"roofline: {params / 1e9:.1f}B params, {layers} layers x {kv_heads} kv heads x {head_dim} dim, "
             f"{kv_bytes} KV B/token, HBM {hbm_bytes / 1e9:.0f} GB @ {hbm_bytes_per_s / 1e12:.2f} TB/s x "
             f"{mem_efficiency}, {flops / 1e12:.0f} TFLOP/s x MFU {mfu_decode}, "
-            f"overhead {step_overhead_s * 1e3:.0f} ms"
+            f"overhead {step_overhead_s * 1e3:.0f} ms, link {link}"
         ),
     )
 
@@ -114,6 +125,7 @@ def _cpu_estimate() -> CostModel:
     # sglang-notes.md: SmolLM2-135M ~15 tok/s at batch 1 (67 ms/step) and ~50 tok/s at batch 8 (160 ms/step)
     # -> a + b = 0.067, a + 8b = 0.160. KV term and capacity are placeholders (--max-total-tokens 16384).
     b = (0.160 - 0.067) / 7
+    link = get_link_profile("cpu-loopback-measured")
     return CostModel(
         name="cpu-smollm2-135m-estimate",
         step_base_s=0.067 - b,
@@ -123,9 +135,11 @@ def _cpu_estimate() -> CostModel:
         prefill_per_token_s=1 / 140,
         kv_capacity_tokens=16384,
         kv_bytes_per_token=2 * 30 * 3 * 64 * 2,  # SmolLM2-135M: 30 layers, 3 kv heads, head dim 64, bf16
-        link_bytes_per_s=1e9,  # Mooncake TCP on loopback, order of magnitude
-        migration_pause_s=0.05,
-        note="ESTIMATE from docs/sglang-notes.md throughput figures, not measured on the CPU cluster",
+        link_bytes_per_s=link.bytes_per_s,
+        migration_pause_s=link.pause_s,
+        migration_setup_s=link.setup_s,
+        note="ESTIMATE from docs/sglang-notes.md throughput figures (step and prefill times), not measured on the CPU "
+        "cluster; migration from the measured link profile cpu-loopback-measured",
     )
 
 

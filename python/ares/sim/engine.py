@@ -1,22 +1,34 @@
 """Discrete-event simulator of a PD-disaggregated cluster: P prefill and D decode instances.
 
-Flow of a request: arrival -> the policy picks its decode instance (from the last polled snapshot plus the
-requests dispatched since, as a live router sees it) -> FIFO prefill on the least busy prefill instance ->
-KV transfer P->D (KV bytes / link bandwidth) -> decode instance's queue -> admitted when its KV fits with
-SGLang's headroom rule (free - need >= reserve_tokens * (running + 1)) -> continuous batching, one token per
-running request per step -> finishes after its output tokens.
+Flow of a request, as SGLang 0.5.23 PD runs it: arrival -> the policy picks its decode instance (from the last
+polled snapshot plus the requests dispatched since, as a live router sees it) -> the decode instance's prealloc
+queue: at its next step boundary, FIFO, SGLang's decode admission rule (`ares_router.policy.Admission`, the rule
+the router's policies use) preallocates the prompt's KV, which the request holds from then on -> only then its
+prefill starts (FIFO on the least busy prefill instance), so a full decode instance holds prefill back -> KV
+transfer P->D (KV bytes / link bandwidth) -> joins the running batch at the next step boundary -> continuous
+batching, one token per running request per step -> finishes after its output tokens.
 
 Decode instances advance event to event, not token by token: between events the batch is fixed, so the
 time of k steps is closed-form (see `cost_model`). An instance's segment ends at the next request finish,
 at KV exhaustion, or early at the next step boundary after an outside event (arrival, migration).
 KV overflow -> SGLang-style retraction: requests with the fewest generated tokens (ties: longest prompt) are
-retracted until `retract_steps` steps fit; they go back to the front of the queue and, when re-admitted,
-recompute their KV (prefill time of prompt + generated, which stalls that instance's batch).
+retracted until `retract_steps` steps fit; they wait in the instance's retracted queue (nothing new is
+preallocated meanwhile) and, when SGLang's resume rule lets them back, recompute their KV (prefill time of
+prompt + generated, which stalls that instance's batch).
 Migration: the request leaves the source batch at its next step boundary, the target reserves the KV,
 and after KV bytes / link bandwidth + pause it joins the target's batch; its pause counts in its TPOT.
 
-Every `poll_interval_s` the simulator builds a `ClusterSnapshot` (true remaining lengths for the oracle,
-the error model's predictions for ARES) and every `rebalance_every` polls asks the policy for migrations.
+Token timing: a token comes at the end of every step a request takes part in; the gap before its first step
+on an instance runs from its latest token (first token = joining decode; or the step before it was retracted
+or left for migration), so queueing, recompute and migration stalls are in its gaps. Gaps are accounted per
+segment, not per token (`ClusterSim._gap_accounting`): every request's longest gap (`SimResult.max_gap`) and a
+streaming histogram of every gap of the measured requests (`SimResult.gaps`, see `gaps`).
+
+Every `poll_interval_s` the simulator builds a `ClusterSnapshot` the way the router does: each decode instance's
+report (what `/ares/state` would say: KV, queues, running requests with the error model's predictions for ARES,
+true remaining lengths for `ares_true_lengths`) plus the bookkeeping a router keeps of what it dispatched, through
+the shared assembler (`ares_router.policy.assemble_instance`) and the shared output estimator; every
+`rebalance_every` polls it asks the policy for migrations.
 Randomness (the random policy, predictor noise) comes from generators seeded by `SimConfig.seed`.
 """
 
@@ -24,23 +36,31 @@ from __future__ import annotations
 
 import heapq
 import math
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ares.workloads import Workload
+from ares_router.estimate import OutputEstimator
 from ares_router.policy import (
+    NO_OWN_ROWS,
+    Admission,
     ClusterSnapshot,
+    DecodeLoad,
     InstanceState,
     LoadModel,
-    NewRequest,
-    NoRebalance,
+    OwnRows,
+    assemble_instance,
     build_snapshot,
     get_policy,
+    new_request,
+    place,
 )
 
 from .cost_model import CostModel, get_cost_model
+from .gaps import GapHistogram
 from .predictor_model import ErrorModel
 
 _STEP, _ARRIVE, _MIGRATED, _POLL = 0, 1, 2, 3
@@ -58,19 +78,30 @@ class SimConfig:
     load_model: LoadModel = field(default_factory=LoadModel)
     poll_interval_s: float = 0.5
     rebalance_every: int = 2  # polls between rebalancing rounds
-    reserve_tokens: int = 512  # SGLang's num_reserved_decode_tokens: headroom per running request at admission
+    reserve_tokens: int = 512  # SGLang's --num-reserved-decode-tokens, read by its admission rule (`Admission`)
     retract_steps: int = 20  # SGLang's retract_decode_steps: retract until this many steps fit
-    dispatch_prediction: bool = False  # ARES knows a (noisy) output length already at dispatch
+    # The output guess before the head reports (at dispatch, for queued requests): the router's estimator.
+    estimator: OutputEstimator = field(default_factory=OutputEstimator)
+    # max_tokens the clients send: None (none; SGLang budgets CLIP = 4096 new tokens), a number (outputs are cut
+    # there), or "output" (each request's own output length, as `sglang.benchmark.serving` sends it).
+    max_tokens: int | str | None = None
     seed: int = 0
     max_time_factor: float = 20.0  # give up draining at duration * factor (unfinished requests fail SLOs)
     record_kv_instances: int = 64  # keep the per-instance KV trace only up to this many decode instances
     check_invariants: bool = False  # assert KV bookkeeping at every step boundary (tests)
+    # Token gaps go into the ITL histogram only for requests arriving at or after warmup_frac x duration: the
+    # same requests `metrics.summarize` covers (a histogram cannot be filtered afterwards).
+    warmup_frac: float = 0.1
+    # KV capacity request lengths are clipped against (None: the cost model's). The pooled bound (`bounds`)
+    # simulates one instance with the cluster's capacity but clips as one real instance would.
+    clip_capacity: int | None = None
 
 
 class _Req:
     __slots__ = (
         "i", "arrival", "prompt", "out", "z", "inst", "join_step", "gen0", "len0", "epoch", "t_first",
-        "t_finish", "retractions", "migrations", "migrate_to", "reserved", "gen_now",
+        "t_finish", "retractions", "migrations", "migrate_to", "reserved", "gen_now", "last_tok", "max_gap",
+        "seg0", "meas",
     )  # fmt: skip
 
     def __init__(self, i: int, arrival: float, prompt: int, out: int, z: float) -> None:
@@ -87,29 +118,47 @@ class _Req:
         self.migrate_to = -1
         self.reserved = 0
         self.gen_now = 1  # generated tokens while not running (queued, retracted, migrating)
+        self.last_tok = math.nan  # time of its latest token (valid while not running; see `_gap_accounting`)
+        self.max_gap = 0.0  # its longest token gap so far
+        self.seg0 = 0  # index of the first segment of its current instance it takes part in
+        self.meas = True  # its gaps go into the ITL histogram (arrived after the warm-up)
 
 
 class _Decode:
     __slots__ = (
         "idx", "cap", "running", "heap", "waiting", "incoming", "outgoing", "n", "K", "held",
-        "steps", "busy", "version", "t0", "extra", "alpha", "quad", "seg_k",
+        "steps", "busy", "version", "t0", "extra", "alpha", "quad", "seg_k", "nseg", "fresh", "n_meas",
+        "mx_seg", "mx_val", "t_end", "prealloc", "retracted", "n_pre",
     )  # fmt: skip
 
     def __init__(self, idx: int, cap: int) -> None:
         self.idx, self.cap = idx, cap
         self.running: dict[int, _Req] = {}
         self.heap: list[tuple[int, int, int]] = []  # (finish step, epoch, request)
-        self.waiting: deque[_Req] = deque()
+        self.prealloc: deque[_Req] = deque()  # dispatched here, no KV yet (SGLang's prealloc queue)
+        self.n_pre = 0  # KV preallocated, not running yet: in prefill, KV transfer, or `waiting`
+        self.waiting: deque[_Req] = deque()  # KV arrived: join the batch at the next step boundary
+        self.retracted: deque[_Req] = deque()  # retracted, waiting to come back (SGLang's retracted queue)
         self.incoming: list[tuple[_Req, int]] = []
         self.outgoing: list[int] = []
         self.n = 0
         self.K = 0  # KV tokens of running requests
-        self.held = 0  # KV held for migrations (outgoing in flight, incoming reserved)
+        self.held = 0  # KV held, not running: preallocated (`n_pre`), migrations (outgoing in flight, incoming)
         self.steps = 0
         self.busy = False
         self.version = 0
         self.t0 = self.extra = self.alpha = self.quad = 0.0
         self.seg_k = 0
+        # Token-gap bookkeeping (`ClusterSim._gap_accounting`): segments completed, requests that joined at the
+        # last boundary (their first gap is their own), running requests whose gaps are measured, and a stack of
+        # (segment index, largest gap of that segment) with decreasing gaps: the largest gap over any suffix of
+        # segments is the first entry at or after the suffix's start.
+        self.nseg = 0
+        self.fresh: list[tuple[_Req, int]] = []
+        self.n_meas = 0
+        self.mx_seg: list[int] = []
+        self.mx_val: list[float] = []
+        self.t_end = 0.0  # when the latest segment ended (the time of its members' latest token)
 
     def seg_time(self, k: int) -> float:
         return self.extra + k * self.alpha + self.quad * k * (k - 1)
@@ -156,6 +205,11 @@ class SimResult:
     kv_frac: np.ndarray  # [polls, instances] (empty when too many instances to keep)
     kv_stats: np.ndarray  # [polls, 4]: mean, min, max, std of used fraction
     events: int
+    # Per request: its longest token gap (s), stalls included (0 for one-token outputs). Every token gap of the
+    # requests arriving after `SimConfig.warmup_frac` x duration, as a streaming histogram (see `gaps`).
+    max_gap: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    gaps: GapHistogram = field(default_factory=GapHistogram)
+    gaps_warmup_frac: float = 0.1
 
 
 class ClusterSim:
@@ -166,18 +220,18 @@ class ClusterSim:
         self.cfg = config
         self.cost = config.cost
         self.policy = get_policy(config.policy)
-        if hasattr(self.policy.dispatcher, "reserve_tokens"):  # a policy that models admission uses the cluster's
-            dispatcher = replace(self.policy.dispatcher, reserve_tokens=config.reserve_tokens)
-            self.policy = replace(self.policy, dispatcher=dispatcher)
+        self.admission = Admission(config.reserve_tokens)  # the servers' rule, and the policy's (via the snapshot)
+        self.estimator = config.estimator
         self.needs_truth = self.policy.needs_true_lengths
-        self.uses_pred = self.policy.uses_predictions
-        self.rebalances = not isinstance(self.policy.rebalancer, NoRebalance)
+        self.rebalances = self.policy.rebalances
         self.rng = np.random.default_rng(config.seed)  # the policy's generator (random dispatch)
         noise_rng = np.random.default_rng([config.seed, 1])
         cap = self.cost.kv_capacity_tokens
-        limit = cap - config.reserve_tokens - 1
+        limit = (config.clip_capacity or cap) - config.reserve_tokens - 1
         prompt = np.minimum(workload.prompt_tokens, limit // 2 if limit > 2 else 1)
         out = np.minimum(workload.output_tokens, np.maximum(limit - prompt, 1))
+        if isinstance(config.max_tokens, int):  # a client's max_tokens ends the request there
+            out = np.minimum(out, max(config.max_tokens, 1))
         self.clipped = int(np.sum((prompt != workload.prompt_tokens) | (out != workload.output_tokens)))
         z = noise_rng.standard_normal(len(workload))
         self.reqs = [
@@ -190,7 +244,8 @@ class ClusterSim:
         # request changes state (rare), read at polls.
         n = len(self.reqs)
         self.col_running = np.full(n, -1, np.int64)  # decode instance running it, -1: none
-        self.col_pending = np.full(n, -1, np.int64)  # dispatched there, not running (prefill, queue, retracted)
+        self.col_tracked = np.full(n, -1, np.int64)  # where the router thinks it is (dispatched, unfinished)
+        self.col_started = np.zeros(n, bool)  # its first token reached the client
         self.col_join = np.zeros(n)  # the instance's step count when it joined
         self.col_len0 = np.zeros(n)  # KV tokens when it joined
         self.col_gen0 = np.zeros(n)  # tokens generated when it joined
@@ -198,6 +253,17 @@ class ClusterSim:
         self.col_prompt = prompt.astype(np.float64)
         self.col_out = out.astype(np.float64)
         self.col_z = z
+        if config.max_tokens == "output":
+            self.col_max_new = out.astype(np.float64)
+        elif isinstance(config.max_tokens, int):
+            self.col_max_new = np.full(n, float(config.max_tokens))
+        elif config.max_tokens is None:
+            self.col_max_new = np.full(n, np.nan)
+        else:
+            raise ValueError(f"max_tokens must be None, an int or 'output', not {config.max_tokens!r}")
+        # SGLang's single-request admission term per request; its maximum tells when the term cannot bind.
+        self.footprint = self.admission.footprint(self.col_prompt, self.col_max_new, float(cap))
+        self.max_footprint = float(self.footprint.max()) if n else 0.0
         n_prefill = config.n_prefill or max(1, config.n_decode // 2)
         self.prefill = [(0.0, p) for p in range(n_prefill)]
         self.events: list = []
@@ -212,6 +278,10 @@ class ClusterSim:
         self.kv_frac: list[np.ndarray] = []
         self.kv_stats: list[tuple[float, float, float, float]] = []
         self.n_events = 0
+        self.gaps = GapHistogram()
+        cut = config.warmup_frac * workload.duration_s
+        for r in self.reqs:
+            r.meas = r.arrival >= cut
 
     # ------------------------------------------------------------------ event plumbing
     def _push(self, t: float, kind: int, obj) -> None:
@@ -257,22 +327,63 @@ class ClusterSim:
     def _arrive(self, t: float, req: _Req) -> None:
         if self.snapshot is None:
             self.snapshot = self._build_snapshot(t)
-        if self.needs_truth:
-            pred = float(req.out - 1)
-        elif self.uses_pred and self.cfg.dispatch_prediction:
-            pred = float(self.cfg.error_model.predict(np.array(req.out - 1.0), np.array(0.0), np.array(req.z)))
-        else:
-            pred = None
-        new = NewRequest(req.i, req.prompt, pred)
-        idx = self.policy.dispatcher.dispatch(self.snapshot, new, self.rng)
-        self.snapshot = self.snapshot.with_dispatch(idx, new)
-        self.dispatched += 1
+        idx = self._dispatch(req)
         req.inst = idx
-        self.col_pending[req.i] = idx
-        busy_until, p = heapq.heappop(self.prefill)
-        end = max(t, busy_until) + self.cost.prefill_time(req.prompt)
-        heapq.heappush(self.prefill, (end, p))
-        self._push(end + self.cost.transfer_time(req.prompt), _ARRIVE, req)
+        self.col_tracked[req.i] = idx
+        inst = self.decode[idx]
+        inst.prealloc.append(req)
+        if len(inst.prealloc) == 1 and not inst.retracted:  # a blocked queue is retried at every step boundary
+            self._wake(inst, t)
+
+    def _dispatch(self, req: _Req) -> int:
+        """The policy's decode instance for `req`, decided as the router decides (`RouterState.choose_decode`): the
+        shared estimator's guess and the request's max_tokens, on the snapshot that counts requests sent since."""
+        m = self.col_max_new[req.i]
+        new = new_request(req.i, req.prompt, None if math.isnan(m) else int(m), self.estimator)
+        if self.needs_truth:  # the true-length policy is told every output length (a simulator-only reference)
+            new = replace(new, predicted_output=float(req.out - 1))
+        idx, self.snapshot = place(self.snapshot, new, self.policy, self.rng)
+        self.dispatched += 1
+        return idx
+
+    def _preallocate(self, inst: _Decode, t: float) -> None:
+        """SGLang's `pop_preallocated`: FIFO by the admission rule, the first request that does not fit stops the
+        pass; an admitted one holds its prompt's KV from now on, and its prefill can start."""
+        cost = self.cost
+        while inst.prealloc:
+            req = inst.prealloc[0]
+            if not self._admits(inst, req.prompt, self.col_max_new[req.i]):
+                break
+            inst.prealloc.popleft()
+            inst.held += req.prompt
+            inst.n_pre += 1
+            busy_until, p = heapq.heappop(self.prefill)
+            end = max(t, busy_until) + cost.prefill_time(req.prompt)
+            heapq.heappush(self.prefill, (end, p))
+            self._push(end + cost.transfer_time(req.prompt), _ARRIVE, req)
+
+    def _single_need(self, inst: _Decode, running_tokens: float, active: int) -> float:
+        """SGLang's largest single-request footprint over the running batch, where it can matter: the term is
+        max(R * active, single - running_tokens), so below the largest footprint of any request it is never
+        looked at (0 then gives the same decisions) and the loop over the batch runs only on nearly empty
+        instances."""
+        if self.max_footprint - running_tokens <= self.admission.reserve_tokens * active:
+            return 0.0
+        fp = self.footprint
+        return max((float(fp[i]) for i in inst.running), default=0.0)
+
+    def _admission_state(self, inst: _Decode, k: int = 0) -> tuple[float, int, float, float]:
+        """(free, active, running_tokens, single_need) of `inst` as SGLang counts them, `k` steps into its current
+        segment (0: at a step boundary)."""
+        active = inst.n + inst.n_pre
+        kv = inst.K + inst.n * k
+        running_tokens = kv + inst.n  # prompt + output ids: the KV written plus each one's latest token
+        return inst.cap - kv - inst.held, active, running_tokens, self._single_need(inst, running_tokens, active)
+
+    def _admits(self, inst: _Decode, prompt: float, max_new: float, k: int = 0) -> bool:
+        """SGLang's decode admission (`Admission`, the policies' rule) on `inst`, `k` steps into its segment."""
+        free, active, running_tokens, single = self._admission_state(inst, k)
+        return bool(self.admission.admits(free, active, running_tokens, single, prompt, max_new, inst.cap))
 
     # ------------------------------------------------------------------ decode instances
     def _wake(self, inst: _Decode, t: float) -> None:
@@ -289,7 +400,8 @@ class ClusterSim:
     def _join(self, inst: _Decode, req: _Req, length: int, gen: int, t: float) -> None:
         if math.isnan(req.t_first):
             req.t_first = t
-        self.col_pending[req.i] = -1
+            req.last_tok = t  # its first token (from prefill) reaches the client as decode takes it
+        self.col_started[req.i] = True
         req.inst = inst.idx
         if gen >= req.out:  # nothing left to decode (one-token outputs)
             self._finish(req, t)
@@ -301,10 +413,14 @@ class ClusterSim:
         inst.running[req.i] = req
         inst.n += 1
         inst.K += length
+        req.seg0 = inst.nseg
+        inst.fresh.append((req, req.epoch))
+        inst.n_meas += req.meas
         heapq.heappush(inst.heap, (inst.steps + req.out - gen, req.epoch, req.i))
 
     def _finish(self, req: _Req, t: float) -> None:
         req.t_finish = t
+        self.col_tracked[req.i] = -1
         req.gen_now = req.out
         self.col_gen_now[req.i] = req.out
         self.finished += 1
@@ -320,11 +436,57 @@ class ClusterSim:
         req.gen_now = req.gen0 + d
         self.col_running[req.i] = -1
         self.col_gen_now[req.i] = req.gen_now
+        inst.n_meas -= req.meas
+        if req.seg0 < inst.nseg:  # it took part in a segment here: its latest token came at the segment's end
+            req.last_tok = inst.t_end
+            pos = bisect_left(inst.mx_seg, req.seg0 + 1)  # its first segment was counted in `_gap_accounting`
+            if pos < len(inst.mx_seg):
+                req.max_gap = max(req.max_gap, inst.mx_val[pos])
+        if inst.n == 0:  # no member left: no later request asks about these segments
+            inst.mx_seg.clear()
+            inst.mx_val.clear()
         return length, req.gen_now
+
+    def _gap_accounting(self, inst: _Decode, t: float, k: int) -> None:
+        """Token gaps of the segment of `k` steps of `inst` that ends at `t`, without a loop over its batch.
+
+        Step i of the segment ends at t0 + seg_time(i), so a member that was running before the segment sees a
+        first gap of extra + alpha (any stall, e.g. recompute, included) and then k-1 gaps alpha + 2 quad (i-1),
+        i = 2..k, the same for every member. A request that joined at the segment's start (queued, retracted,
+        migrated, or new) has its own first gap: from its latest token to the segment's first step.
+        """
+        g1 = inst.extra + inst.alpha
+        inner = inst.alpha + 2.0 * inst.quad * (k - 1) if k > 1 else 0.0  # the largest of gaps 2..k
+        hist = self.gaps
+        fresh_meas = 0
+        if inst.fresh:
+            t1 = inst.t0 + g1
+            for req, epoch in inst.fresh:
+                if req.epoch != epoch:  # left at the boundary it joined (retracted): not a member
+                    continue
+                g = t1 - req.last_tok
+                req.max_gap = max(req.max_gap, g, inner)
+                if req.meas:
+                    hist.add(g)
+                    fresh_meas += 1
+            inst.fresh.clear()
+        if inst.n_meas > fresh_meas:
+            hist.add(g1, inst.n_meas - fresh_meas)
+        if k > 1 and inst.n_meas:
+            hist.add_progression(inst.alpha + 2.0 * inst.quad, 2.0 * inst.quad, k - 1, inst.n_meas)
+        m = max(g1, inner)  # the largest gap of this segment for members that were running before it
+        while inst.mx_val and inst.mx_val[-1] <= m:
+            inst.mx_val.pop()
+            inst.mx_seg.pop()
+        inst.mx_seg.append(inst.nseg)
+        inst.mx_val.append(m)
+        inst.nseg += 1
+        inst.t_end = t
 
     def _boundary(self, inst: _Decode, t: float, k: int) -> None:
         cfg, cost = self.cfg, self.cost
         if k:
+            self._gap_accounting(inst, t, k)
             inst.steps += k
             inst.K += inst.n * k
         inst.busy = False
@@ -354,7 +516,7 @@ class ClusterSim:
                 self.migrations += 1
                 req.migrations += 1
                 self.bytes_moved += length * cost.kv_bytes_per_token
-                dur = cost.transfer_time(length) + cost.migration_pause_s
+                dur = cost.migration_time(length)
                 self._push(t + dur, _MIGRATED, (req, inst.idx, length))
             inst.outgoing.clear()
         # 3. incoming migrations join (their KV was reserved)
@@ -364,18 +526,28 @@ class ClusterSim:
                 req.migrate_to = -1
                 self._join(inst, req, length, req.gen_now, t)
             inst.incoming.clear()
-        # 4. admissions, FIFO (retracted requests sit at the front)
+        # 4. SGLang's decode queues (`process_decode_queue`, disaggregation/decode.py L3458): retracted requests
+        #    come back first (`resume_retracted_reqs`); while any is left nothing new is preallocated and no
+        #    finished transfer is taken in; otherwise FIFO preallocation by the admission rule, then the requests
+        #    whose KV has arrived join the batch (they were counted as active, not running, by the admission).
         stall = 0.0
-        while inst.waiting:
-            req = inst.waiting[0]
+        while inst.retracted:
+            req = inst.retracted[0]
             need = req.prompt + req.gen_now - 1
-            free = inst.cap - inst.K - inst.held - need
-            if free < 1 or (inst.n > 0 and free < cfg.reserve_tokens * (inst.n + 1)):
+            if not self.admission.resumes(inst.cap - inst.K - inst.held, inst.n + inst.n_pre, need):
                 break
-            inst.waiting.popleft()
-            if req.retractions:  # retracted: recompute prompt + generated tokens (SGLang without backup)
-                stall += cost.prefill_time(need)
+            inst.retracted.popleft()
+            stall += cost.prefill_time(need)  # recompute prompt + generated tokens (SGLang without backup)
             self._join(inst, req, need, req.gen_now, t)
+        if not inst.retracted:
+            self._preallocate(inst, t)
+        # With retracted requests left and nothing running, SGLang could wait for ever: take transfers in anyway.
+        if inst.waiting and (not inst.retracted or inst.n == 0):
+            while inst.waiting:
+                req = inst.waiting.popleft()
+                inst.held -= req.prompt
+                inst.n_pre -= 1
+                self._join(inst, req, req.prompt + req.gen_now - 1, req.gen_now, t)
         # 5. retraction when the next step does not fit
         if inst.n and inst.cap - inst.K - inst.held < inst.n:
             order = sorted(inst.running.values(), key=lambda r: (r.gen0 + inst.steps - r.join_step, -r.prompt))
@@ -386,14 +558,14 @@ class ClusterSim:
                     break
                 self._remove(inst, req)
                 req.retractions += 1
-                self.col_pending[req.i] = inst.idx
                 retracted.append(req)
                 if req.migrate_to >= 0:
                     self.decode[req.migrate_to].held -= req.reserved
                     req.migrate_to = -1
-            inst.waiting.extendleft(reversed(retracted))
+            inst.retracted.extend(retracted)
         if cfg.check_invariants:
             assert 0 <= inst.K and 0 <= inst.held and inst.K + inst.held <= inst.cap, (inst.K, inst.held)
+            assert 0 <= inst.n_pre <= inst.held
             assert inst.n == len(inst.running) and inst.K == sum(
                 r.len0 + inst.steps - r.join_step for r in inst.running.values()
             )
@@ -408,6 +580,13 @@ class ClusterSim:
         k_fin = heap[0][0] - inst.steps
         k_oom = max(1, (inst.cap - inst.K - inst.held) // inst.n)
         k = max(1, min(k_fin, k_oom))
+        if inst.prealloc and not inst.retracted:  # a blocked head may fit once the batch has grown (`first_step`)
+            req = inst.prealloc[0]
+            k_adm = self.admission.first_step(
+                *self._admission_state(inst), req.prompt, self.col_max_new[req.i], inst.cap, inst.n
+            )
+            if k_adm is not None:
+                k = min(k, k_adm)
         inst.busy = True
         inst.t0 = t
         inst.extra = stall
@@ -425,8 +604,12 @@ class ClusterSim:
             self.migrations_rejected += 1
             return
         j = src.steps_done(t - src.t0) if src.busy else 0
-        est = req.len0 + src.steps + j - req.join_step + 1
-        if dst.cap - dst.K - dst.held - est < self.cfg.reserve_tokens * (dst.n + 1):
+        done = src.steps + j - req.join_step
+        est = req.len0 + done + 1
+        # The target admits it by SGLang's rule, as a request whose prompt is its KV and whose max_tokens is what
+        # it may still generate (the policy's target filter asks the same).
+        k = dst.steps_done(t - dst.t0) if dst.busy else 0
+        if not self._admits(dst, est, self.col_max_new[req.i] - (req.gen0 + done), k):
             self.migrations_rejected += 1
             return
         dst.held += est
@@ -434,17 +617,21 @@ class ClusterSim:
         req.migrate_to = dst_idx
         src.outgoing.append(rid)
         self._wake(src, t)
+        self._wake(dst, t)  # its segment was planned without this reservation (KV exhaustion)
 
     def _migrated(self, t: float, req: _Req, src_idx: int, length: int) -> None:
         src = self.decode[src_idx]
         src.held -= length
         dst = self.decode[req.migrate_to]
         dst.incoming.append((req, length))
+        self.col_tracked[req.i] = dst.idx  # committed: the router now counts it on the target
         self._wake(dst, t)
         self._wake(src, t)  # freed KV may admit queued requests
 
     # ------------------------------------------------------------------ polling (the router's view)
-    def _build_snapshot(self, t: float) -> ClusterSnapshot:
+    def _reports(self, t: float) -> list[DecodeLoad]:
+        """What each decode instance's `/ares/state` would answer at `t`: KV capacity and use (the allocator's count:
+        preallocated and held KV included), queued requests, and the running ones with the head's predictions."""
         D = len(self.decode)
         em = self.cfg.error_model
         cur = np.empty(D)
@@ -458,58 +645,88 @@ class ClusterSim:
         owner = self.col_running[run]
         order = np.argsort(owner, kind="stable")
         run, owner = run[order], owner[order]
-        d = cur[owner] - self.col_join[run]
-        lengths = self.col_len0[run] + d
-        gen = self.col_gen0[run] + d
-        pred = upper = np.full(run.size, np.nan)
-        if self.uses_pred:
-            rem = np.maximum(self.col_out[run] - gen, 0.0)
-            if self.needs_truth:
-                pred = rem
-            else:
-                f = gen / self.col_out[run]
-                pred = em.predict(rem, f, self.col_z[run])
-                upper = em.upper(pred, f)
-        # pending requests (prefill, transfer, queue, retracted)
-        pend = np.flatnonzero(self.col_pending >= 0)
-        p_owner = self.col_pending[pend]
-        order = np.argsort(p_owner, kind="stable")
-        pend, p_owner = pend[order], p_owner[order]
-        gen_p = self.col_gen_now[pend]
-        p_prompt = self.col_prompt[pend] + gen_p - 1
-        p_pred = np.full(pend.size, np.nan)
-        if pend.size and self.uses_pred:
-            out_p = self.col_out[pend]
-            rem_p = out_p - gen_p
-            if not self.needs_truth:
-                rem_p = em.predict(rem_p, gen_p / out_p, self.col_z[pend])
-            if self.needs_truth or self.cfg.dispatch_prediction:
-                p_pred = rem_p
-            else:  # the head has seen only the retracted ones decode
-                p_pred = np.where(gen_p > 1, rem_p, np.nan)
+        gen = self.col_gen0[run] + cur[owner] - self.col_join[run]
+        prompt = self.col_prompt[run]
+        # The servers' length heads predict whatever the router's policy (ARES decode servers); the true-length
+        # policy's servers are oracles instead.
+        rem = np.maximum(self.col_out[run] - gen, 0.0)
+        if self.needs_truth:
+            pred, upper = rem, np.full(run.size, np.nan)
+        else:
+            f = gen / self.col_out[run]
+            pred = em.predict(rem, f, self.col_z[run])
+            upper = em.upper(pred, f)
         edges = np.searchsorted(owner, np.arange(D + 1))
-        p_edges = np.searchsorted(p_owner, np.arange(D + 1))
-        ids, p_ids = run.tolist(), pend.tolist()
-        states = []
+        ids = run.tolist()
+        loads = []
         for j, inst in enumerate(self.decode):
             a, b = edges[j], edges[j + 1]
-            pa, pb = p_edges[j], p_edges[j + 1]
-            states.append(
-                InstanceState(
-                    j,
+            loads.append(
+                DecodeLoad(
                     inst.cap,
                     int(used[j]),
-                    request_ids=ids[a:b],
-                    lengths=lengths[a:b],
-                    generated=gen[a:b],
-                    predicted_remaining=pred[a:b],
-                    predicted_upper=upper[a:b],
-                    pending_ids=p_ids[pa:pb],
-                    pending_prompt=p_prompt[pa:pb],
-                    pending_predicted=p_pred[pa:pb],
+                    int(b - a),
+                    len(inst.prealloc) + inst.n_pre + len(inst.retracted),
+                    "ares_state",
+                    tuple(ids[a:b]),
+                    prompt[a:b],
+                    gen[a:b],
+                    pred[a:b],
+                    upper[a:b],
                 )
             )
-        return build_snapshot(states, self.cfg.load_model, self.cost.migration_cost(), self.dispatched)
+        return loads
+
+    def _build_snapshot(self, t: float) -> ClusterSnapshot:
+        """What the router would build polling now: each instance's report (`_reports`) and the router's
+        bookkeeping of what it dispatched (requests no server reports running, their max_tokens), through the
+        shared assembler and estimator."""
+        # the router's own rows: dispatched, unfinished, not running anywhere (in dispatch order per instance)
+        own = np.flatnonzero((self.col_tracked >= 0) & (self.col_running < 0))
+        o_owner = self.col_tracked[own]
+        order = np.argsort(o_owner, kind="stable")
+        own, o_owner = own[order], o_owner[order]
+        o_edges = np.searchsorted(o_owner, np.arange(len(self.decode) + 1))
+        max_new = self.col_max_new
+        states = []
+        for j, load in enumerate(self._reports(t)):
+            rows = own[o_edges[j] : o_edges[j + 1]]
+            state = assemble_instance(
+                j,
+                load,
+                self._own_rows(rows) if rows.size else NO_OWN_ROWS,
+                self.estimator,
+                self.admission,
+                lambda k, rids=load.rids: max_new[np.asarray(rids, dtype=np.intp)[k]],
+            )
+            if self.needs_truth and rows.size:
+                state = self._true_lengths(state, rows)
+            states.append(state)
+        return build_snapshot(states, self.cfg.load_model, self.cost.migration_cost(), self.admission, self.dispatched)
+
+    def _own_rows(self, rows: np.ndarray) -> OwnRows:
+        """The router's rows for these requests: started ones (a token reached the client: retracted or migrating
+        now) with the tokens relayed so far, and not started ones (prealloc queue, prefill, KV transfer)."""
+        started = self.col_started[rows]
+        run, pend = rows[started], rows[~started]
+        return OwnRows(
+            tuple(run.tolist()),
+            self.col_prompt[run],
+            self.col_gen_now[run],
+            self.col_max_new[run],
+            tuple(pend.tolist()),
+            self.col_prompt[pend],
+            self.col_max_new[pend],
+        )
+
+    def _true_lengths(self, state: InstanceState, rows: np.ndarray) -> InstanceState:
+        """`state` with the true remaining lengths where the estimator guessed (the router's own rows)."""
+        started = self.col_started[rows]
+        run, pend = rows[started], rows[~started]
+        rem = state.predicted_remaining.copy()
+        if run.size:
+            rem[-run.size :] = self.col_out[run] - self.col_gen_now[run]
+        return replace(state, predicted_remaining=rem, pending_predicted=self.col_out[pend] - self.col_gen_now[pend])
 
     def _poll(self, t: float) -> None:
         snap = self._build_snapshot(t)
@@ -549,6 +766,9 @@ class ClusterSim:
             kv_frac=np.array(self.kv_frac) if self.kv_frac else np.zeros((0, len(self.decode))),
             kv_stats=np.array(self.kv_stats).reshape(-1, 4),
             events=self.n_events,
+            max_gap=np.array([q.max_gap for q in r]),
+            gaps=self.gaps,
+            gaps_warmup_frac=self.cfg.warmup_frac,
         )
 
 

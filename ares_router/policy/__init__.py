@@ -1,0 +1,93 @@
+"""The ARES brain: decode placement and rebalancing as pure functions of a cluster snapshot.
+
+Used by both the live router (which polls real servers) and the simulator (`ares.sim`, which models them), so a
+policy measured at 256 simulated instances is exactly the code that runs live, fed exactly the same way. No I/O, no
+clocks, no globals, no hidden RNG: randomness comes from the caller's generator.
+
+Shape (after Llumnix's global scheduler), one module per concern:
+
+- `admission`  SGLang 0.5.23's decode admission rule (`Admission`), cited line by line; the one copy everyone uses.
+- `load_model` predicted KV demand over a horizon (`LoadModel`) and migration cost (`MigrationCost`).
+- `snapshot`   the data: `InstanceState` (columns), `ClusterSnapshot` + `build_snapshot` (aggregates), `NewRequest`,
+               `Migration`.
+- `assemble`   the one snapshot assembler: a server's report (`DecodeLoad`) + the caller's bookkeeping (`OwnRows`)
+               -> `InstanceState`; and `new_request`, the one output estimate at dispatch (`OutputEstimator`).
+- `dispatch`   admission filter -> placement policies (`DISPATCHERS`), one `dispatch` method each.
+- `rebalance`  filter -> pair -> choose request (`Rebalancer` and its parts; `REBALANCERS`).
+- `registry`   named policies (`POLICIES`: a dispatcher and a rebalancer), `place` and `plan_rebalance`.
+"""
+
+from ares_router.policy.admission import CLIP_MAX_NEW_TOKENS, DEFAULT_RESERVE_TOKENS, Admission
+from ares_router.policy.assemble import (
+    NO_OWN_ROWS,
+    DecodeLoad,
+    OwnRows,
+    ReportedRequest,
+    assemble_instance,
+    new_request,
+)
+from ares_router.policy.dispatch import (
+    DISPATCHERS,
+    LeastKVDispatch,
+    PredictedPeakDispatch,
+    RandomDispatch,
+    RoundRobinDispatch,
+    eligible,
+)
+from ares_router.policy.load_model import LoadModel, MigrationCost
+from ares_router.policy.rebalance import (
+    REBALANCERS,
+    HalfGapChooser,
+    LeastLoadedTargets,
+    LoadThresholds,
+    NoRebalance,
+    PeakGainChooser,
+    Rebalancer,
+)
+from ares_router.policy.registry import POLICIES, Policy, get_policy, place, plan_rebalance
+from ares_router.policy.snapshot import (
+    ClusterSnapshot,
+    InstanceState,
+    Migration,
+    NewRequest,
+    NoHealthyInstance,
+    build_snapshot,
+)
+
+__all__ = [
+    "CLIP_MAX_NEW_TOKENS",
+    "DEFAULT_RESERVE_TOKENS",
+    "DISPATCHERS",
+    "NO_OWN_ROWS",
+    "POLICIES",
+    "REBALANCERS",
+    "Admission",
+    "ClusterSnapshot",
+    "DecodeLoad",
+    "HalfGapChooser",
+    "InstanceState",
+    "LeastKVDispatch",
+    "LeastLoadedTargets",
+    "LoadModel",
+    "LoadThresholds",
+    "Migration",
+    "MigrationCost",
+    "NewRequest",
+    "NoHealthyInstance",
+    "NoRebalance",
+    "OwnRows",
+    "PeakGainChooser",
+    "Policy",
+    "PredictedPeakDispatch",
+    "RandomDispatch",
+    "Rebalancer",
+    "ReportedRequest",
+    "RoundRobinDispatch",
+    "assemble_instance",
+    "build_snapshot",
+    "eligible",
+    "get_policy",
+    "new_request",
+    "place",
+    "plan_rebalance",
+]

@@ -1,0 +1,84 @@
+"""Named policies: a dispatcher and a rebalancer, chosen by name, and the two calls both bodies make."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+import numpy as np
+
+from ares_router.policy.dispatch import DISPATCHERS, Dispatcher
+from ares_router.policy.rebalance import REBALANCERS, NoRebalance, RebalancePolicy
+from ares_router.policy.snapshot import ClusterSnapshot, Migration, NewRequest
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A named pair of decisions. `needs_true_lengths`: the caller must put true remaining lengths in the snapshot
+    (and at dispatch) instead of predictions: only a simulator can run it."""
+
+    name: str
+    dispatcher: Dispatcher
+    rebalancer: RebalancePolicy
+    needs_true_lengths: bool = False
+
+    @property
+    def rebalances(self) -> bool:
+        """Whether it ever moves a running request."""
+        return not isinstance(self.rebalancer, NoRebalance)
+
+
+def _policy(name: str, dispatcher: str, rebalancer: str, **flags: bool) -> Callable[[], Policy]:
+    return lambda: Policy(name, DISPATCHERS[dispatcher](), REBALANCERS[rebalancer](), **flags)
+
+
+# Adding a policy is one line here (its parts, if new, one line in DISPATCHERS / REBALANCERS).
+POLICIES: Mapping[str, Callable[[], Policy]] = MappingProxyType(
+    {
+        "round_robin": _policy("round_robin", "round_robin", "none"),
+        "random": _policy("random", "random", "none"),
+        "least_kv": _policy("least_kv", "least_kv", "none"),
+        # least_kv placement plus Llumnix-style current-load migration: the router migrates only with
+        # `--ares-rebalance on` (without it, this places exactly like least_kv); the simulator always does.
+        "current_migrate": _policy("current_migrate", "least_kv", "current_load"),
+        "ares": _policy("ares", "predicted_peak", "predicted"),
+        # ARES fed true remaining lengths (simulator only): not a bound, see ares.sim.bounds for that.
+        "ares_true_lengths": _policy("ares_true_lengths", "predicted_peak", "predicted", needs_true_lengths=True),
+    }
+)
+
+
+def get_policy(name: str | Policy) -> Policy:
+    """The policy registered under `name` (a `Policy` passes through)."""
+    if isinstance(name, Policy):
+        return name
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise KeyError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}") from None
+
+
+def place(
+    snapshot: ClusterSnapshot,
+    request: NewRequest,
+    policy: str | Policy = "ares",
+    rng: np.random.Generator | int | None = None,
+    exclude: Iterable[int] = (),
+) -> tuple[int, ClusterSnapshot]:
+    """(index of the decode instance `request` goes to, the snapshot that counts it there). `rng`: a Generator or
+    seed (the random policy); `exclude`: instances not to choose this time (a retry after a failure)."""
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    view = snapshot
+    excluded = list(exclude)
+    if excluded:
+        mask = snapshot.healthy.copy()
+        mask[excluded] = False
+        view = replace(snapshot, healthy=mask)
+    index = get_policy(policy).dispatcher.dispatch(view, request, gen)
+    return index, snapshot.with_dispatch(index, request)
+
+
+def plan_rebalance(snapshot: ClusterSnapshot, policy: str | Policy = "ares") -> list[Migration]:
+    """Migrations the policy wants now (`source`/`target` are indices into `snapshot.instances`)."""
+    return get_policy(policy).rebalancer.plan(snapshot)

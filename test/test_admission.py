@@ -1,0 +1,122 @@
+"""SGLang 0.5.23's decode admission rule (`ares_router.policy.admission`) on hand-computed cases: the rule itself, the
+snapshot's aggregates that feed it, and the simulated decode server that applies it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ares.sim.cost_model import CostModel
+from ares.sim.engine import SimConfig, simulate
+from ares.workloads import Workload
+from ares_router.policy import Admission, InstanceState, NewRequest, build_snapshot
+
+NAN = math.nan
+
+# One decode server, 10,000 KV tokens, R = 512. Running: (prompt, generated, max_tokens) =
+# (1000, 200, 4000), (1500, 300, none), (900, 100, 100): retractable = 1200 + 1800 + 1000 = 4000 tokens;
+# footprints = 1000 + 4000, 1500 + min(none, 10000 - 1500 - 2, 4096) = 5596, 900 + 100: single = 5596.
+# Two requests in KV transfer and one waiting (800 + 700 + 500 prompt tokens preallocated): n_active = 6.
+# available = 10000 - 4000 - 2000 = 4000; allocatable = 4000 - max(512 x 6, 5596 - 4000) = 4000 - 3072 = 928.
+RUNNING = [(1000, 200, 4000.0), (1500, 300, NAN), (900, 100, 100.0)]
+PENDING = [800.0, 700.0, 500.0]
+
+
+def test_the_rule_on_a_hand_computed_server():
+    adm = Admission(reserve_tokens=512)
+    assert adm.max_new(1500, NAN, 10_000) == 4096 and adm.max_new(1000, 4000.0, 10_000) == 4000
+    assert adm.max_new(9000, NAN, 10_000) == 998  # the pool caps what a request may generate
+    assert adm.allocatable(4000, 6, 4000, 5596) == 928
+    # required = max(prompt + 512, prompt + max_new - 4000): 400 + 512 = 912 <= 928 admits, 417 + 512 = 929 not
+    assert adm.admits(4000, 6, 4000, 5596, 400, 1000.0, 10_000)
+    assert not adm.admits(4000, 6, 4000, 5596, 417, 1000.0, 10_000)
+    # a long max_tokens makes the single-request side bind: 400 + 4096 - 4000 = 496 < 912, still the reserve side
+    assert adm.required(400, NAN, 4000, 10_000) == 912
+    # With nothing running, a request must be able to reach its max_tokens alone: 2000 + 4096 > 6000 - 0.
+    assert not adm.admits(6000, 0, 0, 0, 2000, NAN, 10_000)
+    assert adm.admits(6000, 0, 0, 0, 2000, 3000.0, 10_000)
+    # Retracted requests come back on fill + R <= available - R x n_active (no single-request term).
+    assert adm.resumes(free=3072 + 1512, active=6, fill=1000) and not adm.resumes(free=3072 + 1511, active=6, fill=1000)
+
+
+def test_single_request_term_binds_on_a_nearly_empty_server():
+    # One running request (prompt 100, 10 generated, no max_tokens): retractable 110, single = 100 + 4096 = 4196,
+    # so allocatable = 9890 - max(512, 4196 - 110) = 5804. A 2000-token prompt without max_tokens needs
+    # 2000 + 4096 - 110 = 5986 > 5804: queued; with max_tokens 3000 it needs 4890: admitted.
+    adm = Admission()
+    assert adm.allocatable(9890, 1, 110, 4196) == 5804
+    assert not adm.admits(9890, 1, 110, 4196, 2000, NAN, 10_000)
+    assert adm.admits(9890, 1, 110, 4196, 2000, 3000.0, 10_000)
+
+
+def test_snapshot_aggregates_feed_the_rule_as_sglang_counts():
+    prompt = np.array([p for p, _, _ in RUNNING], float)
+    gen = np.array([g for _, g, _ in RUNNING], float)
+    state = InstanceState(
+        "d0",
+        10_000,
+        4000,  # what the server's allocator reports in use for the running requests
+        request_ids=("a", "b", "c"),
+        lengths=prompt + gen,
+        generated=gen,
+        max_new_tokens=np.array([m for _, _, m in RUNNING]),
+        pending_ids=("x", "y", "z"),
+        pending_prompt=np.array(PENDING),
+    )
+    snap = build_snapshot([state])
+    assert snap.used[0] == 6000 and snap.count[0] == 6
+    assert snap.running_tokens[0] == 4000 and snap.single_need[0] == 5596
+    assert snap.admits(NewRequest("n", 400, None, 1000))[0]
+    assert not snap.admits(NewRequest("n", 417, None, 1000))[0]
+
+
+def test_first_step_is_the_first_step_the_rule_holds():
+    # Growth of the running batch (free -= n, retractable += n per step) against a brute-force scan with `admits`,
+    # over random blocked cases; the single-request side makes some of them admissible later, others never.
+    rng = np.random.default_rng(0)
+    cap, later, never = 20_000, 0, 0
+    while later < 25 or never < 25:
+        adm = Admission(reserve_tokens=int(rng.integers(0, 600)))
+        n = int(rng.integers(1, 4))
+        running_tokens = float(rng.integers(n * 10, 3000))
+        free = float(rng.integers(0, 8000))
+        single = float(running_tokens + rng.integers(0, 5000))
+        active = n + int(rng.integers(0, 3))
+        prompt, max_new = float(rng.integers(1, 3000)), float(rng.choice([NAN, rng.integers(1, 6000)]))
+        if adm.admits(free, active, running_tokens, single, prompt, max_new, cap):
+            continue  # `first_step` is asked only about a blocked request
+        scan = next(
+            (
+                k
+                for k in range(1, int(free) // n + 2)
+                if adm.admits(free - n * k, active, running_tokens + n * k, single, prompt, max_new, cap)
+            ),
+            None,
+        )
+        assert adm.first_step(free, active, running_tokens, single, prompt, max_new, cap, n) == scan
+        later += scan is not None
+        never += scan is None
+
+
+def _two_requests(max_tokens):
+    # One instance, 1000 KV tokens, no reserve (R = 0), 10 ms steps, instant prefill and transfer; two requests
+    # (prompt 100, 10 output tokens: 9 decode steps) arrive together.
+    cost = CostModel("toy", 0.01, 0.0, 0.0, 0.0, 0.0, 1000, 1.0, 1e30, 0.0)
+    work = Workload("toy", np.zeros(2), np.array([100, 100]), np.array([10, 10]))
+    return simulate(work, SimConfig(n_decode=1, cost=cost, reserve_tokens=0, max_tokens=max_tokens))
+
+
+def test_simulated_server_applies_the_single_request_term():
+    # No max_tokens: SGLang budgets min(4096, 1000 - 100 - 2) = 898 new tokens per request. The first is admitted
+    # (100 + 898 <= 1000); the second needs 998 - retractable <= available - (single - retractable), i.e. the
+    # first request's budget stays reserved: it waits until the first finishes (90 ms), then runs 9 steps alone.
+    res = _two_requests(None)
+    assert res.t_first == pytest.approx([0.0, 0.09], abs=1e-9)
+    assert res.t_finish == pytest.approx([0.09, 0.18])
+    # max_tokens = 10: 100 + 10 fits beside the first: preallocated at once, joins at the first step boundary.
+    res = _two_requests("output")
+    assert res.t_first == pytest.approx([0.0, 0.01], abs=1e-9)
+    assert res.t_finish == pytest.approx([0.09, 0.10])
+    assert res.retractions.sum() == 0
