@@ -201,19 +201,23 @@ def test_ares_dispatch_follows_the_head_where_the_prompt_guess_disagrees(cluster
             rows = [r for s in st for r in s["requests"]]
             return st if len(rows) == 6 and all(r["predicted_remaining"] is not None for r in rows) else None
 
-        st = wait_for(all_predicted, 300, "six running requests with predictions")
-        loads = [parse_ares_state(s) for s in st]
-        decisions = {}
-        for name, strip in (("head", False), ("guess", True)):
+        def decide(st: list[dict], strip: bool) -> int:
+            """The in-process router state's choice on these reports (`strip`: without the head's predictions)."""
             state = RouterState.create(prefill, cluster.decode_urls, "ares", estimator=estimate)
-            for d, load in zip(state.decodes, loads, strict=True):
+            for d, load in zip(state.decodes, [parse_ares_state(s) for s in st], strict=True):
                 if strip:  # what the router would see without the head: no predictions
                     load = replace(load, predicted_remaining=np.full(load.running_reqs, np.nan))
                 state.poll_ok(d, load)
             state.refresh()
-            decisions[name] = state.choose_decode(len(short_prompt), 64)
+            return state.choose_decode(len(short_prompt), 4)
+
+        st = wait_for(all_predicted, 300, "six running requests with predictions")
+        decisions = {"head": decide(st, False), "guess": decide(st, True)}
         assert decisions == {"head": 1, "guess": 0}, decisions
         live = generate(guessing.url, short_prompt, 4)
-        assert live["decode"] == "decode1"
+        # The live router decides on its own, slightly later polls, and predictions move with every step: it must
+        # take the head's choice on the reports from just before or just after its decision.
+        after = decide(states(cluster), False)
+        assert live["decode"] in {"decode1", f"decode{after}"}, (live["decode"], after)
         for f in runs:
             f.result()
