@@ -79,7 +79,7 @@ class Background:
                 for line in self._resp:
                     if line.startswith(b"data:") and not line.startswith(b"data: [DONE]"):
                         self.times.append(time.monotonic())
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, AttributeError) as e:  # AttributeError: closed under the reader
                 if not self._closed.is_set():
                     print(f"background stream on {headers['X-Ares-Decode']} failed: {e!r}; starting another")
                     time.sleep(1)
