@@ -395,27 +395,6 @@ def test_client_gone_mid_migration_leaves_nothing_on_either_server(cluster, prom
     assert not {"attached", "reserved"} & set(_incoming(target_url).values())
 
 
-def test_source_killed_mid_migration_ends_the_client_stream_with_an_error_and_the_target_holds_nothing(
-    cluster, prompt, tmp_path
-):
-    """A dies while its KV is being copied to B: the client's stream ends at once with an in-band error (no hang),
-    the migration fails, B frees its reservation, and both show in the router's metrics."""
-    slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
-    with ares_router(tmp_path, _prefills(cluster), cluster.decode_urls, "round_robin", *slow) as r:
-        events, answer, killed = _move_and_kill(cluster, r.url, body(prompt, 400), victim="source")
-        metrics = request(r.url + "/metrics")[2].decode()
-    assert killed, "the target was never seen reserving"
-    assert "error" in events[-1] and events[-1]["error"]["code"] == 502, events[-1]
-    assert all("error" not in e for e in events[:-1])
-    rec = answer["record"]
-    assert answer["status"] == 409 and rec["state"] == "failed" and "unreachable" in rec["reason"], rec
-    target_url = cluster.decode_urls[int(rec["target"][-1])]
-    wait_for(lambda: get_json(target_url + "/ares/state")["used_tokens"] == 0, 60, "the target to free its KV")
-    assert not {"attached", "reserved"} & set(_incoming(target_url).values())
-    assert 'ares_aborts_total{reason="backend_stream_error"} 1.0' in metrics
-    assert f'ares_migrations_total{{dst="{rec["target"]}",outcome="failed",src="{rec["source"]}"}} 1.0' in metrics
-
-
 def _incoming(url: str) -> dict:
     status, _, raw = request(url + "/ares/migrate/cmd", {"cmd": "status"}, timeout=30)
     assert status == 200, raw
@@ -423,11 +402,11 @@ def _incoming(url: str) -> dict:
 
 
 def test_target_killed_during_the_transfer_leaves_the_request_running_on_its_source(cluster, prompt, tmp_path):
-    """Last in the module (it kills a server; the test before killed another): B dies while A's KV is being
-    copied; the move fails, the request never stopped on A, and the client gets the complete, unchanged output. A
-    router of its own over the two live decode servers waits 2 s between pre-copy stages, so the kill surely lands
-    before the commit."""
-    live = [u for u in cluster.decode_urls if http_ok(u + "/health")]
+    """It kills a server (the module has three decode servers, so the next test still has two): B dies while A's
+    KV is being copied; the move fails, the request never stopped on A, and the client gets the complete, unchanged
+    output. A router of its own over the two live decode servers waits 2 s between pre-copy stages, so the kill
+    surely lands before the commit."""
+    live = [u for u in cluster.decode_urls if http_ok(u + "/health")][:2]
     assert len(live) == 2, live
     slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
     with ares_router(tmp_path, _prefills(cluster), live, "round_robin", *slow) as r:
