@@ -1,21 +1,16 @@
 """Helpers shared by the tests that drive real servers: plain HTTP calls, waiting for a condition, and an extra
-`python -m ares_router` process on a free port, stopped by PID."""
+`python -m ares_router` process on a free port, stopped by PID (`ares.cluster.router_proc`)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ares.cluster.launcher import free_ports, stop_groups
+from ares.cluster import router_proc
 
 HOST = "127.0.0.1"
 
@@ -69,42 +64,4 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-@dataclass
-class RouterProc:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@contextmanager
-def ares_router(
-    tmp: Path, prefill: list[tuple[str, int]], decode: list[str], policy: str, *extra: str
-) -> Iterator[RouterProc]:
-    """A `python -m ares_router` process on a free port, stopped by PID (its own process group) at the end."""
-    port = free_ports(1)[0]
-    log = tmp / f"router-{policy}-{port}.log"
-    argv = [sys.executable, "-m", "ares_router", "--host", HOST, "--port", str(port), "--policy", policy]
-    for url, boot in prefill:
-        argv += ["--prefill", url, str(boot)]
-    for url in decode:
-        argv += ["--decode", url]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*argv, *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    r = RouterProc(f"http://{HOST}:{port}", proc, log)
-    try:
-
-        def up() -> bool:
-            assert proc.poll() is None, f"router exited:\n{r.log_text()}"
-            try:
-                return request(r.url + "/ares/cluster", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        wait_for(up, 60, "the router to listen")
-        yield r
-    finally:
-        stop_groups([(proc.pid, None)], grace_s=10)
-        proc.wait()
+ares_router = router_proc.ares_router  # tests start their routers the way benchmarks do

@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "ares.models.cli",
     "ares.cluster.cli",
     "ares.demo",
+    "ares.live.run",
     "ares.predictor.cli",
     "ares.sim.cli",
     "ares_router.cli",

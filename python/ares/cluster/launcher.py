@@ -153,16 +153,17 @@ class Cluster:
     def start(self, timeout_s: float = 900.0) -> Cluster:
         """Start every server, wait until all are healthy, then start the router. Stops everything on failure."""
         spec = self.spec
-        self.servers = spec.servers(free_ports(2 * spec.n_prefill + spec.n_decode + 1))
+        self.servers = spec.servers(free_ports(spec.n_ports))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             backends = [s for s in self.servers if s.role != "router"]
             for s in backends:
                 self._launch(s)
             self._wait_healthy(backends, timeout_s)
-            router = self.servers[-1]
-            self._launch(router)
-            self._wait_healthy([router], 120.0)
+            routers = [s for s in self.servers if s.role == "router"]
+            for router in routers:
+                self._launch(router)
+            self._wait_healthy(routers, 120.0)
         except BaseException:
             self.stop()
             raise

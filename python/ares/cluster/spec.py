@@ -48,6 +48,7 @@ class ClusterSpec:
     router_policy: str | None = None  # None: the router's own default (DEFAULT_ROUTER_POLICY); resolved on creation
     extra_server_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()  # more flags for the router
+    start_router: bool = True  # False: SGLang servers only (a benchmark starts its own routers, one per policy)
     python: str = field(default=sys.executable)
 
     def __post_init__(self) -> None:
@@ -61,9 +62,14 @@ class ClusterSpec:
                 f"policy {self.router_policy!r} is not one of the {self.router} router's: {', '.join(choices)}"
             )
 
+    @property
+    def n_ports(self) -> int:
+        """Ports the cluster listens on: prefill HTTP + bootstrap, decode, the router if started."""
+        return 2 * self.n_prefill + self.n_decode + int(self.start_router)
+
     def servers(self, ports: list[int]) -> list[ServerSpec]:
-        """All processes, given 2*n_prefill + n_decode + 1 free ports (prefill HTTP+bootstrap, decode, router)."""
-        need = 2 * self.n_prefill + self.n_decode + 1
+        """All processes, given `n_ports` free ports (prefill HTTP+bootstrap, decode, router)."""
+        need = self.n_ports
         if len(ports) != need:
             raise ValueError(f"need {need} ports, got {len(ports)}")
         if self.n_prefill < 1 or self.n_decode < 1:
@@ -77,8 +83,9 @@ class ClusterSpec:
             port = next(it)
             ares = self.ares and (self.ares_decodes is None or i in self.ares_decodes)
             out.append(ServerSpec("decode", i, port, self._server_argv(port, "decode", ares=ares)))
-        router_port = next(it)
-        out.append(ServerSpec("router", 0, router_port, self._router_argv(router_port, out)))
+        if self.start_router:
+            router_port = next(it)
+            out.append(ServerSpec("router", 0, router_port, self._router_argv(router_port, out)))
         return out
 
     def _server_argv(

@@ -30,7 +30,11 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         default=",".join([*POLICIES, POOLED_BOUND]),
         help=f"comma-separated policies; {POOLED_BOUND}: one instance with the cluster's pooled KV and compute",
     )
-    p.add_argument("--cost", default="h100-llama2-7b", choices=sorted(PRESETS), help="cost model preset")
+    p.add_argument(
+        "--cost",
+        default="h100-llama2-7b",
+        help=f"cost model: a preset ({', '.join(sorted(PRESETS))}) or a measured profile (sim/cost_profiles.json)",
+    )
     p.add_argument("--duration", type=float, default=1800.0, help="simulated seconds of arrivals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sigma", type=float, default=0.5, help="predictor log-error sigma at the start")

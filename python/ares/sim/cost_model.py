@@ -25,7 +25,9 @@ docs/sglang-notes.md (SmolLM2-135M decodes 15-50 tok/s at batch 1-8 on a 2-core 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from ares_router.link_profile import get_link_profile
 from ares_router.policy import MigrationCost
@@ -152,9 +154,33 @@ PRESETS = {
 }
 
 
+# Profiles measured on a real cluster (`cpu-smollm2-135m-measured`: `benchmark/live_cluster.py --write-profile`),
+# stored with the provenance of their measurement.
+MEASURED_FILE = Path(__file__).with_name("cost_profiles.json")
+
+
+def measured_profiles(path: Path | None = None) -> dict[str, CostModel]:
+    """The measured cost models stored in `path` (default `MEASURED_FILE`), by name."""
+    path = path or MEASURED_FILE
+    if not path.exists():
+        return {}
+    return {e["name"]: CostModel(**e) for e in json.loads(path.read_text())["profiles"]}
+
+
+def write_measured(cost: CostModel, provenance: dict, path: Path | None = None) -> None:
+    """Store a measured cost model (replacing one of the same name) with how it was measured."""
+    path = path or MEASURED_FILE
+    data = json.loads(path.read_text()) if path.exists() else {"profiles": []}
+    data["profiles"] = [p for p in data["profiles"] if p["name"] != cost.name] + [cost.to_dict()]
+    data.setdefault("provenance", {})[cost.name] = provenance
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def get_cost_model(name: str) -> CostModel:
-    """Preset by name."""
-    try:
+    """Preset or measured profile by name."""
+    if name in PRESETS:
         return PRESETS[name]()
-    except KeyError:
-        raise KeyError(f"unknown cost model {name!r}; known: {', '.join(PRESETS)}") from None
+    measured = measured_profiles()
+    if name in measured:
+        return measured[name]
+    raise KeyError(f"unknown cost model {name!r}; known: {', '.join([*PRESETS, *measured])}")

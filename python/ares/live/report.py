@@ -1,0 +1,200 @@
+"""Figures of one policy's replay (latency percentiles, SLO attainment, goodput, retractions, migrations, the
+head's live error, KV balance), their mean over seeds with ratios to round robin, a markdown table and a PNG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ares.live.client import Outcome
+from ares.live.monitor import Trace
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Per-request SLOs, fixed before any replay from the measured single-request figures."""
+
+    ttft_s: float
+    tpot_s: float
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def head_mae(outcomes: list[Outcome], trace: Trace) -> dict:
+    """The head's live error: |predicted remaining - true remaining| over every poll that saw a prediction of a
+    request that finished (true remaining = its final length - tokens generated at the poll)."""
+    final = {o.backend_rid: o.n_output for o in outcomes if o.ok and o.backend_rid}
+    err, truth = [], []
+    for rid, samples in trace.predictions.items():
+        if rid not in final:
+            continue
+        for generated, pred in samples:
+            true_rem = max(final[rid] - generated, 0)
+            err.append(abs(pred - true_rem))
+            truth.append(true_rem)
+    if not err:
+        return {"mae_tokens": None, "samples": 0}
+    return {
+        "mae_tokens": float(np.mean(err)),
+        "mean_true_remaining": float(np.mean(truth)),
+        "samples": len(err),
+        "requests": sum(1 for r in trace.predictions if r in final),
+    }
+
+
+def kv_imbalance(trace: Trace) -> float | None:
+    """Time-weighted imbalance: sum over samples of the fullest server's KV over the sum of the mean (1: always
+    equal; N servers: one server holds everything)."""
+    used = np.asarray(trace.used, dtype=float)
+    if used.size == 0 or used.sum() == 0:
+        return None
+    return float(used.max(axis=1).sum() / used.mean(axis=1).sum())
+
+
+def summarize(
+    outcomes: list[Outcome], trace: Trace, slo: Slo, retracted: list[int], migrations: dict, wall_s: float
+) -> dict:
+    """One replay's figures."""
+    ok = [o for o in outcomes if o.ok]
+    tpot = [o.tpot_s for o in ok if o.tpot_s is not None]
+    ttft = [o.ttft_s for o in ok]
+    itl = [g for o in ok for g in o.itl_s()]
+    met = [o for o in ok if o.ttft_s <= slo.ttft_s and (o.tpot_s is None or o.tpot_s <= slo.tpot_s)]
+    end = max((o.event_s[-1] for o in ok), default=wall_s)
+    used = np.asarray(trace.used, dtype=float)
+    caps = np.asarray(trace.capacity or [1] * (used.shape[1] if used.ndim == 2 else 1), dtype=float)
+    return {
+        "requests": len(outcomes),
+        "completed": len(ok),
+        "lost": len(outcomes) - len(ok),
+        "duplicated": sum(o.duplicated for o in outcomes),
+        "errors": sorted({o.error for o in outcomes if o.error})[:5],
+        "output_tokens": int(sum(o.n_output for o in ok)),
+        "finish_length": sum(o.finish == "length" for o in ok),
+        "p50_tpot_ms": None if not tpot else 1e3 * _pct(tpot, 50),
+        "p99_tpot_ms": None if not tpot else 1e3 * _pct(tpot, 99),
+        "p50_ttft_s": _pct(ttft, 50),
+        "p99_ttft_s": _pct(ttft, 99),
+        "p50_itl_ms": None if not itl else 1e3 * _pct(itl, 50),
+        "p99_itl_ms": None if not itl else 1e3 * _pct(itl, 99),
+        "slo_attainment": len(met) / max(len(outcomes), 1),
+        "goodput_rps": len(met) / end if end > 0 else 0.0,
+        "throughput_tok_s": sum(o.n_output for o in ok) / end if end > 0 else 0.0,
+        "makespan_s": end,
+        "retractions": int(sum(retracted)),
+        "retractions_per_server": retracted,
+        "migrations": migrations,
+        "head": head_mae(outcomes, trace),
+        "kv_imbalance": kv_imbalance(trace),
+        "kv_peak_frac": (used.max(axis=0) / caps).round(3).tolist() if used.size else [],
+        "placed": {d: sum(o.decode == d for o in outcomes) for d in sorted({o.decode for o in outcomes if o.decode})},
+    }
+
+
+RATIO_KEYS = ("goodput_rps", "p99_tpot_ms", "slo_attainment")
+
+
+def aggregate(runs: dict[str, list[dict]]) -> dict:
+    """Per policy: mean and per-seed values of the main figures, and per-seed ratios to round robin."""
+    out: dict = {}
+    base = runs.get("round_robin")
+    for policy, per_seed in runs.items():
+        agg: dict = {}
+        for key in (
+            "goodput_rps",
+            "slo_attainment",
+            "p50_tpot_ms",
+            "p99_tpot_ms",
+            "p99_ttft_s",
+            "p99_itl_ms",
+            "retractions",
+            "lost",
+            "duplicated",
+        ):
+            vals = [r[key] for r in per_seed if r[key] is not None]
+            agg[key] = {"mean": float(np.mean(vals)) if vals else None, "per_seed": vals}
+        agg["migrations_committed"] = sum(r["migrations"].get("committed", 0) for r in per_seed)
+        maes = [r["head"]["mae_tokens"] for r in per_seed if r["head"]["mae_tokens"] is not None]
+        agg["head_mae_tokens"] = float(np.mean(maes)) if maes else None
+        if base:
+            for key in RATIO_KEYS:
+                ratios = [
+                    r[key] / b[key] for r, b in zip(per_seed, base, strict=False) if r[key] is not None and b[key]
+                ]
+                agg[f"{key}_vs_round_robin"] = {
+                    "mean": float(np.mean(ratios)) if ratios else None,
+                    "min": float(np.min(ratios)) if ratios else None,
+                    "max": float(np.max(ratios)) if ratios else None,
+                }
+        out[policy] = agg
+    return out
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def markdown(agg: dict) -> str:
+    """The side-by-side table (means over seeds; ratios to round robin with their min-max over seeds)."""
+    rows = [
+        "| policy | goodput (req/s) | vs RR | SLO attain. | P50 TPOT ms | P99 TPOT ms | P99 TPOT vs RR | P99 TTFT s "
+        "| P99 ITL ms | retractions | migrations | lost | dup. | head MAE (tok) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for policy, a in agg.items():
+        g = a.get("goodput_rps_vs_round_robin", {})
+        t = a.get("p99_tpot_ms_vs_round_robin", {})
+        rows.append(
+            f"| {policy} | {_fmt(a['goodput_rps']['mean'], '.3f')} "
+            f"| {_fmt(g.get('mean'))}x ({_fmt(g.get('min'))}-{_fmt(g.get('max'))}) "
+            f"| {_fmt(a['slo_attainment']['mean'], '.3f')} | {_fmt(a['p50_tpot_ms']['mean'], '.0f')} "
+            f"| {_fmt(a['p99_tpot_ms']['mean'], '.0f')} | {_fmt(t.get('mean'))}x "
+            f"| {_fmt(a['p99_ttft_s']['mean'], '.1f')} | {_fmt(a['p99_itl_ms']['mean'], '.0f')} "
+            f"| {sum(a['retractions']['per_seed'])} | {a['migrations_committed']} "
+            f"| {sum(a['lost']['per_seed'])} | {sum(a['duplicated']['per_seed'])} "
+            f"| {_fmt(a['head_mae_tokens'], '.1f')} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plot(runs_raw: dict[str, list[tuple[list[Outcome], Trace]]], slo: Slo, path) -> None:
+    """Left: CDF of per-request TPOT per policy (all seeds pooled) with the SLO; right: KV used per server over
+    time, one row per policy (first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(runs_raw)
+    fig = plt.figure(figsize=(13, 2.2 * max(len(policies), 2)))
+    gs = fig.add_gridspec(len(policies), 2)
+    ax = fig.add_subplot(gs[:, 0])
+    for p in policies:
+        tp = np.sort([1e3 * o.tpot_s for outs, _ in runs_raw[p] for o in outs if o.tpot_s is not None])
+        if len(tp):
+            ax.plot(tp, np.arange(1, len(tp) + 1) / len(tp), label=p)
+    ax.axvline(1e3 * slo.tpot_s, color="k", ls="--", lw=1, label="TPOT SLO")
+    ax.set_xlabel("per-request TPOT (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("TPOT CDF (all seeds)")
+    ax.legend()
+    for i, p in enumerate(policies):
+        a = fig.add_subplot(gs[i, 1])
+        _, tr = runs_raw[p][0]
+        used = np.asarray(tr.used, dtype=float)
+        caps = np.asarray(tr.capacity or [1] * used.shape[1], dtype=float) if used.size else np.ones(1)
+        for j in range(used.shape[1] if used.ndim == 2 else 0):
+            a.plot(tr.t_s, used[:, j] / caps[j], lw=1, label=f"decode{j}")
+        a.set_ylim(0, 1.05)
+        a.set_ylabel(f"{p}\nKV used")
+        if i == 0:
+            a.set_title("KV used per decode server (first seed)")
+            a.legend(fontsize=7, loc="upper right")
+        if i == len(policies) - 1:
+            a.set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,402 @@
+"""`ares bench live`: one set of real SGLang servers on CPU (1 prefill + N `--ares` decode, SmolLM2-135M with the
+shipped head, a small KV pool), one ARES router per placement policy in turn, the same request list replayed
+through each (`ares.live.workload`), for several seeds. Writes `live_cluster.{json,md,png}`.
+
+Order of a run: start the servers; measure one request alone (its TTFT and TPOT fix the SLOs before any replay);
+then per seed, per policy (the order rotates with the seed): start that policy's router, replay, read the servers'
+retraction counts and the router's migrations, stop the router, wait until the servers hold no KV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from ares.cluster import Cluster, ClusterSpec
+from ares.cluster.cli import resolve_model
+from ares.cluster.router_proc import ares_router
+from ares.live.client import Outcome, replay
+from ares.live.monitor import Monitor, Trace, log_offsets, retractions
+from ares.live.report import Slo, aggregate, markdown, plot, summarize
+from ares.live.workload import LiveRequest, live_workload
+
+# Router flags per compared policy (beyond `--policy NAME`): whether running requests are rebalanced by migration.
+POLICY_ARGS: dict[str, tuple[str, ...]] = {
+    "round_robin": (),
+    "least_kv": (),
+    "current_migrate": ("--ares-rebalance", "on"),  # least_kv placement + moves by current KV
+    "ares": ("--ares-rebalance", "on"),  # placement and moves by predicted load
+}
+
+
+def _get(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_idle(decode_urls: list[str], timeout_s: float = 300.0) -> None:
+    """Wait until no decode server runs a request or holds KV (a replay's leftovers never reach the next)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = [_get(u + "/ares/state") for u in decode_urls]
+        if all(s["used_tokens"] == 0 and not s["requests"] and not s["queued_reqs"] for s in states):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"decode servers still busy after {timeout_s:.0f}s: {[s['used_tokens'] for s in states]}"
+            )
+        time.sleep(1.0)
+
+
+def migration_counts(router_url: str) -> dict:
+    """Migrations the router ran, by final state."""
+    try:
+        records = _get(router_url + "/ares/migrations")
+    except OSError:
+        return {}
+    items = records.get("migrations", records) if isinstance(records, dict) else records
+    counts: dict[str, int] = {}
+    for rec in items:
+        counts[rec.get("state", "?")] = counts.get(rec.get("state", "?"), 0) + 1
+    return counts
+
+
+class Display:
+    """A live console view: requests done per policy, per-server KV bars (rich), refreshed each second."""
+
+    def __init__(self, n: int, enabled: bool = True):
+        self.n = n
+        self.enabled = enabled and sys.stdout.isatty()
+        self.done: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.current = ""
+        self.monitor: Monitor | None = None
+        self._live = None
+
+    def start(self) -> None:
+        if self.enabled:
+            from rich.live import Live
+
+            self._live = Live(self._render(), refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.stop()
+            self._live = None
+
+    def begin(self, label: str, monitor: Monitor) -> None:
+        self.current, self.monitor = label, monitor
+        self.done[label], self.failed[label] = 0, 0
+        if not self.enabled:
+            print(f"[{time.strftime('%H:%M:%S')}] {label}: replaying {self.n} requests", flush=True)
+
+    def request_done(self, o: Outcome) -> None:
+        self.done[self.current] += 1
+        self.failed[self.current] += not o.ok
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def tick(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def _render(self):
+        from rich.table import Table
+
+        t = Table.grid(padding=(0, 2))
+        for label, d in self.done.items():
+            bad = f"  [red]{self.failed[label]} failed[/red]" if self.failed[label] else ""
+            t.add_row(f"[bold]{label}[/bold]", f"{d}/{self.n} done{bad}")
+        if self.monitor is not None:
+            used, caps = self.monitor.latest()
+            for j, (u, c) in enumerate(zip(used, caps, strict=False)):
+                frac = min(u / c, 1.0) if c else 0.0
+                bar = "█" * int(30 * frac) + "░" * (30 - int(30 * frac))
+                t.add_row(f"  decode{j} KV", f"{bar} {100 * frac:3.0f}% ({u}/{c})")
+        return t
+
+
+async def _replay_with_ticks(url: str, reqs: list[LiveRequest], max_new: int, display: Display) -> list[Outcome]:
+    task = asyncio.create_task(replay(url, reqs, max_new, on_done=display.request_done))
+    while not task.done():
+        display.tick()
+        await asyncio.sleep(1.0)
+    return task.result()
+
+
+def calibrate(cluster: Cluster, log_dir: Path, prefill: list[tuple[str, int]], args: argparse.Namespace) -> dict:
+    """TTFT and TPOT of one request alone (held-out prompts, `--calibration-tokens` tokens forced: this measures the
+    servers, not the head), best of three in turn; warms every server up as a side effect."""
+    reqs = live_workload(3, 1.0, seed=10_000 + args.seeds[0], long_fraction=0.0)
+    outs: list[Outcome] = []
+    with ares_router(log_dir, prefill, cluster.decode_urls, "round_robin") as r:
+        for req in reqs:
+            alone = LiveRequest(req.rid + "-cal", req.prompt_id, req.input_ids, 0.0, 0, "eos")
+            outs += asyncio.run(replay(r.url, [alone], args.calibration_tokens, ignore_eos=True))
+    ok = [o for o in outs if o.ok and o.tpot_s is not None]
+    if not ok:
+        raise RuntimeError(f"the calibration requests failed: {[o.error for o in outs]}")
+    best = min(ok, key=lambda o: o.tpot_s)
+    per_request = [
+        {"prompt_tokens": len(r.input_ids), "ttft_s": o.ttft_s, "tpot_s": o.tpot_s}
+        for r, o in zip(reqs, outs, strict=True)
+        if o.ok
+    ]
+    return {
+        "ttft_s": min(o.ttft_s for o in ok),
+        "tpot_s": best.tpot_s,
+        "tokens": best.n_output,
+        "requests": per_request,
+    }
+
+
+def run_policy(
+    cluster: Cluster,
+    prefill: list[tuple[str, int]],
+    policy: str,
+    reqs: list[LiveRequest],
+    slo: Slo,
+    args: argparse.Namespace,
+    display: Display,
+    label: str,
+) -> tuple[dict, list[Outcome], Trace]:
+    """Replay `reqs` through a fresh router with `policy`; the figures, the client's outcomes, the servers' trace."""
+    decode = cluster.decode_urls
+    logs = [cluster.log_dir / f"decode{i}.log" for i in range(len(decode))]
+    offsets = log_offsets(logs)
+    extra = (*POLICY_ARGS[policy], "--reserve-tokens", str(args.reserve_tokens))
+    with ares_router(Path(args.log_dir), prefill, decode, policy, *extra) as router:
+        with Monitor(decode, args.poll_interval) as mon:
+            display.begin(label, mon)
+            t0 = time.monotonic()
+            outcomes = asyncio.run(_replay_with_ticks(router.url, reqs, args.max_new_tokens, display))
+            wall = time.monotonic() - t0
+        migrations = migration_counts(router.url)
+    wait_idle(decode)
+    summary = summarize(outcomes, mon.trace, slo, retractions(logs, offsets), migrations, wall)
+    return summary, outcomes, mon.trace
+
+
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    sys.exit(128 + signum)  # SystemExit unwinds the context managers: every process started here is stopped
+
+
+def run_live(args: argparse.Namespace) -> int:
+    """Start the servers, calibrate the SLOs, replay every seed through every policy, write the results."""
+    from ares.provenance import record
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    args.seeds = [int(x) for x in str(args.seeds).split(",")]
+    policies = [p for p in args.policies.split(",") if p]
+    unknown = [p for p in policies if p not in POLICY_ARGS]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; choose from {', '.join(POLICY_ARGS)}")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(__file__).resolve().parents[3]
+    from ares.predictor.generations import DEFAULT_PATH
+
+    head = root / "python" / "ares" / "predictor" / "checkpoints" / "ours.safetensors"
+    doc: dict = {
+        "provenance": record(root, [DEFAULT_PATH, head]),
+        "machine": {"platform": platform.platform(), "cpus": _cpus(), "device": "cpu (no GPU)"},
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "runs": {},
+    }
+    spec = ClusterSpec(
+        model_path=resolve_model(args.model),
+        n_prefill=1,
+        n_decode=args.decode,
+        ares=True,
+        max_total_tokens=args.max_total_tokens,
+        router="ares",
+        start_router=False,
+        extra_server_args=("--num-reserved-decode-tokens", str(args.reserve_tokens)),
+    )
+    display = Display(args.num_requests, enabled=not args.no_display)
+    raw: dict[str, list[tuple[list[Outcome], Trace]]] = {p: [] for p in policies}
+    t_start = time.monotonic()
+    args.log_dir = args.log_dir or str(out / "logs")
+    with Cluster(spec, log_dir=Path(args.log_dir) / "servers") as cluster:
+        print(f"servers up in {time.monotonic() - t_start:.0f}s: decode {', '.join(cluster.decode_urls)}", flush=True)
+        prefill = [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
+        cal = calibrate(cluster, Path(args.log_dir), prefill, args)
+        slo = Slo(ttft_s=args.ttft_slo_factor * cal["ttft_s"], tpot_s=args.tpot_slo_factor * cal["tpot_s"])
+        doc["calibration"] = cal
+        doc["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}
+        print(
+            f"one request alone: TTFT {cal['ttft_s']:.2f}s, TPOT {1e3 * cal['tpot_s']:.0f}ms -> SLO TTFT "
+            f"{slo.ttft_s:.1f}s, TPOT {1e3 * slo.tpot_s:.0f}ms",
+            flush=True,
+        )
+        display.start()
+        try:
+            for k, seed in enumerate(args.seeds):
+                reqs = live_workload(args.num_requests, args.rate, seed, args.long_fraction, args.long_min)
+                doc.setdefault("workloads", {})[str(seed)] = [r.meta() for r in reqs]
+                order = policies[k % len(policies) :] + policies[: k % len(policies)]  # no policy always first
+                for policy in order:
+                    summary, outcomes, trace = run_policy(
+                        cluster, prefill, policy, reqs, slo, args, display, f"{policy} (seed {seed})"
+                    )
+                    summary["seed"] = seed
+                    summary["outcomes"] = [
+                        {"rid": o.rid, "backend_rid": o.backend_rid, "decode": o.decode, "n_output": o.n_output,
+                         "finish": o.finish,
+                         "ttft_s": o.ttft_s, "tpot_s": o.tpot_s, "error": o.error}
+                        for o in outcomes
+                    ]  # fmt: skip
+                    doc["runs"].setdefault(policy, []).append(summary)
+                    raw[policy].append((outcomes, trace))
+                    _write(out, doc, policies)  # after every replay: a cut-short run keeps what it measured
+        finally:
+            display.stop()
+        logs = [cluster.log_dir / f"decode{i}.log" for i in range(args.decode)]
+        doc["simulator"] = sim_check(doc, logs, args)
+    doc["wall_s"] = time.monotonic() - t_start
+    _write(out, doc, policies)
+    plot(raw, slo, out / f"{args.name}.png")
+    print((out / f"{args.name}.md").read_text())
+    lost = sum(r["lost"] + r["duplicated"] for runs in doc["runs"].values() for r in runs)
+    return 1 if lost else 0
+
+
+def sim_check(doc: dict, logs: list[Path], args) -> dict:
+    """Fit the CPU cost profile to this run's servers; simulate every (policy, seed) replay; sim vs live."""
+    from ares.live import simcheck
+    from ares.sim.cli import DEFAULT_ACCURACY
+    from ares.sim.cost_model import write_measured
+    from ares.sim.predictor_model import load_error_model
+
+    cost, stats = simcheck.fit_profile(logs, doc["calibration"]["requests"], args.max_total_tokens)
+    if args.write_profile:
+        write_measured(cost, {"fit": stats, "provenance": doc["provenance"]})
+    err = load_error_model(DEFAULT_ACCURACY) if DEFAULT_ACCURACY.exists() else None
+    slo = doc["slo"]
+    per_policy: dict = {}
+    for policy, runs in doc["runs"].items():
+        sims = []
+        for live in runs:
+            outputs = {o["rid"]: o["n_output"] for o in live["outcomes"]}
+            work = simcheck.live_as_workload(doc["workloads"][str(live["seed"])], outputs)
+            sim = simcheck.simulate_policy(work, policy, cost, slo["ttft_s"], slo["tpot_s"], args, err)
+            sims.append({"seed": live["seed"], "sim": sim, "sim_over_live": simcheck.compare(live, sim)})
+        per_policy[policy] = sims
+    return {"profile": cost.to_dict(), "fit": stats, "runs": per_policy}
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _write(out: Path, doc: dict, policies: list[str]) -> None:
+    runs = {p: doc["runs"][p] for p in policies if p in doc["runs"]}
+    doc["aggregate"] = aggregate(runs)
+    name = doc["config"]["name"]
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    slo = doc["slo"]
+    head = (
+        f"# Live CPU cluster: {doc['config']['decode']} decode + 1 prefill, {doc['config']['model']}\n\n"
+        f"Commit `{doc['provenance']['commit'][:12]}`{' (dirty)' if doc['provenance']['dirty'] else ''}; "
+        f"command `{doc['provenance']['command']}`; {doc['machine']['cpus']} CPUs, no GPU.\n"
+        f"{doc['config']['num_requests']} requests per seed, seeds {doc['config']['seeds']}, R1 arrivals at "
+        f"{doc['config']['rate']} req/s, KV pool {doc['config']['max_total_tokens']} tokens per decode server, "
+        f"reserve {doc['config']['reserve_tokens']}.\n"
+        f"SLO (fixed before the replays from one request alone: TTFT {doc['calibration']['ttft_s']:.2f} s, TPOT "
+        f"{1e3 * doc['calibration']['tpot_s']:.0f} ms): TTFT <= {slo['ttft_s']:.1f} s and TPOT <= "
+        f"{1e3 * slo['tpot_s']:.0f} ms. Goodput = requests meeting both / makespan. Means over seeds; ratios to "
+        f"round robin per seed (min-max).\n\n"
+    )
+    text = head + markdown(doc["aggregate"])
+    if "simulator" in doc:
+        text += sim_markdown(doc)
+    (out / f"{name}.md").write_text(text)
+
+
+def sim_markdown(doc: dict) -> str:
+    """The simulator's prediction of each replay beside the live figures."""
+    sim = doc["simulator"]
+    prof, fit = sim["profile"], sim["fit"]
+    rows = [
+        f"\n## Simulator vs live (profile `{prof['name']}`: step = {1e3 * prof['step_base_s']:.1f} ms + "
+        f"{1e3 * prof['step_per_request_s']:.2f} ms/request + {1e6 * prof['step_per_kv_token_s']:.1f} us/KV token, "
+        f"R^2 {fit['r2']:.2f} over {fit['decode_points']} decode log lines; prefill {1e3 * prof['prefill_base_s']:.0f} "
+        f"ms + {1e3 * prof['prefill_per_token_s']:.2f} ms/token)\n",
+        "| policy | seed | live P99 TPOT ms | sim P99 TPOT ms | sim/live | live goodput | sim goodput | sim/live "
+        "| within 25% |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for policy, runs in sim["runs"].items():
+        for r, live in zip(runs, doc["runs"][policy], strict=True):
+            c = r["sim_over_live"]
+            rows.append(
+                f"| {policy} | {r['seed']} | {_f(live['p99_tpot_ms'], '.0f')} | {_f(r['sim']['p99_tpot_ms'], '.0f')} "
+                f"| {_f(c['p99_tpot_ms'])} | {_f(live['goodput_rps'], '.3f')} | {_f(r['sim']['goodput_rps'], '.3f')} "
+                f"| {_f(c['goodput_rps'])} | {'yes' if c['within_25pct'] else 'no'} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def _f(x, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def add_arguments(p: argparse.ArgumentParser, output_dir: str, name: str = "live_cluster") -> None:
+    """The live benchmark's flags (shared by `ares bench live`, `ares demo` and `benchmark/live_cluster.py`)."""
+    p.add_argument("--model", default="smollm2", help="smollm2 | a model directory (the head must fit it)")
+    p.add_argument("--decode", type=int, default=2, help="decode servers")
+    p.add_argument("--policies", default="round_robin,least_kv,current_migrate,ares", help=", ".join(POLICY_ARGS))
+    p.add_argument("--seeds", default="1,2", help="comma-separated: one replay of a fresh request list per seed")
+    p.add_argument("--num-requests", type=int, default=24, help="requests per replay")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.12,
+        help="mean arrival rate (req/s) of the R1 process (0.12: about what 2 cores decode)",
+    )
+    p.add_argument("--long-fraction", type=float, default=0.25, help="share of prompts from the long tail")
+    p.add_argument("--long-min", type=int, default=400, help="collected answer length that counts as long")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="one generous cap for every request")
+    p.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=1536,
+        help="KV pool per server (tokens): small, so that output growth matters",
+    )
+    p.add_argument("--reserve-tokens", type=int, default=64, help="--num-reserved-decode-tokens (servers and routers)")
+    p.add_argument("--calibration-tokens", type=int, default=64, help="tokens of the single-request measurement")
+    p.add_argument("--tpot-slo-factor", type=float, default=4.0, help="TPOT SLO = this x one request's TPOT")
+    p.add_argument("--ttft-slo-factor", type=float, default=10.0, help="TTFT SLO = this x one request's TTFT")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between samples of the servers")
+    p.add_argument("--no-display", action="store_true", help="plain progress lines instead of the live view")
+    p.add_argument(
+        "--write-profile",
+        action="store_true",
+        help="store the fitted CPU cost profile as the simulator's cpu-smollm2-135m-measured preset",
+    )
+    p.add_argument("--output-dir", default=output_dir, help="where NAME.{json,md,png} and the logs go")
+    p.add_argument("--name", default=name, help="results file name")
+    p.add_argument("--log-dir", default=None, help="server and router logs (default: OUTPUT_DIR/logs)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `ares bench live`."""
+    bench = sub.add_parser("bench", help="benchmarks on a real local cluster").add_subparsers(
+        dest="bench", required=True
+    )
+    p = bench.add_parser(
+        "live", help=__doc__.splitlines()[0], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p, output_dir=".ares/live")
+    p.set_defaults(func=run_live)

@@ -1,0 +1,145 @@
+"""Unit tests of the live benchmark's pieces (`ares.live`): the request list, the client's per-request figures,
+the summary against hand-computed values, the servers' retraction lines, and a cluster spec without a router.
+The benchmark itself runs real servers (`benchmark/live_cluster.py`); these check its arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from ares.cluster.spec import ClusterSpec
+from ares.live.client import Outcome, generate_body
+from ares.live.monitor import Trace, retractions
+from ares.live.report import Slo, aggregate, head_mae, kv_imbalance, markdown, summarize
+from ares.live.workload import live_workload
+from ares.predictor.features import split_of
+from ares.predictor.generations import DEFAULT_PATH, read_generations
+
+needs_generations = pytest.mark.skipif(not DEFAULT_PATH.exists(), reason="no collected generations")
+
+
+@needs_generations
+def test_workload_is_held_out_long_tailed_and_seeded():
+    reqs = live_workload(20, rate=0.5, seed=3, long_fraction=0.25, long_min=400)
+    by_id = {g.id: g for g in read_generations()}
+    assert len(reqs) == 20 and len({r.rid for r in reqs}) == 20
+    assert all(split_of(r.prompt_id) == "test" for r in reqs)  # never trained on
+    assert sum(r.collected_tokens >= 400 for r in reqs) == 5
+    assert all(tuple(by_id[r.prompt_id].prompt) == r.input_ids for r in reqs)
+    arrivals = [r.arrival_s for r in reqs]
+    assert arrivals == sorted(arrivals) and arrivals[0] == 0.0
+    assert [r.prompt_id for r in live_workload(20, 0.5, 3, 0.25, 400)] == [r.prompt_id for r in reqs]
+    assert [r.prompt_id for r in live_workload(20, 0.5, 4, 0.25, 400)] != [r.prompt_id for r in reqs]
+
+
+@needs_generations
+def test_replayed_requests_carry_no_length_hint():
+    req = live_workload(1, 1.0, 0, long_fraction=0.0)[0]
+    body = generate_body(req, 1024)
+    assert body["sampling_params"] == {"max_new_tokens": 1024, "temperature": 0}  # the model's own end
+    assert body["input_ids"] == list(req.input_ids) and body["stream"]
+    assert "rid" not in body  # the router names it and says so in X-Request-Id: the servers' reports use that id
+
+
+def _outcome(rid, sent, events, tokens, finish="stop", decode="d0"):
+    return Outcome(rid, sent, sent, list(events), list(tokens), finish, None, decode, rid, list(range(tokens[-1])))
+
+
+def test_outcome_figures_match_the_serving_benchmarks_definitions():
+    o = _outcome("a", 1.0, [1.5, 1.7, 2.3], [1, 2, 5])
+    assert o.ttft_s == pytest.approx(0.5)
+    assert o.tpot_s == pytest.approx((2.3 - 1.5) / 4)  # (last - first) / (tokens - 1)
+    assert o.itl_s() == pytest.approx([0.2, 0.6, 0.0, 0.0])  # three tokens arrived in one event
+
+
+def test_summary_slo_goodput_and_losses_by_hand():
+    good = _outcome("a", 0.0, [1.0, 2.0], [1, 11])  # TTFT 1, TPOT 0.1
+    slow = _outcome("b", 0.0, [1.0, 5.0], [1, 11])  # TPOT 0.4: misses
+    lost = Outcome("c", 0.0, 0.0, error="HTTP 502: x")
+    trace = Trace(t_s=[0, 1], used=[[10, 30], [20, 20]], running=[[1, 1], [1, 1]], capacity=[100, 100])
+    s = summarize([good, slow, lost], trace, Slo(ttft_s=2.0, tpot_s=0.2), [2, 1], {"committed": 3}, 6.0)
+    assert (s["completed"], s["lost"], s["duplicated"]) == (2, 1, 0)
+    assert s["slo_attainment"] == pytest.approx(1 / 3)  # a lost request misses its SLO
+    assert s["goodput_rps"] == pytest.approx(1 / 5.0)  # one met, makespan = last token at 5 s
+    assert s["retractions"] == 3 and s["migrations"] == {"committed": 3}
+    assert s["kv_peak_frac"] == [0.2, 0.3]
+    assert kv_imbalance(trace) == pytest.approx((30 + 20) / (20 + 20))
+
+
+def test_head_mae_uses_the_final_length_of_finished_requests_only():
+    outs = [_outcome("a", 0, [1, 2], [1, 100]), Outcome("b", 0, 0, error="x")]
+    trace = Trace(predictions={"a": [(10, 80.0), (50, 60.0)], "b": [(5, 1.0)]})
+    h = head_mae(outs, trace)
+    assert h["mae_tokens"] == pytest.approx((10 + 10) / 2) and h["samples"] == 2  # true: 90 and 50 remaining
+
+
+def test_aggregate_ratios_are_per_seed_against_round_robin():
+    def run(g, t):
+        return {"goodput_rps": g, "slo_attainment": 0.5, "p50_tpot_ms": t, "p99_tpot_ms": t, "p99_ttft_s": 1.0,
+                "p99_itl_ms": 1.0, "retractions": 0, "lost": 0, "duplicated": 0, "migrations": {},
+                "head": {"mae_tokens": None}}  # fmt: skip
+
+    agg = aggregate({"round_robin": [run(1.0, 100), run(2.0, 100)], "ares": [run(1.5, 50), run(2.0, 80)]})
+    r = agg["ares"]["goodput_rps_vs_round_robin"]
+    assert (r["mean"], r["min"], r["max"]) == pytest.approx((1.25, 1.0, 1.5))
+    assert agg["ares"]["p99_tpot_ms_vs_round_robin"]["mean"] == pytest.approx(0.65)
+    assert "| ares |" in markdown(agg)
+
+
+def test_retractions_are_counted_from_the_servers_own_log_lines(tmp_path):
+    log = tmp_path / "decode0.log"
+    log.write_bytes(b"old: KV cache pool is full. Retract requests. #retracted_reqs: 7, #new_tokens_gained: 1\n")
+    offset = log.stat().st_size
+    with open(log, "ab") as f:
+        f.write(b"[x] KV cache pool is full. Retract requests. #retracted_reqs: 2, #new_tokens_gained: 30\n")
+        f.write(b"Testing retraction. #retracted_reqs: 5\n")  # SGLang's test mode, not a full pool
+        f.write(b"[y] KV cache pool is full. Retract requests. #retracted_reqs: 1, #new_tokens_gained: 9\n")
+    assert retractions([log], [offset]) == [3]
+
+
+def test_a_cluster_without_a_router_needs_no_router_port():
+    spec = ClusterSpec(model_path="m", n_decode=2, start_router=False)
+    servers = spec.servers(list(range(11000, 11000 + spec.n_ports)))
+    assert spec.n_ports == 4 and [s.role for s in servers] == ["prefill", "decode", "decode"]
+
+
+def test_step_time_fit_recovers_known_constants_from_sglang_decode_lines(tmp_path):
+    from ares.live.simcheck import decode_points, fit_profile
+
+    a, b, c = 0.030, 0.004, 1.2e-4  # seconds, s/request, s/KV token
+    lines = []
+    for n, k in [(1, 100), (2, 900), (4, 1500), (6, 600), (8, 2000), (3, 300)]:
+        thr = n / (a + b * n + c * k)
+        lines.append(
+            f"[2026-12-03 21:28:35] Decode batch, #running-req: {n}, #token: {k}, token usage: 0.27, cpu graph: "
+            f"False, gen throughput (token/s): {thr:.4f}, #queue-req: 0"
+        )
+    lines.append("[2026-12-03 21:28:36] Decode batch, #running-req: 0, #token: 0, gen throughput (token/s): 0.00")
+    log = tmp_path / "decode0.log"
+    log.write_text("\n".join(lines) + "\n")
+    assert decode_points([log]).shape == (6, 3)  # the idle line carries no step time
+    cal = [{"prompt_tokens": 50, "ttft_s": 0.6}, {"prompt_tokens": 150, "ttft_s": 1.0}]
+    cost, stats = fit_profile([log], cal, kv_capacity=2048)
+    assert (cost.step_base_s, cost.step_per_request_s, cost.step_per_kv_token_s) == pytest.approx((a, b, c), rel=1e-3)
+    assert (cost.prefill_base_s, cost.prefill_per_token_s) == pytest.approx((0.4, 0.004))
+    assert stats["r2"] == pytest.approx(1.0) and cost.kv_capacity_tokens == 2048
+
+
+def test_a_negative_term_is_dropped_not_kept():
+    import numpy as np
+
+    from ares.live.simcheck import fit_linear_nonneg
+
+    x = np.column_stack([np.ones(4), [1.0, 2.0, 3.0, 4.0]])
+    assert fit_linear_nonneg(x, np.array([4.0, 3.0, 2.0, 1.0]))[1] == 0.0  # a falling "cost" is not a cost
+
+
+def test_measured_cost_profiles_are_found_by_name(tmp_path, monkeypatch):
+    from ares.sim import cost_model
+
+    path = tmp_path / "cost_profiles.json"
+    measured = cost_model.CostModel("cpu-x-measured", 0.03, 0.004, 1e-4, 0.4, 0.004, 2048, 23040, 8e7, 0.3, 0.6)
+    cost_model.write_measured(measured, {"commit": "abc"}, path)
+    monkeypatch.setattr(cost_model, "MEASURED_FILE", path)
+    assert cost_model.measured_profiles(path)["cpu-x-measured"] == measured
+    with pytest.raises(KeyError, match="cpu-x-measured"):
+        cost_model.get_cost_model("nope")
