@@ -221,3 +221,26 @@ def test_ares_dispatch_follows_the_head_where_the_prompt_guess_disagrees(cluster
         assert live["decode"] in {"decode1", f"decode{after}"}, (live["decode"], after)
         for f in runs:
             f.result()
+
+
+def test_live_benchmark_harness_replays_through_a_policy_router_and_scores_the_head(cluster, prefill, tmp_path):
+    """`ares.live.run.run_policy` (the live benchmark's and the demo's replay) on this module's servers: a few held-out
+    prompts through a fresh `ares` router; nothing lost or sent twice; the servers' predictions are matched to the
+    requests by the router's ids and scored against the lengths the client received."""
+    import argparse
+
+    from ares.live.report import Slo
+    from ares.live.run import Display, run_policy
+    from ares.live.workload import live_workload
+
+    reqs = live_workload(4, rate=2.0, seed=5, long_fraction=0.25, long_min=100)
+    args = argparse.Namespace(reserve_tokens=512, poll_interval=0.2, max_new_tokens=48, log_dir=str(tmp_path))
+    summary, outcomes, trace = run_policy(
+        cluster, prefill, "ares", reqs, Slo(ttft_s=600, tpot_s=60), args, Display(len(reqs), enabled=False), "ares"
+    )
+    assert (summary["completed"], summary["lost"], summary["duplicated"]) == (4, 0, 0), summary["errors"]
+    assert all(o.backend_rid and o.decode in ("decode0", "decode1") for o in outcomes)
+    assert summary["slo_attainment"] == 1.0 and summary["goodput_rps"] > 0
+    assert summary["head"]["samples"] > 0 and summary["head"]["requests"] >= 1  # the reports name the router's ids
+    assert summary["head"]["mae_tokens"] >= 0 and len(trace.t_s) >= 2 and trace.capacity == [8192, 8192]
+    assert summary["retractions"] == 0 and sum(summary["placed"].values()) == 4

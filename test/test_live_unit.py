@@ -102,28 +102,6 @@ def test_a_cluster_without_a_router_needs_no_router_port():
     assert spec.n_ports == 4 and [s.role for s in servers] == ["prefill", "decode", "decode"]
 
 
-def test_step_time_fit_recovers_known_constants_from_sglang_decode_lines(tmp_path):
-    from ares.live.simcheck import decode_points, fit_profile
-
-    a, b, c = 0.030, 0.004, 1.2e-4  # seconds, s/request, s/KV token
-    lines = []
-    for n, k in [(1, 100), (2, 900), (4, 1500), (6, 600), (8, 2000), (3, 300)]:
-        thr = n / (a + b * n + c * k)
-        lines.append(
-            f"[2026-12-03 21:28:35] Decode batch, #running-req: {n}, #token: {k}, token usage: 0.27, cpu graph: "
-            f"False, gen throughput (token/s): {thr:.4f}, #queue-req: 0"
-        )
-    lines.append("[2026-12-03 21:28:36] Decode batch, #running-req: 0, #token: 0, gen throughput (token/s): 0.00")
-    log = tmp_path / "decode0.log"
-    log.write_text("\n".join(lines) + "\n")
-    assert decode_points([log]).shape == (6, 3)  # the idle line carries no step time
-    cal = [{"prompt_tokens": 50, "ttft_s": 0.6}, {"prompt_tokens": 150, "ttft_s": 1.0}]
-    cost, stats = fit_profile([log], cal, kv_capacity=2048)
-    assert (cost.step_base_s, cost.step_per_request_s, cost.step_per_kv_token_s) == pytest.approx((a, b, c), rel=1e-3)
-    assert (cost.prefill_base_s, cost.prefill_per_token_s) == pytest.approx((0.4, 0.004))
-    assert stats["r2"] == pytest.approx(1.0) and cost.kv_capacity_tokens == 2048
-
-
 def test_a_negative_term_is_dropped_not_kept():
     import numpy as np
 
@@ -143,3 +121,25 @@ def test_measured_cost_profiles_are_found_by_name(tmp_path, monkeypatch):
     assert cost_model.measured_profiles(path)["cpu-x-measured"] == measured
     with pytest.raises(KeyError, match="cpu-x-measured"):
         cost_model.get_cost_model("nope")
+
+
+def test_request_loads_rebuild_each_servers_batch_and_kv_from_the_outcomes():
+    from ares.live.simcheck import request_loads
+
+    requests = [
+        {"rid": "a", "arrival_s": 0.0, "prompt_tokens": 10},
+        {"rid": "b", "arrival_s": 0.5, "prompt_tokens": 10},
+        {"rid": "c", "arrival_s": 0.0, "prompt_tokens": 20},
+        {"rid": "x", "arrival_s": 0.0, "prompt_tokens": 5},
+    ]
+    outcomes = [
+        {"rid": "a", "decode": "decode0", "n_output": 11, "ttft_s": 1.0, "tpot_s": 0.1, "error": None},
+        {"rid": "b", "decode": "decode0", "n_output": 11, "ttft_s": 0.5, "tpot_s": 0.1, "error": None},
+        {"rid": "c", "decode": "decode1", "n_output": 6, "ttft_s": 1.0, "tpot_s": 0.2, "error": None},
+        {"rid": "x", "decode": "decode1", "n_output": 0, "ttft_s": None, "tpot_s": None, "error": "HTTP 502"},
+    ]
+    rows = request_loads(outcomes, requests, samples=101)
+    # a and b share decode0 over the same second (tokens 1 to 2 s): batch 2, KV 2 x (10 + 11 x 0.5) on average.
+    assert rows[0] == pytest.approx([2.0, 31.0, 0.1], rel=1e-2) and rows[1] == pytest.approx(rows[0])
+    assert rows[2] == pytest.approx([1.0, 23.0, 0.2], rel=1e-2)  # c alone on decode1; the failed x is left out
+    assert len(rows) == 3

@@ -257,41 +257,23 @@ def run_live(args: argparse.Namespace) -> int:
                     ]  # fmt: skip
                     doc["runs"].setdefault(policy, []).append(summary)
                     raw[policy].append((outcomes, trace))
-                    _write(out, doc, policies)  # after every replay: a cut-short run keeps what it measured
+                    write_results(out, doc)  # after every replay: a cut-short run keeps what it measured
         finally:
             display.stop()
-        logs = [cluster.log_dir / f"decode{i}.log" for i in range(args.decode)]
-        doc["simulator"] = sim_check(doc, logs, args)
     doc["wall_s"] = time.monotonic() - t_start
-    _write(out, doc, policies)
+    from ares.live import simcheck
+
+    doc["simulator"] = simcheck.check(doc)
+    if args.write_profile:
+        from ares.sim.cost_model import CostModel, write_measured
+
+        profile = CostModel(**doc["simulator"]["profile"])
+        write_measured(profile, {"fit": doc["simulator"]["fit"], "provenance": doc["provenance"]})
+    write_results(out, doc)
     plot(raw, slo, out / f"{args.name}.png")
     print((out / f"{args.name}.md").read_text())
     lost = sum(r["lost"] + r["duplicated"] for runs in doc["runs"].values() for r in runs)
     return 1 if lost else 0
-
-
-def sim_check(doc: dict, logs: list[Path], args) -> dict:
-    """Fit the CPU cost profile to this run's servers; simulate every (policy, seed) replay; sim vs live."""
-    from ares.live import simcheck
-    from ares.sim.cli import DEFAULT_ACCURACY
-    from ares.sim.cost_model import write_measured
-    from ares.sim.predictor_model import load_error_model
-
-    cost, stats = simcheck.fit_profile(logs, doc["calibration"]["requests"], args.max_total_tokens)
-    if args.write_profile:
-        write_measured(cost, {"fit": stats, "provenance": doc["provenance"]})
-    err = load_error_model(DEFAULT_ACCURACY) if DEFAULT_ACCURACY.exists() else None
-    slo = doc["slo"]
-    per_policy: dict = {}
-    for policy, runs in doc["runs"].items():
-        sims = []
-        for live in runs:
-            outputs = {o["rid"]: o["n_output"] for o in live["outcomes"]}
-            work = simcheck.live_as_workload(doc["workloads"][str(live["seed"])], outputs)
-            sim = simcheck.simulate_policy(work, policy, cost, slo["ttft_s"], slo["tpot_s"], args, err)
-            sims.append({"seed": live["seed"], "sim": sim, "sim_over_live": simcheck.compare(live, sim)})
-        per_policy[policy] = sims
-    return {"profile": cost.to_dict(), "fit": stats, "runs": per_policy}
 
 
 def _cpus() -> int:
@@ -300,9 +282,9 @@ def _cpus() -> int:
     return os.cpu_count() or 0
 
 
-def _write(out: Path, doc: dict, policies: list[str]) -> None:
-    runs = {p: doc["runs"][p] for p in policies if p in doc["runs"]}
-    doc["aggregate"] = aggregate(runs)
+def write_results(out: Path, doc: dict) -> None:
+    """NAME.json and NAME.md of a (possibly partial) live run under `out`."""
+    doc["aggregate"] = aggregate(doc["runs"])
     name = doc["config"]["name"]
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     slo = doc["slo"]
@@ -328,11 +310,13 @@ def sim_markdown(doc: dict) -> str:
     """The simulator's prediction of each replay beside the live figures."""
     sim = doc["simulator"]
     prof, fit = sim["profile"], sim["fit"]
+    how = "each seed predicted with a profile fitted to the other seeds" if sim["cross_fit"] else "in-sample fit"
     rows = [
-        f"\n## Simulator vs live (profile `{prof['name']}`: step = {1e3 * prof['step_base_s']:.1f} ms + "
-        f"{1e3 * prof['step_per_request_s']:.2f} ms/request + {1e6 * prof['step_per_kv_token_s']:.1f} us/KV token, "
-        f"R^2 {fit['r2']:.2f} over {fit['decode_points']} decode log lines; prefill {1e3 * prof['prefill_base_s']:.0f} "
-        f"ms + {1e3 * prof['prefill_per_token_s']:.2f} ms/token)\n",
+        f"\n## Simulator vs live\n\nProfile `{prof['name']}` (all replays): "
+        f"step = {1e3 * prof['step_base_s']:.1f} ms + "
+        f"{1e3 * prof['step_per_request_s']:.2f} ms/request + {1e6 * prof['step_per_kv_token_s']:.1f} us/KV token "
+        f"(R^2 {fit['r2']:.2f} over {fit['requests']} requests' TPOT); prefill {1e3 * prof['prefill_base_s']:.0f} ms + "
+        f"{1e3 * prof['prefill_per_token_s']:.2f} ms/token; {how}. Target: sim/live within 0.75-1.25.\n",
         "| policy | seed | live P99 TPOT ms | sim P99 TPOT ms | sim/live | live goodput | sim goodput | sim/live "
         "| within 25% |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -362,8 +346,8 @@ def add_arguments(p: argparse.ArgumentParser, output_dir: str, name: str = "live
     p.add_argument(
         "--rate",
         type=float,
-        default=0.12,
-        help="mean arrival rate (req/s) of the R1 process (0.12: about what 2 cores decode)",
+        default=0.2,
+        help="mean arrival rate (req/s) of the R1 process",
     )
     p.add_argument("--long-fraction", type=float, default=0.25, help="share of prompts from the long tail")
     p.add_argument("--long-min", type=int, default=400, help="collected answer length that counts as long")
@@ -371,7 +355,7 @@ def add_arguments(p: argparse.ArgumentParser, output_dir: str, name: str = "live
     p.add_argument(
         "--max-total-tokens",
         type=int,
-        default=1536,
+        default=1280,
         help="KV pool per server (tokens): small, so that output growth matters",
     )
     p.add_argument("--reserve-tokens", type=int, default=64, help="--num-reserved-decode-tokens (servers and routers)")
