@@ -70,6 +70,9 @@ def test_head_mae_uses_the_final_length_of_finished_requests_only():
     trace = Trace(predictions={"a": [(10, 80.0), (50, 60.0)], "b": [(5, 1.0)]})
     h = head_mae(outs, trace)
     assert h["mae_tokens"] == pytest.approx((10 + 10) / 2) and h["samples"] == 2  # true: 90 and 50 remaining
+    assert h["mae_tokens_eos"] == pytest.approx(10)
+    cut = [_outcome("a", 0, [1, 2], [1, 100], finish="length")]
+    assert head_mae(cut, trace)["mae_tokens_eos"] is None  # cut at max_new_tokens: not an end of its own
 
 
 def test_aggregate_ratios_are_per_seed_against_round_robin():
@@ -143,3 +146,23 @@ def test_request_loads_rebuild_each_servers_batch_and_kv_from_the_outcomes():
     assert rows[0] == pytest.approx([2.0, 31.0, 0.1], rel=1e-2) and rows[1] == pytest.approx(rows[0])
     assert rows[2] == pytest.approx([1.0, 23.0, 0.2], rel=1e-2)  # c alone on decode1; the failed x is left out
     assert len(rows) == 3
+
+
+def test_the_live_view_shows_requests_done_and_each_servers_kv():
+    from rich.console import Console
+
+    from ares.live.monitor import Monitor
+    from ares.live.run import Display
+
+    display = Display(n=24, enabled=False)
+    mon = Monitor(["http://127.0.0.1:1", "http://127.0.0.1:2"])  # never started: only its last sample is read
+    mon.trace.used.append([640, 1280])
+    mon.trace.capacity = [1280, 1280]
+    display.begin("ares (seed 1)", mon)
+    display.request_done(_outcome("a", 0.0, [1.0, 2.0], [1, 5]))
+    display.request_done(Outcome("b", 0.0, 0.0, error="HTTP 502"))
+    console = Console(width=100, record=True)
+    console.print(display._render())
+    text = console.export_text()
+    assert "ares (seed 1)" in text and "2/24 done" in text and "1 failed" in text
+    assert "decode0 KV" in text and " 50% (640/1280)" in text and "100% (1280/1280)" in text

@@ -25,20 +25,26 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 def head_mae(outcomes: list[Outcome], trace: Trace) -> dict:
     """The head's live error: |predicted remaining - true remaining| over every poll that saw a prediction of a
-    request that finished (true remaining = its final length - tokens generated at the poll)."""
-    final = {o.backend_rid: o.n_output for o in outcomes if o.ok and o.backend_rid}
-    err, truth = [], []
+    request that finished (true remaining = its final length - tokens generated at the poll); also over the
+    requests that ended on their own (EOS), the population the offline evaluation scores, apart from those cut at
+    `max_new_tokens` (often greedy loops: no end of their own to predict)."""
+    final = {o.backend_rid: (o.n_output, o.finish) for o in outcomes if o.ok and o.backend_rid}
+    err, truth, eos_err = [], [], []
     for rid, samples in trace.predictions.items():
         if rid not in final:
             continue
+        n, finish = final[rid]
         for generated, pred in samples:
-            true_rem = max(final[rid] - generated, 0)
+            true_rem = max(n - generated, 0)
             err.append(abs(pred - true_rem))
             truth.append(true_rem)
+            if finish == "stop":
+                eos_err.append(err[-1])
     if not err:
         return {"mae_tokens": None, "samples": 0}
     return {
         "mae_tokens": float(np.mean(err)),
+        "mae_tokens_eos": float(np.mean(eos_err)) if eos_err else None,
         "mean_true_remaining": float(np.mean(truth)),
         "samples": len(err),
         "requests": sum(1 for r in trace.predictions if r in final),
