@@ -198,3 +198,19 @@ def test_router_prices_migrations_with_the_link_and_the_reported_kv_size():
     state.refresh()
     assert state.snapshot.migration_cost.kv_bytes_per_token == 23040.0
     assert state.snapshot.migration_cost.link_bytes_per_s == 87e9
+
+
+def test_a_migrated_request_retracted_later_goes_back_to_sglang_not_to_the_agent():
+    """Found by the live benchmark: a request that arrived by migration, was retracted on its new server and came
+    back through the prealloc queue was attached again as a new incoming migration, got no command, and was
+    aborted as idle 60 s later."""
+    from types import SimpleNamespace
+
+    from ares.migration.agent import ARRIVED_ATTR, MID_PARAM, MigrationAgent
+
+    agent = MigrationAgent(scheduler=None)
+    req = SimpleNamespace(rid="r", sampling_params=SimpleNamespace(custom_params={MID_PARAM: "m1"}))
+    assert agent.attach(req) and "m1" in agent.incoming  # the migrated copy arrives: the agent holds it
+    agent.incoming.clear()
+    setattr(req, ARRIVED_ATTR, True)  # what the commit marks
+    assert not agent.attach(req) and not agent.incoming  # back from retraction: SGLang's own path

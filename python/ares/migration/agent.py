@@ -33,6 +33,10 @@ TICK_TIMEOUT_S = 30.0
 IDLE_TTL_S = 60.0  # B frees an incoming migration no command touched for this long (A or R gone silent)
 
 
+# Set on a request once its migration committed here (see `MigrationAgent.attach`).
+ARRIVED_ATTR = "_ares_migration_arrived"
+
+
 class CommandError(Exception):
     """A refused or failed command: `status` (HTTP-like: 404, 409, 410, 502) and a short `reason`."""
 
@@ -133,7 +137,9 @@ class MigrationAgent:
         """B: R's request for a migrating request reached the decode queue; keep it here instead (no prefill)."""
         params = getattr(req.sampling_params, "custom_params", None) or {}
         mid = params.get(MID_PARAM)
-        if not mid:
+        if not mid or getattr(req, ARRIVED_ATTR, False):
+            # A request that already arrived here and was later retracted comes back through the same queue: it is
+            # SGLang's again (held here, it would wait for commands that never come and be aborted as idle).
             return False
         self.incoming[str(mid)] = Incoming(str(mid), req)
         logger.info("migration %s: request %s attached", mid, req.rid)
@@ -409,6 +415,7 @@ class MigrationAgent:
             assert rec.allocated == written, (rec.allocated, written)  # grown stage by stage, never past A's length
             _continue_from(req, output_ids, written)
             self.scheduler.waiting_queue.append(req)  # the prebuilt path: o_n is the next input, no forward
+            setattr(req, ARRIVED_ATTR, True)
             rec.state = "committed"
             return {"n_output": len(output_ids), "bytes": rec.bytes}
 
