@@ -12,7 +12,7 @@ DEPS_KEY := $(shell { sed -n '/^dependencies = \[/,/^\[project.scripts\]/p' pypr
 DEPS_STAMP := $(VENV)/.ares-deps-$(DEPS_KEY)
 SRC_KEY := $(CURDIR) $(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: all venv system-deps models lint test demo clean deps-key
+.PHONY: all venv system-deps models lint test demo results clean deps-key
 
 all: test
 
@@ -49,6 +49,21 @@ test: lint models
 
 demo: models
 	$(VENV)/bin/ares demo
+
+# Regenerates every CPU-measurable table and plot under benchmark/results/ (many hours on 2 cores; each script
+# records the commit, command and inputs). QUICK=1: the simulator scripts' smoke runs (written under .ares/, never
+# over the recorded results). kernel_bench.py needs a GPU: `python benchmark/kernel_bench.py` on one.
+RESULT_SCRIPTS := predictor_accuracy predictor_learning_curve router_overhead router_poll_bench engine_overhead \
+	migration_bench sim_goodput sim_slo_sensitivity sim_map sim_speed
+results: models
+ifeq ($(QUICK),1)
+	for s in sim_goodput sim_slo_sensitivity sim_map sim_speed; do $(PY) benchmark/$$s.py --quick || exit 1; done
+else
+	for s in $(RESULT_SCRIPTS); do $(PY) benchmark/$$s.py || exit 1; done
+	$(VENV)/bin/ares sim --workload r1 --decode 8 --reserve-tokens 0 --out benchmark/results/admission_reserve0
+	$(PY) benchmark/live_cluster.py
+	$(PY) benchmark/live_cluster.py --rate 0.14 --name live_cluster_r014
+endif
 
 clean:
 	rm -rf $(VENV)

@@ -115,6 +115,8 @@ def main(args: argparse.Namespace) -> int:
     """Run the sweep (or goodput search) and write `sim_<workload>_d<D>.json` and its P99 TPOT plot."""
     from tqdm import tqdm
 
+    from ares.provenance import record
+
     from .plots import plot_tpot_vs_rate
 
     spec, err_src = spec_from_args(args)
@@ -133,7 +135,9 @@ def main(args: argparse.Namespace) -> int:
             goodput[pol], pol_runs = goodput_over_seeds(spec, pol, start, **search_kwargs(args))
             runs += pol_runs
     stem = f"sim_{spec.workload}_d{spec.config.n_decode}"
+    acc = Path(args.accuracy_json) if args.accuracy_json else DEFAULT_ACCURACY
     doc = {
+        "provenance": record(Path(__file__).resolve().parents[3], [acc]),  # the checkout of an editable install
         "workload": spec.workload,
         "decode": spec.config.n_decode,
         "duration_s": spec.duration_s,

@@ -28,6 +28,7 @@ from ares.workloads import Workload, load_workload
 from .bounds import POOLED_BOUND, pooled_config
 from .engine import SimConfig, SimResult, simulate
 from .metrics import SLO, slo_pairs, summarize
+from .regimes import OutputSpread
 
 
 @dataclass
@@ -40,6 +41,12 @@ class RunSpec:
     config: SimConfig = field(default_factory=SimConfig)
     slos: Mapping[str, SLO] | None = None
     warmup_frac: float = 0.1
+    output_spread: OutputSpread | None = None  # map output lengths (`regimes.OutputSpread`); None: as sampled
+
+    def workload_at(self, rate: float | None, seed: int | None = None) -> Workload:
+        """The workload at `rate` req/s for this spec's duration (its output lengths mapped, if set)."""
+        work = load_workload(self.workload, rate, self.duration_s, seed=self.seed if seed is None else seed)
+        return work if self.output_spread is None else self.output_spread.apply(work)
 
     def slos_or_default(self) -> dict[str, SLO]:
         """The SLOs to score runs against (default: every declared pair)."""
@@ -56,7 +63,7 @@ def simulate_policy(work: Workload, cfg: SimConfig, policy: str) -> SimResult:
 def run_point(spec: RunSpec, policy: str, rate: float, seed: int | None = None) -> dict:
     """Simulate one (policy, rate, seed) and summarize it against every SLO of the spec."""
     seed = spec.seed if seed is None else seed
-    work = load_workload(spec.workload, rate, spec.duration_s, seed=seed)
+    work = spec.workload_at(rate, seed)
     cfg = dataclasses.replace(spec.config, seed=seed, warmup_frac=spec.warmup_frac)
     res = simulate_policy(work, cfg, policy)
     out = summarize(res, spec.slos_or_default(), cfg.cost, spec.warmup_frac)
@@ -67,6 +74,7 @@ def run_point(spec: RunSpec, policy: str, rate: float, seed: int | None = None) 
 def capacity_rate(spec: RunSpec) -> float:
     """Little's-law estimate of the rate that fills every decode instance's KV cache."""
     work = load_workload(spec.workload, None if spec.workload != "sharegpt" else 1.0, 3600.0, seed=spec.seed)
+    work = work if spec.output_spread is None else spec.output_spread.apply(work)
     p, o = work.prompt_tokens.astype(float), work.output_tokens.astype(float)
     cost = spec.config.cost
     token_seconds = float(np.mean((p + o / 2) * o)) * cost.step_time(32, 0.8 * cost.kv_capacity_tokens)

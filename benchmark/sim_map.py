@@ -1,0 +1,310 @@
+"""The map: where prediction and migration pay, over per-instance concurrency and output-length dispersion.
+
+Cells = concurrency C (KV capacity / mean request footprint, `ares.sim.regimes.with_concurrency`: smaller KV per
+token, so a full instance's step time and the SLOs stay put) x output-length CV (`ares.sim.regimes.OutputSpread`:
+the workload's own lengths spread or narrowed by a power law fitted on an hour of it, mean and order kept; `native`
+= as sampled). In every cell, for every policy and the pooled bound: goodput for every declared SLO pair
+(`ares.sim.metrics.SLO_PAIRS`), searched to `--resolution` on each of `--seeds` seeds, mean with a 95% Student-t
+interval; the ratios ares/least_kv and ares/round_robin per seed (same seed = same requests), mean and interval;
+and at loads `--loads` x the cell's pooled-bound headline goodput (seed 0; without the bound, the best policy's):
+P99 ITL, P99 TPOT and attainment of every policy. The reserve (`--reserve-tokens`) is one setting per run: rerun
+with another value and `--out` for that slice of the map.
+
+Writes sim_map.json, sim_map.md and heatmaps sim_map_ares_vs_least_kv.png, sim_map_ares_vs_round_robin.png to
+--out (default benchmark/results/sim_map; --quick: .ares/sim_quick/map). Searches are cached in <out>/cache.jsonl
+keyed by their settings and a hash of the simulator's and policy's source, so a cut-off run resumes (--fresh: start
+over). `--jobs 2` runs two searches at a time.
+Full run (R1, 4 decode, 3 x 3 cells, 6 policies incl. the bound, 3 seeds, 2%): `python benchmark/sim_map.py --jobs 2`.
+Smoke (< 2 min): `python benchmark/sim_map.py --quick`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from provenance import record  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ares.sim.bounds import POOLED_BOUND  # noqa: E402
+from ares.sim.cli import DEFAULT_ACCURACY, add_sim_arguments, spec_from_args  # noqa: E402
+from ares.sim.regimes import OutputSpread, cv, mean_footprint, with_concurrency  # noqa: E402
+from ares.sim.sweep import Goodput, RunSpec, aggregate_goodput, capacity_rate, find_goodput, run_point, t95  # noqa: E402
+from ares.workloads import load_workload  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmark" / "results" / "sim_map"
+QUICK_OUT = ROOT / ".ares" / "sim_quick" / "map"
+MAP_POLICIES = "round_robin,least_kv,current_migrate,ares,ares_true_lengths," + POOLED_BOUND
+RATIOS = (("ares", "least_kv"), ("ares", "round_robin"))
+
+
+def code_hash() -> str:
+    """Hash of the simulator's and the policy's source: cached searches are reused only for the same code."""
+    h = hashlib.sha256()
+    for d in (
+        ROOT / "python" / "ares" / "sim",
+        ROOT / "python" / "ares" / "workloads",
+        ROOT / "ares_router" / "policy",
+    ):
+        for f in sorted(d.rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cell_spec(args: argparse.Namespace, conc: float, out_cv: float | None) -> RunSpec:
+    """The RunSpec of one cell: the flags' spec, its cost at concurrency `conc`, outputs spread to `out_cv`."""
+    spec, _ = spec_from_args(args)
+    native = load_workload(spec.workload, None, 3600.0, seed=spec.seed)
+    cost = with_concurrency(spec.config.cost, mean_footprint(native), conc)
+    spread = None if out_cv is None else OutputSpread.fit(native, out_cv)
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, cost=cost), output_spread=spread)
+
+
+def _search(task: dict) -> dict:
+    """One goodput search (runs in a worker process)."""
+    args = argparse.Namespace(**task["args"])
+    spec = cell_spec(args, task["conc"], task["cv"])
+    found, runs = find_goodput(spec, task["policy"], task["start"], seed=task["seed"], resolution=args.resolution)
+    return {"goodput": {s: g.to_dict() for s, g in found.items()}, "runs": len(runs)}
+
+
+def _load_point(task: dict) -> dict:
+    """One run at a fixed load (runs in a worker process)."""
+    args = argparse.Namespace(**task["args"])
+    spec = cell_spec(args, task["conc"], task["cv"])
+    r = run_point(spec, task["policy"], task["rate"], seed=0)
+    keep = ("attainment", "itl_p50", "itl_p99", "tpot_p99", "ttft_p99", "retractions", "migrations")
+    return {k: r[k] for k in keep}
+
+
+def _run(fn, tasks: list[dict], cache: Path, done: dict, jobs: int, desc: str) -> None:
+    """Run the tasks not in `done` (keyed by `_key`), appending each result to `cache` as it comes."""
+    todo = [t for t in tasks if _key(t) not in done]
+    if not todo:
+        return
+    with ProcessPoolExecutor(jobs) as pool, cache.open("a") as f:
+        futures = {pool.submit(fn, t): t for t in todo}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc):
+            t = futures[fut]
+            done[_key(t)] = fut.result()
+            f.write(json.dumps({"key": t["key"], "value": done[_key(t)]}) + "\n")
+            f.flush()
+
+
+def _key(task: dict) -> str:
+    return json.dumps(task["key"], sort_keys=True)
+
+
+def _ci(vals: list[float]) -> tuple[float | None, float | None]:
+    if not vals:
+        return None, None
+    if len(vals) < 2:
+        return float(vals[0]), None
+    return float(np.mean(vals)), float(t95(len(vals) - 1) * np.std(vals, ddof=1) / math.sqrt(len(vals)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sim_arguments(p)
+    p.set_defaults(decode=4, duration=900.0, resolution=0.02, policy=MAP_POLICIES)
+    p.add_argument("--concurrency", default="5,40,300", help="requests per full instance (KV / mean footprint)")
+    p.add_argument("--cv", default="0.5,native,2.5", help="output-length CVs (native: the workload's own)")
+    p.add_argument("--loads", default="0.6,0.9,1.2", help="fixed loads, x the cell's pooled-bound goodput")
+    p.add_argument("--jobs", type=int, default=1, help="searches run at once (processes)")
+    p.add_argument("--fresh", action="store_true", help="ignore the cache of an earlier run")
+    p.add_argument("--out", default=None, help="output folder (default benchmark/results/sim_map)")
+    args = p.parse_args()
+    if args.quick:
+        args.concurrency, args.cv, args.seeds, args.resolution = "5,300", "native,2.5", 1, 0.1
+        args.policy, args.loads = "round_robin,least_kv,ares," + POOLED_BOUND, "0.9"
+    out = Path(args.out) if args.out else (QUICK_OUT if args.quick else OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    concs = [float(x) for x in args.concurrency.split(",")]
+    cvs = [None if x == "native" else float(x) for x in args.cv.split(",")]
+    policies = [x for x in args.policy.split(",") if x]
+    seeds = [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds))
+    base, err_src = spec_from_args(args)
+    settings = {
+        "workload": base.workload, "decode": base.config.n_decode, "duration_s": base.duration_s,
+        "cost_model": base.config.cost.name, "reserve_tokens": base.config.reserve_tokens,
+        "resolution": args.resolution, "error_model": err_src, "code": code_hash(),
+    }  # fmt: skip
+    cache = out / "cache.jsonl"
+    if args.fresh and cache.exists():
+        cache.unlink()
+    done: dict[str, dict] = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            done[json.dumps(r["key"], sort_keys=True)] = r["value"]
+    argd = vars(args)
+    cells = [(c, v) for c in concs for v in cvs]
+    starts = {cell: 0.6 * capacity_rate(cell_spec(args, *cell)) for cell in cells}
+    tasks = [
+        {"args": argd, "conc": c, "cv": v, "policy": pol, "seed": s, "start": starts[(c, v)],
+         "key": {**settings, "kind": "search", "conc": c, "cv": v, "policy": pol, "seed": s}}
+        for (c, v) in cells for pol in policies for s in seeds
+    ]  # fmt: skip
+    _run(_search, tasks, cache, done, args.jobs, "goodput searches")
+    doc: dict = {
+        "provenance": record(ROOT, [Path(args.accuracy_json) if args.accuracy_json else DEFAULT_ACCURACY]),
+        "settings": settings,
+        "policies": policies,
+        "seeds": seeds,
+        "loads": [float(x) for x in args.loads.split(",")],
+        "cells": [],
+    }
+    slos = list(base.slos_or_default())
+    load_tasks = []
+    for c, v in cells:
+        per = {
+            pol: [done[_key(t)] for t in tasks if t["policy"] == pol and (t["conc"], t["cv"]) == (c, v)]
+            for pol in policies
+        }  # fmt: skip
+        spec = cell_spec(args, c, v)
+        hour = load_workload(spec.workload, None, 3600.0, seed=spec.seed)  # the sample the spread is fitted on
+        olen = hour.output_tokens if spec.output_spread is None else spec.output_spread.lengths(hour.output_tokens)
+        cell: dict = {"concurrency": c, "cv": v, "cv_measured": cv(olen), "mean_output": float(olen.mean())}
+        cell.update(goodput={}, ratios={})
+        cell["kv_capacity_tokens"] = spec.config.cost.kv_capacity_tokens
+        for pol, rs in per.items():
+            cell["goodput"][pol] = {
+                s: aggregate_goodput([Goodput(**{k: r["goodput"][s][k] for k in ("lo", "hi", "status")}) for r in rs])
+                for s in slos
+            }
+        for a, b in RATIOS:
+            if a in per and b in per:
+                cell["ratios"][f"{a}/{b}"] = {}
+                for s in slos:
+                    vals = [
+                        ra["goodput"][s]["rate"] / rb["goodput"][s]["rate"]
+                        for ra, rb in zip(per[a], per[b], strict=True)
+                        if ra["goodput"][s]["rate"] and rb["goodput"][s]["rate"]
+                    ]
+                    mean, half = _ci(vals)
+                    cell["ratios"][f"{a}/{b}"][s] = {"mean": mean, "ci95": half, "seeds": len(vals)}
+        heads = {pol: g[slos[0]]["mean"] for pol, g in cell["goodput"].items() if g[slos[0]]["mean"]}
+        ref = heads.get(POOLED_BOUND, max(heads.values(), default=None))  # the best policy's when no bound is run
+        cell["load_reference_rps"] = ref
+        if ref:
+            for x in doc["loads"]:
+                for pol in policies:
+                    load_tasks.append({
+                        "args": argd, "conc": c, "cv": v, "policy": pol, "rate": ref * x,
+                        "key": {**settings, "kind": "load", "conc": c, "cv": v, "policy": pol, "load": x},
+                    })  # fmt: skip
+        doc["cells"].append(cell)
+    _run(_load_point, load_tasks, cache, done, args.jobs, "fixed loads")
+    for cell in doc["cells"]:
+        cell["at_load"] = {
+            f"{t['key']['load']:g}": {} for t in load_tasks if (t["conc"], t["cv"]) == (cell["concurrency"], cell["cv"])
+        }
+        for t in load_tasks:
+            if (t["conc"], t["cv"]) == (cell["concurrency"], cell["cv"]):
+                cell["at_load"][f"{t['key']['load']:g}"][t["policy"]] = done[_key(t)]
+    doc["slos"] = {k: v.to_dict() for k, v in base.slos_or_default().items()}
+    (out / "sim_map.json").write_text(json.dumps(doc, indent=1))
+    md = markdown(doc)
+    (out / "sim_map.md").write_text(md)
+    for a, b in RATIOS:
+        heatmap(doc, f"{a}/{b}", out / f"sim_map_{a}_vs_{b}.png")
+    print(md)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cv_label(v: float | None) -> str:
+    return "native" if v is None else f"{v:g}"
+
+
+def _fmt(mean: float | None, half: float | None, digits: int = 2) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if half is not None else "")
+
+
+def markdown(doc: dict) -> str:
+    """Per SLO: goodput of every policy per cell, and the ARES ratios with intervals; then the fixed-load tails."""
+    st, prov = doc["settings"], doc["provenance"]
+    lines = [
+        f"# The map: {st['workload']}, {st['decode']} decode, {st['cost_model']}, {st['duration_s']:.0f} s simulated, "
+        f"reserve {st['reserve_tokens']}, seeds {doc['seeds']}, search resolution {st['resolution']:.0%}",
+        "",
+        f"Commit {prov['commit']}{' (dirty)' if prov['dirty'] else ''}; command `{prov['command']}`; "
+        f"errors: {st['error_model']}. Concurrency C = KV capacity / mean request footprint; CV = output-length"
+        " coefficient of variation (in brackets: measured on the hour of requests the spread is fitted on). Goodput in"
+        " req/s (mean ± 95% interval over seeds; `below X`: no rate searched met the SLO).",
+    ]
+    for s in doc["slos"]:
+        lines += ["", f"## SLO {s}", "", "| C | CV | " + " | ".join(doc["policies"]) + " | ares/least_kv | ares/rr |"]
+        lines.append("|---|---|" + "---:|" * (len(doc["policies"]) + 2))
+        for cell in doc["cells"]:
+            cells = []
+            for pol in doc["policies"]:
+                g = cell["goodput"][pol][s]
+                cells.append(_fmt(g["mean"], g["ci95"]) if g["status"] == "ok" else g["label"].split(" (")[0])
+            for key in ("ares/least_kv", "ares/round_robin"):
+                r = cell["ratios"].get(key, {}).get(s)
+                cells.append(_fmt(r["mean"], r["ci95"]) + "x" if r and r["mean"] is not None else "n/a")
+            lines.append(
+                f"| {cell['concurrency']:g} | {_cv_label(cell['cv'])} ({cell['cv_measured']:.2f}) | "
+                + " | ".join(cells) + " |"
+            )  # fmt: skip
+    lines += ["", "## Tails at fixed loads (x the pooled bound's headline goodput; seed 0)", ""]
+    lines += [
+        "| C | CV | load | policy | attainment (headline) | P99 ITL ms | P99 TPOT ms | retractions | migrations |"
+    ]
+    lines += ["|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    head = next(iter(doc["slos"]))
+    for cell in doc["cells"]:
+        for load, pols in cell.get("at_load", {}).items():
+            for pol, r in pols.items():
+                lines.append(
+                    f"| {cell['concurrency']:g} | {_cv_label(cell['cv'])} | {load} | {pol} | "
+                    f"{r['attainment'][head]:.3f} | {r['itl_p99'] * 1e3:.1f} | {r['tpot_p99'] * 1e3:.1f} | "
+                    f"{r['retractions']} | {r['migrations']} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(doc: dict, key: str, path: Path) -> None:
+    """Heatmap of goodput ratio `key` (C x CV), one panel per SLO, annotated with mean ± interval."""
+    concs = sorted({c["concurrency"] for c in doc["cells"]})
+    cvs = list(dict.fromkeys(_cv_label(c["cv"]) for c in doc["cells"]))
+    slos = list(doc["slos"])
+    fig, axes = plt.subplots(1, len(slos), figsize=(4.2 * len(slos), 3.6), squeeze=False)
+    for ax, s in zip(axes[0], slos, strict=True):
+        m = np.full((len(concs), len(cvs)), np.nan)
+        text = {}
+        for cell in doc["cells"]:
+            r = cell["ratios"].get(key, {}).get(s)
+            i, j = concs.index(cell["concurrency"]), cvs.index(_cv_label(cell["cv"]))
+            if r and r["mean"] is not None:
+                m[i, j] = r["mean"]
+                text[(i, j)] = _fmt(r["mean"], r["ci95"])
+        im = ax.imshow(m, cmap="RdBu", vmin=0.5, vmax=1.5, origin="lower", aspect="auto")
+        for (i, j), t in text.items():
+            ax.text(j, i, t, ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(cvs)), cvs)
+        ax.set_yticks(range(len(concs)), [f"{c:g}" for c in concs])
+        ax.set_xlabel("output-length CV")
+        ax.set_title(f"{key} goodput, SLO {s}", fontsize=9)
+    axes[0][0].set_ylabel("requests per full instance (C)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
