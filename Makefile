@@ -53,16 +53,26 @@ demo: models
 # Regenerates every CPU-measurable table and plot under benchmark/results/ (many hours on 2 cores; each script
 # records the commit, command and inputs). QUICK=1: the simulator scripts' smoke runs (written under .ares/, never
 # over the recorded results). kernel_bench.py needs a GPU: `python benchmark/kernel_bench.py` on one.
-RESULT_SCRIPTS := predictor_accuracy predictor_learning_curve router_overhead router_poll_bench engine_overhead \
-	migration_bench sim_goodput sim_slo_sensitivity sim_map sim_speed
+RESULT_SCRIPTS := predictor_accuracy router_overhead sim_goodput sim_slo_sensitivity
 results: models
 ifeq ($(QUICK),1)
 	for s in sim_goodput sim_slo_sensitivity sim_map sim_speed; do $(PY) benchmark/$$s.py --quick || exit 1; done
 else
 	for s in $(RESULT_SCRIPTS); do $(PY) benchmark/$$s.py || exit 1; done
+	$(PY) benchmark/predictor_learning_curve.py --fractions 0.25 0.5 0.75 1.0 --seeds 0 1 --max-seconds 60 \
+	  --threads 2 --train-cap 256
+	$(PY) benchmark/router_poll_bench.py --no-progress
+	$(PY) benchmark/engine_overhead.py --reps 2
+	$(PY) benchmark/migration_bench.py --lengths 256,1024,2048,4096 --reps 2
+	$(PY) benchmark/sim_map.py --jobs 2
 	$(VENV)/bin/ares sim --workload r1 --decode 8 --reserve-tokens 0 --out benchmark/results/admission_reserve0
+	$(PY) benchmark/sim_map.py --jobs 2 --concurrency 5,10 --duration 3600 --seeds 5 --out benchmark/results/sim_map_low_c
+	$(PY) benchmark/sim_speed.py --policy ares,round_robin,least_kv
+	$(PY) benchmark/sim_speed.py --policy round_robin,least_kv,current_migrate,ares --rate-per-instance 0.65 \
+	  --duration 1800 --out benchmark/results/sim_scale_256.json
 	$(PY) benchmark/live_cluster.py
 	$(PY) benchmark/live_cluster.py --rate 0.14 --name live_cluster_r014
+	$(PY) benchmark/live_cluster.py --rate 0.12 --name live_cluster_r012
 endif
 
 clean:

@@ -5,12 +5,13 @@ token, so a full instance's step time and the SLOs stay put) x output-length CV 
 the workload's own lengths spread or narrowed by a power law fitted on an hour of it, mean and order kept; `native`
 = as sampled). In every cell, for every policy and the pooled bound: goodput for every declared SLO pair
 (`ares.sim.metrics.SLO_PAIRS`), searched to `--resolution` on each of `--seeds` seeds, mean with a 95% Student-t
-interval; the ratios ares/least_kv and ares/round_robin per seed (same seed = same requests), mean and interval;
-and at loads `--loads` x the cell's pooled-bound headline goodput (seed 0; without the bound, the best policy's):
-P99 ITL, P99 TPOT and attainment of every policy. The reserve (`--reserve-tokens`) is one setting per run: rerun
-with another value and `--out` for that slice of the map.
+interval; the ratios ares/least_kv, ares/round_robin and ares/current_migrate (what prediction adds to current-load
+migration) per seed (same seed = same requests), mean and interval; and at loads `--loads` x the cell's
+pooled-bound headline goodput (seed 0; without the bound, the best policy's): P99 ITL, P99 TPOT and attainment of
+every policy. The reserve (`--reserve-tokens`) is one setting per run: rerun with another value and `--out` for
+that slice of the map.
 
-Writes sim_map.json, sim_map.md and heatmaps sim_map_ares_vs_least_kv.png, sim_map_ares_vs_round_robin.png to
+Writes sim_map.json, sim_map.md and heatmaps sim_map_ares_vs_{least_kv,round_robin,current_migrate}.png to
 --out (default benchmark/results/sim_map; --quick: .ares/sim_quick/map). Searches are cached in <out>/cache.jsonl
 keyed by their settings and a hash of the simulator's and policy's source, so a cut-off run resumes (--fresh: start
 over). `--jobs 2` runs two searches at a time.
@@ -46,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmark" / "results" / "sim_map"
 QUICK_OUT = ROOT / ".ares" / "sim_quick" / "map"
 MAP_POLICIES = "round_robin,least_kv,current_migrate,ares,ares_true_lengths," + POOLED_BOUND
-RATIOS = (("ares", "least_kv"), ("ares", "round_robin"))
+# ares over current-load placement, over static placement, and over current-load migration (what prediction adds)
+RATIOS = (("ares", "least_kv"), ("ares", "round_robin"), ("ares", "current_migrate"))
 
 
 def code_hash() -> str:
@@ -247,14 +249,15 @@ def markdown(doc: dict) -> str:
         " req/s (mean ± 95% interval over seeds; `below X`: no rate searched met the SLO).",
     ]
     for s in doc["slos"]:
-        lines += ["", f"## SLO {s}", "", "| C | CV | " + " | ".join(doc["policies"]) + " | ares/least_kv | ares/rr |"]
-        lines.append("|---|---|" + "---:|" * (len(doc["policies"]) + 2))
+        keys = [f"{a}/{b}" for a, b in RATIOS]
+        lines += ["", f"## SLO {s}", "", "| C | CV | " + " | ".join(doc["policies"] + keys) + " |"]
+        lines.append("|---|---|" + "---:|" * (len(doc["policies"]) + len(keys)))
         for cell in doc["cells"]:
             cells = []
             for pol in doc["policies"]:
                 g = cell["goodput"][pol][s]
                 cells.append(_fmt(g["mean"], g["ci95"]) if g["status"] == "ok" else g["label"].split(" (")[0])
-            for key in ("ares/least_kv", "ares/round_robin"):
+            for key in keys:
                 r = cell["ratios"].get(key, {}).get(s)
                 cells.append(_fmt(r["mean"], r["ci95"]) + "x" if r and r["mean"] is not None else "n/a")
             lines.append(
