@@ -68,8 +68,8 @@ else
 	$(VENV)/bin/ares sim --workload r1 --decode 8 --reserve-tokens 0 --out benchmark/results/admission_reserve0
 	$(PY) benchmark/sim_map.py --jobs 2 --concurrency 5,10 --duration 3600 --seeds 5 --out benchmark/results/sim_map_low_c
 	$(PY) benchmark/sim_speed.py --policy ares,round_robin,least_kv
-	$(PY) benchmark/sim_speed.py --policy round_robin,least_kv,current_migrate,ares --rate-per-instance 0.65 \
-	  --duration 1800 --out benchmark/results/sim_scale_256.json
+	$(PY) benchmark/sim_speed.py --policy round_robin,least_kv,current_migrate,ares --rate-per-instance 0.8 \
+	  --out benchmark/results/sim_scale_256.json
 	$(PY) benchmark/live_cluster.py
 	$(PY) benchmark/live_cluster.py --rate 0.14 --name live_cluster_r014
 	$(PY) benchmark/live_cluster.py --rate 0.12 --name live_cluster_r012
