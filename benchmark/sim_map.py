@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
-import math
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -40,8 +40,16 @@ from tqdm import tqdm  # noqa: E402
 from ares.sim.bounds import POOLED_BOUND  # noqa: E402
 from ares.sim.cli import DEFAULT_ACCURACY, add_sim_arguments, spec_from_args  # noqa: E402
 from ares.sim.regimes import OutputSpread, cv, mean_footprint, with_concurrency  # noqa: E402
-from ares.sim.sweep import Goodput, RunSpec, aggregate_goodput, capacity_rate, find_goodput, run_point, t95  # noqa: E402
-from ares.workloads import load_workload  # noqa: E402
+from ares.sim.sweep import (  # noqa: E402
+    Goodput,
+    RunSpec,
+    aggregate_goodput,
+    capacity_rate,
+    find_goodput,
+    mean_ci95,
+    run_point,
+)
+from ares.workloads import Workload, load_workload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmark" / "results" / "sim_map"
@@ -64,10 +72,16 @@ def code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=4)
+def native_hour(workload: str, seed: int) -> Workload:
+    """An hour of `workload` at its own rate: the sample footprints and spreads are fitted on (one load per process)."""
+    return load_workload(workload, None, 3600.0, seed=seed)
+
+
 def cell_spec(args: argparse.Namespace, conc: float, out_cv: float | None) -> RunSpec:
     """The RunSpec of one cell: the flags' spec, its cost at concurrency `conc`, outputs spread to `out_cv`."""
     spec, _ = spec_from_args(args)
-    native = load_workload(spec.workload, None, 3600.0, seed=spec.seed)
+    native = native_hour(spec.workload, spec.seed)
     cost = with_concurrency(spec.config.cost, mean_footprint(native), conc)
     spread = None if out_cv is None else OutputSpread.fit(native, out_cv)
     return dataclasses.replace(spec, config=dataclasses.replace(spec.config, cost=cost), output_spread=spread)
@@ -106,14 +120,6 @@ def _run(fn, tasks: list[dict], cache: Path, done: dict, jobs: int, desc: str) -
 
 def _key(task: dict) -> str:
     return json.dumps(task["key"], sort_keys=True)
-
-
-def _ci(vals: list[float]) -> tuple[float | None, float | None]:
-    if not vals:
-        return None, None
-    if len(vals) < 2:
-        return float(vals[0]), None
-    return float(np.mean(vals)), float(t95(len(vals) - 1) * np.std(vals, ddof=1) / math.sqrt(len(vals)))
 
 
 def main() -> int:
@@ -175,7 +181,7 @@ def main() -> int:
             for pol in policies
         }  # fmt: skip
         spec = cell_spec(args, c, v)
-        hour = load_workload(spec.workload, None, 3600.0, seed=spec.seed)  # the sample the spread is fitted on
+        hour = native_hour(spec.workload, spec.seed)  # the sample the spread is fitted on
         olen = hour.output_tokens if spec.output_spread is None else spec.output_spread.lengths(hour.output_tokens)
         cell: dict = {"concurrency": c, "cv": v, "cv_measured": cv(olen), "mean_output": float(olen.mean())}
         cell.update(goodput={}, ratios={})
@@ -194,7 +200,7 @@ def main() -> int:
                         for ra, rb in zip(per[a], per[b], strict=True)
                         if ra["goodput"][s]["rate"] and rb["goodput"][s]["rate"]
                     ]
-                    mean, half = _ci(vals)
+                    mean, half = mean_ci95(vals)
                     cell["ratios"][f"{a}/{b}"][s] = {"mean": mean, "ci95": half, "seeds": len(vals)}
         heads = {pol: g[slos[0]]["mean"] for pol, g in cell["goodput"].items() if g[slos[0]]["mean"]}
         ref = heads.get(POOLED_BOUND, max(heads.values(), default=None))  # the best policy's when no bound is run
@@ -208,13 +214,10 @@ def main() -> int:
                     })  # fmt: skip
         doc["cells"].append(cell)
     _run(_load_point, load_tasks, cache, done, args.jobs, "fixed loads")
-    for cell in doc["cells"]:
-        cell["at_load"] = {
-            f"{t['key']['load']:g}": {} for t in load_tasks if (t["conc"], t["cv"]) == (cell["concurrency"], cell["cv"])
-        }
-        for t in load_tasks:
-            if (t["conc"], t["cv"]) == (cell["concurrency"], cell["cv"]):
-                cell["at_load"][f"{t['key']['load']:g}"][t["policy"]] = done[_key(t)]
+    by_cell = {(cell["concurrency"], cell["cv"]): cell for cell in doc["cells"]}
+    for t in load_tasks:
+        at_load = by_cell[(t["conc"], t["cv"])].setdefault("at_load", {})
+        at_load.setdefault(f"{t['key']['load']:g}", {})[t["policy"]] = done[_key(t)]
     doc["slos"] = {k: v.to_dict() for k, v in base.slos_or_default().items()}
     (out / "sim_map.json").write_text(json.dumps(doc, indent=1))
     md = markdown(doc)

@@ -73,8 +73,7 @@ def run_point(spec: RunSpec, policy: str, rate: float, seed: int | None = None) 
 
 def capacity_rate(spec: RunSpec) -> float:
     """Little's-law estimate of the rate that fills every decode instance's KV cache."""
-    work = load_workload(spec.workload, None if spec.workload != "sharegpt" else 1.0, 3600.0, seed=spec.seed)
-    work = work if spec.output_spread is None else spec.output_spread.apply(work)
+    work = dataclasses.replace(spec, duration_s=3600.0).workload_at(None if spec.workload != "sharegpt" else 1.0)
     p, o = work.prompt_tokens.astype(float), work.output_tokens.astype(float)
     cost = spec.config.cost
     token_seconds = float(np.mean((p + o / 2) * o)) * cost.step_time(32, 0.8 * cost.kv_capacity_tokens)
@@ -197,6 +196,13 @@ def t95(dof: int) -> float:
     return float(t.ppf(0.975, dof))
 
 
+def mean_ci95(vals: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and half-width of its 95% Student-t interval (None when there are too few values for either)."""
+    mean = float(np.mean(vals)) if len(vals) else None
+    half = float(t95(len(vals) - 1) * np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) >= 2 else None
+    return mean, half
+
+
 def aggregate_goodput(per_seed: Sequence[Goodput]) -> dict:
     """Mean and 95% interval of goodput over seeds; a censored seed ("below"/"above") is said, not averaged."""
     vals = [g.rate for g in per_seed if g.status == "ok"]
@@ -204,8 +210,7 @@ def aggregate_goodput(per_seed: Sequence[Goodput]) -> dict:
     below = [g.hi for g in per_seed if g.status == "below"]
     above = [g.lo for g in per_seed if g.status == "above"]
     other = [g for g in per_seed if g.status == "unresolved"]
-    mean = float(np.mean(vals)) if vals else None
-    half = float(t95(len(vals) - 1) * np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) >= 2 else None
+    mean, half = mean_ci95(vals)
     out.update(mean=mean, ci95=half, resolved=len(vals))
     if len(vals) == len(per_seed):
         out["status"] = "ok"
