@@ -27,7 +27,7 @@ from ares_router.state import RouterState
 # (max_tokens the clients send, --reserve-tokens, poll to stop at): retractions and requests in every queue; no
 # max_tokens (SGLang budgets 4096 new tokens each); early on, with a fixed max_tokens, SGLang's single-request term
 # binding (the router looks the max_tokens of reported requests up in its bookkeeping).
-SCENARIOS = [("output", 0, 16), (None, 512, 16), (2500, 128, 4)]
+SCENARIOS = [("output", 0, 14), (None, 512, 16), (2500, 128, 4)]
 
 
 class _Stop(Exception):
@@ -124,7 +124,7 @@ def test_router_and_simulator_decide_alike_on_the_same_state(policy, max_tokens,
 
 def test_the_parity_states_cover_what_they_claim():
     # Scenario 1 has requests in every place a router must account for (running, retracted, prealloc queue).
-    sim = _sim_stopped_at_poll("ares", "output", 0, 16)
+    sim = _sim_stopped_at_poll("ares", "output", 0, 14)
     own = (sim.col_tracked >= 0) & (sim.col_running < 0)
     assert (sim.col_running >= 0).sum() and (own & sim.col_started).sum() and (own & ~sim.col_started).sum()
     assert any(d.retracted for d in sim.decode) and any(d.prealloc for d in sim.decode)

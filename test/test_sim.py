@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ares.sim.cost_model import CostModel, get_cost_model
-from ares.sim.engine import SimConfig, simulate
+from ares.sim.engine import ClusterSim, SimConfig, simulate
 from ares.sim.metrics import SLO, request_latencies, summarize
 from ares.workloads import Workload, load_workload, traces_dir
 
@@ -40,17 +40,52 @@ def test_kv_term_is_integrated_in_closed_form():
     assert res.t_finish[0] == pytest.approx(0.020 + 0.0201 + 0.0202)
 
 
-def test_retraction_recomputes_and_conserves():
+@pytest.mark.parametrize("retraction", ["backup", "recompute"])
+def test_retraction_conserves(retraction):
     cost = CostModel("tiny", 0.01, 0.0, 0.0, 0.0, 0.001, 200, 1.0, 1e30, 0.0)
     # max_tokens = the output length: with none given, SGLang's single-request term (4096 new tokens, capped by
     # the 200-token pool) would keep the second request out until the first finishes, and nothing would retract.
     cfg = SimConfig(
-        n_decode=1, cost=cost, reserve_tokens=0, retract_steps=1, check_invariants=True, max_tokens="output"
+        n_decode=1,
+        cost=cost,
+        reserve_tokens=0,
+        retract_steps=1,
+        retraction=retraction,
+        check_invariants=True,
+        max_tokens="output",
     )
     res = simulate(wl([0.0, 0.0], [50, 50], [100, 100]), cfg)
     assert res.retractions.sum() >= 1
     assert np.all(res.generated == res.output)
     assert np.all(np.isfinite(res.t_finish))
+
+
+@pytest.mark.parametrize(("contention", "first"), [(True, [0.1, 0.2]), (False, [0.1, 0.11])])
+def test_prefill_transfers_share_the_decode_nic(contention, first):
+    # Two prompts of 10 tokens prefill at once (no prefill time) on two prefill instances for one decode instance;
+    # 100 B/s links, 1 B per token: each transfer takes 0.1 s. Sharing the decode NIC, the second waits for the
+    # first (0.1 -> 0.2 s) and joins at once (the decode is idle again after req0's one 10 ms step); with a link
+    # each, both arrive at 0.1 s and req1 joins at the next step boundary (0.11 s). (max_tokens = the output: with
+    # none, SGLang's single-request term would hold req1's preallocation back until req0 is done.)
+    cost = CostModel("toy", 0.01, 0.0, 0.0, 0.0, 0.0, 1000, 1.0, 100.0, 0.0)
+    cfg = SimConfig(
+        n_decode=1, n_prefill=2, cost=cost, reserve_tokens=0, link_contention=contention, max_tokens="output"
+    )
+    res = simulate(wl([0.0, 0.0], [10, 10], [2, 2]), cfg)
+    assert res.t_first == pytest.approx(first)
+    assert res.t_finish == pytest.approx([f + 0.01 for f in first])
+
+
+def test_migration_queues_behind_transfers_on_both_nics():
+    # A migration ready at 0.5 s from decode 0 to decode 1 (setup 0.05 s, pause 0.02 s, 10 tokens = 0.1 s):
+    # decode 1's incoming side is busy until 1.0 s (a prefill transfer), so the copy runs 1.0-1.1 s and holds
+    # decode 0's outgoing side until then; with its own link it would run 0.55-0.65 s.
+    cost = CostModel("toy", 0.01, 0.0, 0.0, 0.0, 0.0, 1000, 1.0, 100.0, 0.02, migration_setup_s=0.05)
+    for contention, end in [(True, 1.1), (False, 0.65)]:
+        sim = ClusterSim(wl([0.0], [10], [2]), SimConfig(n_decode=2, cost=cost, link_contention=contention))
+        sim.link_d_in[1] = 1.0
+        assert sim._transfer(0.5 + cost.migration_setup_s, sim.link_d_out, 0, 1, 10) == pytest.approx(end)
+        assert sim.link_d_out[0] == pytest.approx(1.1 if contention else 0.0)
 
 
 def _r1(rate=3.0, duration=600.0, seed=0):

@@ -73,21 +73,22 @@ def test_token_gaps_of_two_requests_hand_computed():
     assert g.quantile(0.99) == pytest.approx(0.012, rel=g.max_rel_error)
 
 
-def _retraction_case() -> tuple:
-    """Capacity 45 tokens, 10 ms steps, prefill 1 ms/token, retract until 1 step fits.
+def _retraction_case(retraction: str = "recompute") -> tuple:
+    """Capacity 45 tokens, 10 ms steps, prefill 1 ms/token, host copies 1 ms/token, retract until 1 step fits.
 
     A (prompt 10, out 20) prefills 0-10 ms and joins at 10 ms. B (prompt 15) prefills 10-25 ms, joins at the
     step boundary of 30 ms (KV 12 + 15 = 27). k_oom = (45 - 27) // 2 = 9 steps: at 120 ms the KV is full and B
-    (fewest generated: 10 vs 12) is retracted. A finishes its 19 steps at 200 ms; B is re-admitted, recomputes
-    15 + 10 - 1 = 24 tokens (24 ms) and steps from 200 + 24 ms: first token at 234 ms, last at 324 ms.
+    (fewest generated: 10 vs 12) is retracted. Recompute: A finishes its 19 steps at 200 ms; B is re-admitted,
+    recomputes 15 + 10 - 1 = 24 tokens (24 ms) and steps from 200 + 24 ms: first token at 234 ms, last at 324 ms.
     B's gaps: 9 x 10 ms, one of 234 - 120 = 114 ms (queue + recompute + step), 9 x 10 ms; A's: 19 x 10 ms.
     """
-    cost = CostModel("tiny", 0.01, 0.0, 0.0, 0.0, 0.001, 45, 1.0, 1e30, 0.0)
+    cost = CostModel("tiny", 0.01, 0.0, 0.0, 0.0, 0.001, 45, 1.0, 1e30, 0.0, host_bytes_per_s=1000.0)
     cfg = SimConfig(
         n_decode=1,
         cost=cost,
         reserve_tokens=0,
         retract_steps=1,
+        retraction=retraction,
         warmup_frac=0,
         check_invariants=True,
         max_tokens="output",  # else SGLang's single-request term keeps B out until A is done: no retraction
@@ -107,6 +108,20 @@ def test_retraction_stall_is_one_long_gap():
     assert g.quantile(0.99) == pytest.approx(0.114, rel=g.max_rel_error)  # 38 gaps: P99 is the largest
     lat = request_latencies(res)
     assert lat["tpot"] == pytest.approx([0.010, 0.294 / 19])  # as sglang.benchmark.serving: (e2e - ttft) / (n - 1)
+
+
+def test_backup_retraction_copies_out_and_back_in():
+    # The same case with 0.5.23's PD decode backup: at 120 ms B's 15 + 9 = 24 KV tokens go to the host (24 ms,
+    # stalling A's next step: A's gap 34 ms); A has 8 steps left: 154, 164, ..., 224 ms. Then B's 24 tokens come
+    # back (24 ms) and it steps from 224 + 24 ms: first token at 258 ms (gap 138 ms), last (10 steps) at 348 ms.
+    res, _ = _retraction_case("backup")
+    assert list(res.retractions) == [0, 1]
+    assert res.t_finish == pytest.approx([0.224, 0.348])
+    assert res.max_gap == pytest.approx([0.034, 0.138])
+    g = res.gaps
+    assert g.count == 38 and g.total == pytest.approx(0.214 + 0.318)
+    with pytest.raises(ValueError, match="retraction"):
+        simulate(wl([0.0], [10], [5]), SimConfig(n_decode=1, retraction="swap"))
 
 
 def test_slo_attainment_per_part_hand_computed():

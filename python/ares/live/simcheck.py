@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ares.sim.cost_model import CostModel
+from ares.sim.cost_model import CPU_HOST_COPY_BYTES_PER_S, CostModel
 from ares.sim.engine import SimConfig, simulate
 from ares.sim.metrics import request_latencies
 from ares.workloads.base import Workload
@@ -151,9 +151,10 @@ def fit_from_requests(runs: list[tuple[list[dict], list[dict]]], calibration: li
         link_bytes_per_s=link.bytes_per_s,
         migration_pause_s=link.pause_s,
         migration_setup_s=link.setup_s,
+        host_bytes_per_s=CPU_HOST_COPY_BYTES_PER_S,
         note="MEASURED on the live CPU cluster (ares.live.simcheck): decode step time fitted to the live requests' "
         "TPOT against their servers' batch and KV; prefill from single requests' TTFT; migration from "
-        "cpu-loopback-measured",
+        "cpu-loopback-measured; retraction backup copy estimated (CPU_HOST_COPY_BYTES_PER_S)",
     )
     stats = {
         "requests": len(pts),

@@ -10,7 +10,7 @@ from ares_router.policy import POLICIES, LoadModel
 
 from .bounds import POOLED_BOUND
 from .cost_model import PRESETS, get_cost_model
-from .engine import SimConfig
+from .engine import RETRACTIONS, SimConfig
 from .metrics import SLO_PAIRS, slo_pairs
 from .predictor_model import ErrorModel, load_error_model
 from .sweep import RunSpec, capacity_rate, goodput_over_seeds, run_point
@@ -47,6 +47,19 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         default=512,
         help="decode admission reserve per active request (SGLang's --num-reserved-decode-tokens; 0: no reserve, "
         "so overload shows as retractions instead of queueing; SGLang's single-request term still applies)",
+    )
+    p.add_argument(
+        "--retraction",
+        choices=RETRACTIONS,
+        default="backup",
+        help="what a decode retraction keeps: backup (KV copied to host and back, SGLang 0.5.23's PD decode) or "
+        "recompute (prompt + generated tokens recomputed at resume)",
+    )
+    p.add_argument(
+        "--no-link-contention",
+        action="store_true",
+        help="give every KV transfer a link of its own (default: P->D transfers and migrations share each "
+        "instance's NIC)",
     )
     p.add_argument(
         "--max-tokens",
@@ -86,6 +99,8 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, str]:
         load_model=LoadModel(horizon_tokens=args.horizon),
         poll_interval_s=args.poll,
         reserve_tokens=args.reserve_tokens,
+        retraction=args.retraction,
+        link_contention=not args.no_link_contention,
         max_tokens=_max_tokens(args.max_tokens),
         record_kv_instances=64,
     )

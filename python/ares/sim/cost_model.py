@@ -14,6 +14,8 @@ event in closed form instead of stepping token by token.
 
 Prefill of p tokens: t = prefill_overhead + 2 * params * p / prefill FLOP/s (linear attention term ignored).
 KV capacity = (HBM * memory fraction - weight bytes) / KV bytes per token.
+Retraction backup: KV bytes / host copy bandwidth each way (an assumed 25 GB/s for the H100 presets: PCIe Gen5 x16
+with the gather into the host pool, not measured; a memory copy, 5 GB/s, for the CPU estimate).
 Migration: setup + KV bytes / link bandwidth + pause, from a link profile (`ares_router.link_profile`, the one the
 router prices migrations with: `rdma-4x200g` for the H100 presets, the measured `cpu-loopback-measured` for the CPU
 one); P->D transfer uses the same link.
@@ -32,6 +34,9 @@ from pathlib import Path
 from ares_router.link_profile import get_link_profile
 from ares_router.policy import MigrationCost
 
+# A CPU "device" backs retracted KV up with a memory copy (`cpu_tensor` backup): an estimate, not measured.
+CPU_HOST_COPY_BYTES_PER_S = 5e9
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -48,6 +53,9 @@ class CostModel:
     link_bytes_per_s: float
     migration_pause_s: float
     migration_setup_s: float = 0.0
+    # Device <-> host copy bandwidth: a PD decode retraction backs the request's KV up to host memory and loads it
+    # back at resume (SGLang 0.5.23's `--disaggregation-decode-retraction-backup`); both copies block the step.
+    host_bytes_per_s: float = 25e9
     note: str = ""
 
     def step_time(self, batch: int, kv_tokens: float) -> float:
@@ -61,6 +69,10 @@ class CostModel:
     def transfer_time(self, tokens: float) -> float:
         """Seconds to move `tokens` tokens of KV over the link (no pause)."""
         return tokens * self.kv_bytes_per_token / self.link_bytes_per_s
+
+    def host_copy_time(self, tokens: float) -> float:
+        """Seconds to copy `tokens` tokens of KV between device and host (one direction)."""
+        return tokens * self.kv_bytes_per_token / self.host_bytes_per_s
 
     def migration_cost(self) -> MigrationCost:
         """The policy's view of migration cost."""
@@ -140,6 +152,7 @@ def _cpu_estimate() -> CostModel:
         link_bytes_per_s=link.bytes_per_s,
         migration_pause_s=link.pause_s,
         migration_setup_s=link.setup_s,
+        host_bytes_per_s=CPU_HOST_COPY_BYTES_PER_S,
         note="ESTIMATE from docs/sglang-notes.md throughput figures (step and prefill times), not measured on the CPU "
         "cluster; migration from the measured link profile cpu-loopback-measured",
     )

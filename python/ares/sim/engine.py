@@ -13,10 +13,15 @@ time of k steps is closed-form (see `cost_model`). An instance's segment ends at
 at KV exhaustion, or early at the next step boundary after an outside event (arrival, migration).
 KV overflow -> SGLang-style retraction: requests with the fewest generated tokens (ties: longest prompt) are
 retracted until `retract_steps` steps fit; they wait in the instance's retracted queue (nothing new is
-preallocated meanwhile) and, when SGLang's resume rule lets them back, recompute their KV (prefill time of
-prompt + generated, which stalls that instance's batch).
+preallocated meanwhile) until SGLang's resume rule lets them back. `SimConfig.retraction`: "backup" (0.5.23's PD
+decode, `--disaggregation-decode-retraction-backup`): the KV is copied to host memory at retraction and back at
+resume, each copy (KV bytes / host bandwidth) stalling the instance's batch; "recompute": nothing is kept, the
+resume recomputes prompt + generated tokens (prefill time, stalling the batch).
 Migration: the request leaves the source batch at its next step boundary, the target reserves the KV,
-and after KV bytes / link bandwidth + pause it joins the target's batch; its pause counts in its TPOT.
+and after setup + KV bytes / link bandwidth + pause it joins the target's batch; its pause counts in its TPOT.
+Links (`SimConfig.link_contention`): every instance has one NIC, full duplex; a KV transfer (P->D after prefill,
+or D->D migration) takes the sender's outgoing and the receiver's incoming side for its bytes / bandwidth, FIFO
+from when it is ready, so migrations and prefill transfers into (or out of) one instance queue behind each other.
 
 Token timing: a token comes at the end of every step a request takes part in; the gap before its first step
 on an instance runs from its latest token (first token = joining decode; or the step before it was retracted
@@ -63,7 +68,8 @@ from .cost_model import CostModel, get_cost_model
 from .gaps import GapHistogram
 from .predictor_model import ErrorModel
 
-_STEP, _ARRIVE, _MIGRATED, _POLL = 0, 1, 2, 3
+_STEP, _ARRIVE, _MIGRATED, _POLL, _PREFILLED = 0, 1, 2, 3, 4
+RETRACTIONS = ("backup", "recompute")
 
 
 @dataclass
@@ -80,6 +86,8 @@ class SimConfig:
     rebalance_every: int = 2  # polls between rebalancing rounds
     reserve_tokens: int = 512  # SGLang's --num-reserved-decode-tokens, read by its admission rule (`Admission`)
     retract_steps: int = 20  # SGLang's retract_decode_steps: retract until this many steps fit
+    retraction: str = "backup"  # "backup" (KV to host and back, as 0.5.23's PD decode) or "recompute"
+    link_contention: bool = True  # KV transfers share each instance's NIC (False: every transfer has its own link)
     # The output guess before the head reports (at dispatch, for queued requests): the router's estimator.
     estimator: OutputEstimator = field(default_factory=OutputEstimator)
     # max_tokens the clients send: None (none; SGLang budgets CLIP = 4096 new tokens), a number (outputs are cut
@@ -216,6 +224,8 @@ class ClusterSim:
     """One simulation run: `ClusterSim(workload, config).run()`."""
 
     def __init__(self, workload: Workload, config: SimConfig) -> None:
+        if config.retraction not in RETRACTIONS:
+            raise ValueError(f"retraction must be one of {RETRACTIONS}, not {config.retraction!r}")
         self.wl = workload
         self.cfg = config
         self.cost = config.cost
@@ -266,6 +276,10 @@ class ClusterSim:
         self.max_footprint = float(self.footprint.max()) if n else 0.0
         n_prefill = config.n_prefill or max(1, config.n_decode // 2)
         self.prefill = [(0.0, p) for p in range(n_prefill)]
+        # When each NIC side is next free (`_transfer`): prefill senders, decode senders, decode receivers.
+        self.link_p_out = [0.0] * n_prefill
+        self.link_d_out = [0.0] * config.n_decode
+        self.link_d_in = [0.0] * config.n_decode
         self.events: list = []
         self.seq = 0
         self.finished = 0
@@ -313,6 +327,10 @@ class ClusterSim:
                     self._wake(inst, t)
                 elif kind == _MIGRATED:
                     self._migrated(t, *obj)
+                elif kind == _PREFILLED:
+                    req, p = obj
+                    done = self._transfer(t, self.link_p_out, p, req.inst, req.prompt)
+                    self._push(done, _ARRIVE, req)
                 else:
                     self._poll(t)
             elif i < n:
@@ -360,7 +378,21 @@ class ClusterSim:
             busy_until, p = heapq.heappop(self.prefill)
             end = max(t, busy_until) + cost.prefill_time(req.prompt)
             heapq.heappush(self.prefill, (end, p))
-            self._push(end + cost.transfer_time(req.prompt), _ARRIVE, req)
+            if self.cfg.link_contention:  # the transfer asks for the link when its prefill is done
+                self._push(end, _PREFILLED, (req, p))
+            else:
+                self._push(end + cost.transfer_time(req.prompt), _ARRIVE, req)
+
+    def _transfer(self, t: float, senders: list[float], src: int, dst: int, tokens: float) -> float:
+        """Book a KV transfer of `tokens` tokens ready at `t` from `senders[src]` to decode instance `dst`: it
+        starts when both NIC sides are free (FIFO: transfers are booked in the order they become ready) and holds
+        them for bytes / bandwidth. Returns when it ends."""
+        if not self.cfg.link_contention:
+            return t + self.cost.transfer_time(tokens)
+        start = max(t, senders[src], self.link_d_in[dst])
+        end = start + self.cost.transfer_time(tokens)
+        senders[src] = self.link_d_in[dst] = end
+        return end
 
     def _single_need(self, inst: _Decode, running_tokens: float, active: int) -> float:
         """SGLang's largest single-request footprint over the running batch, where it can matter: the term is
@@ -516,8 +548,8 @@ class ClusterSim:
                 self.migrations += 1
                 req.migrations += 1
                 self.bytes_moved += length * cost.kv_bytes_per_token
-                dur = cost.migration_time(length)
-                self._push(t + dur, _MIGRATED, (req, inst.idx, length))
+                done = self._transfer(t + cost.migration_setup_s, self.link_d_out, inst.idx, dst.idx, length)
+                self._push(done + cost.migration_pause_s, _MIGRATED, (req, inst.idx, length))
             inst.outgoing.clear()
         # 3. incoming migrations join (their KV was reserved)
         if inst.incoming:
@@ -537,7 +569,9 @@ class ClusterSim:
             if not self.admission.resumes(inst.cap - inst.K - inst.held, inst.n + inst.n_pre, need):
                 break
             inst.retracted.popleft()
-            stall += cost.prefill_time(need)  # recompute prompt + generated tokens (SGLang without backup)
+            # `resume_retracted_reqs` (disaggregation/decode.py, 0.5.23) loads the host copy back; without a
+            # backup the prompt and generated tokens are recomputed
+            stall += cost.host_copy_time(need) if cfg.retraction == "backup" else cost.prefill_time(need)
             self._join(inst, req, need, req.gen_now, t)
         if not inst.retracted:
             self._preallocate(inst, t)
@@ -556,9 +590,11 @@ class ClusterSim:
                 free = inst.cap - inst.K - inst.held
                 if free >= inst.n * cfg.retract_steps or (inst.n == 1 and free >= 1):
                     break
-                self._remove(inst, req)
+                length, _ = self._remove(inst, req)
                 req.retractions += 1
                 retracted.append(req)
+                if cfg.retraction == "backup":  # `retract_decode` copies its KV to the host before the step runs
+                    stall += cost.host_copy_time(length)
                 if req.migrate_to >= 0:
                     self.decode[req.migrate_to].held -= req.reserved
                     req.migrate_to = -1
