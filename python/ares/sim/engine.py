@@ -569,8 +569,8 @@ class ClusterSim:
             if not self.admission.resumes(inst.cap - inst.K - inst.held, inst.n + inst.n_pre, need):
                 break
             inst.retracted.popleft()
-            # `resume_retracted_reqs` (disaggregation/decode.py, 0.5.23) loads the host copy back; without a
-            # backup the prompt and generated tokens are recomputed
+            # `resume_retracted_reqs` (0.5.23 disaggregation/decode.py:1021) loads the host copy back; without
+            # a backup the prompt and generated tokens are recomputed
             stall += cost.host_copy_time(need) if cfg.retraction == "backup" else cost.prefill_time(need)
             self._join(inst, req, need, req.gen_now, t)
         if not inst.retracted:
@@ -593,7 +593,9 @@ class ClusterSim:
                 length, _ = self._remove(inst, req)
                 req.retractions += 1
                 retracted.append(req)
-                if cfg.retraction == "backup":  # `retract_decode` copies its KV to the host before the step runs
+                # `retract_decode` (managers/schedule_batch.py:3451) -> `backup_kv_cache` (mem_cache/common.py:331)
+                # copies its KV to the host before the step runs
+                if cfg.retraction == "backup":
                     stall += cost.host_copy_time(length)
                 if req.migrate_to >= 0:
                     self.decode[req.migrate_to].held -= req.reserved
