@@ -5,17 +5,18 @@ token, so a full instance's step time and the SLOs stay put) x output-length CV 
 the workload's own lengths spread or narrowed by a power law fitted on an hour of it, mean and order kept; `native`
 = as sampled). In every cell, for every policy and the pooled bound: goodput for every declared SLO pair
 (`ares.sim.metrics.SLO_PAIRS`), searched to `--resolution` on each of `--seeds` seeds, mean with a 95% Student-t
-interval; the ratios ares/least_kv, ares/round_robin and ares/current_migrate (what prediction adds to current-load
-migration) per seed (same seed = same requests), mean and interval; and at loads `--loads` x the cell's
+interval; the ratios ares/least_kv, ares/round_robin, ares/current_migrate (what prediction adds to current-load
+migration), ares_hold/least_kv and ares_hold/current_migrate_hold (late binding with and without prediction)
+per seed (same seed = same requests), mean and interval; and at loads `--loads` x the cell's
 pooled-bound headline goodput (seed 0; without the bound, the best policy's): P99 ITL, P99 TPOT and attainment of
 every policy. The reserve (`--reserve-tokens`) is one setting per run: rerun with another value and `--out` for
 that slice of the map.
 
-Writes sim_map.json, sim_map.md and heatmaps sim_map_ares_vs_{least_kv,round_robin,current_migrate}.png to
+Writes sim_map.json, sim_map.md and a heatmap per ratio (sim_map_<a>_vs_<b>.png) to
 --out (default benchmark/results/sim_map; --quick: .ares/sim_quick/map). Searches are cached in <out>/cache.jsonl
 keyed by their settings and a hash of the simulator's and policy's source, so a cut-off run resumes (--fresh: start
 over). `--jobs 2` runs two searches at a time.
-Full run (R1, 4 decode, 3 x 3 cells, 6 policies incl. the bound, 3 seeds, 2%): `python benchmark/sim_map.py --jobs 2`.
+Full run (R1, 4 decode, 3 x 3 cells, 8 policies incl. the bound, 3 seeds, 2%): `python benchmark/sim_map.py --jobs 2`.
 Smoke (< 2 min): `python benchmark/sim_map.py --quick`.
 """
 
@@ -54,9 +55,18 @@ from ares.workloads import Workload, load_workload  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmark" / "results" / "sim_map"
 QUICK_OUT = ROOT / ".ares" / "sim_quick" / "map"
-MAP_POLICIES = "round_robin,least_kv,current_migrate,ares,ares_true_lengths," + POOLED_BOUND
-# ares over current-load placement, over static placement, and over current-load migration (what prediction adds)
-RATIOS = (("ares", "least_kv"), ("ares", "round_robin"), ("ares", "current_migrate"))
+MAP_POLICIES = (
+    "round_robin,least_kv,current_migrate,ares,ares_true_lengths,current_migrate_hold,ares_hold," + POOLED_BOUND
+)
+# ares over current-load placement, over static placement, and over current-load migration (what prediction adds);
+# late binding (router-side hold) with prediction over current-load placement, and over late binding without it
+RATIOS = (
+    ("ares", "least_kv"),
+    ("ares", "round_robin"),
+    ("ares", "current_migrate"),
+    ("ares_hold", "least_kv"),
+    ("ares_hold", "current_migrate_hold"),
+)
 
 
 def code_hash() -> str:

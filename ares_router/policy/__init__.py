@@ -44,7 +44,7 @@ from ares_router.policy.rebalance import (
     PeakGainChooser,
     Rebalancer,
 )
-from ares_router.policy.registry import POLICIES, Policy, get_policy, place, plan_rebalance
+from ares_router.policy.registry import POLICIES, Policy, get_policy, holds, place, plan_rebalance
 from ares_router.policy.snapshot import (
     ClusterSnapshot,
     InstanceState,
@@ -87,6 +87,7 @@ __all__ = [
     "build_snapshot",
     "eligible",
     "get_policy",
+    "holds",
     "new_request",
     "place",
     "plan_rebalance",

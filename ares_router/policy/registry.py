@@ -22,6 +22,9 @@ class Policy:
     dispatcher: Dispatcher
     rebalancer: RebalancePolicy
     needs_true_lengths: bool = False
+    # Late binding: while no healthy instance would admit a new request now, the router keeps it (FIFO) and
+    # places it once one does, instead of committing it to one server's prealloc queue (`holds`).
+    hold_when_full: bool = False
 
     @property
     def rebalances(self) -> bool:
@@ -45,6 +48,9 @@ POLICIES: Mapping[str, Callable[[], Policy]] = MappingProxyType(
         "ares": _policy("ares", "predicted_peak", "predicted"),
         # ARES fed true remaining lengths (simulator only): not a bound, see ares.sim.bounds for that.
         "ares_true_lengths": _policy("ares_true_lengths", "predicted_peak", "predicted", needs_true_lengths=True),
+        # late binding (router-side FIFO while every instance is full), with and without prediction
+        "ares_hold": _policy("ares_hold", "predicted_peak", "predicted", hold_when_full=True),
+        "current_migrate_hold": _policy("current_migrate_hold", "least_kv", "current_load", hold_when_full=True),
     }
 )
 
@@ -77,6 +83,15 @@ def place(
         view = replace(snapshot, healthy=mask)
     index = get_policy(policy).dispatcher.dispatch(view, request, gen)
     return index, snapshot.with_dispatch(index, request)
+
+
+def holds(snapshot: ClusterSnapshot, request: NewRequest, policy: str | Policy = "ares") -> bool:
+    """Whether `policy` keeps `request` at the router for now: it holds when full and no healthy instance of
+    `snapshot` admits the request (SGLang's rule on the router's view)."""
+    if not get_policy(policy).hold_when_full:
+        return False
+    healthy = np.flatnonzero(snapshot.healthy)
+    return healthy.size > 0 and not snapshot.admits(request, healthy).any()
 
 
 def plan_rebalance(snapshot: ClusterSnapshot, policy: str | Policy = "ares") -> list[Migration]:

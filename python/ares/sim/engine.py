@@ -34,6 +34,9 @@ report (what `/ares/state` would say: KV, queues, running requests with the erro
 true remaining lengths for `ares_true_lengths`) plus the bookkeeping a router keeps of what it dispatched, through
 the shared assembler (`ares_router.policy.assemble_instance`) and the shared output estimator; every
 `rebalance_every` polls it asks the policy for migrations.
+A policy that holds when full (`Policy.hold_when_full`, late binding) keeps an arriving request at the router
+while no instance admits it on the router's view; after every poll the held requests that some instance admits
+are placed, oldest first (first fit: one that fits nowhere does not block the ones behind it).
 Randomness (the random policy, predictor noise) comes from generators seeded by `SimConfig.seed`.
 """
 
@@ -60,6 +63,7 @@ from ares_router.policy import (
     assemble_instance,
     build_snapshot,
     get_policy,
+    holds,
     new_request,
     place,
 )
@@ -285,6 +289,7 @@ class ClusterSim:
         self.finished = 0
         self.dispatched = 0
         self.snapshot: ClusterSnapshot | None = None
+        self.held: deque[_Req] = deque()  # kept at the router while every instance is full (`Policy.hold_when_full`)
         self.migrations = 0
         self.migrations_rejected = 0
         self.bytes_moved = 0.0
@@ -345,6 +350,24 @@ class ClusterSim:
     def _arrive(self, t: float, req: _Req) -> None:
         if self.snapshot is None:
             self.snapshot = self._build_snapshot(t)
+        if self.policy.hold_when_full and holds(self.snapshot, self._new(req), self.policy):
+            self.held.append(req)
+            return
+        self._send(t, req)
+
+    def _release_held(self, t: float) -> None:
+        """Place the held requests some instance admits now, oldest first (first fit: one that does not fit
+        does not block the smaller ones behind it), after a poll."""
+        keep: deque[_Req] = deque()
+        while self.held:
+            req = self.held.popleft()
+            if holds(self.snapshot, self._new(req), self.policy):
+                keep.append(req)
+            else:
+                self._send(t, req)
+        self.held = keep
+
+    def _send(self, t: float, req: _Req) -> None:
         idx = self._dispatch(req)
         req.inst = idx
         self.col_tracked[req.i] = idx
@@ -356,13 +379,17 @@ class ClusterSim:
     def _dispatch(self, req: _Req) -> int:
         """The policy's decode instance for `req`, decided as the router decides (`RouterState.choose_decode`): the
         shared estimator's guess and the request's max_tokens, on the snapshot that counts requests sent since."""
+        idx, self.snapshot = place(self.snapshot, self._new(req), self.policy, self.rng)
+        self.dispatched += 1
+        return idx
+
+    def _new(self, req: _Req):
+        """`req` as the router sees it arriving: prompt, max_tokens and the shared estimator's guess."""
         m = self.col_max_new[req.i]
         new = new_request(req.i, req.prompt, None if math.isnan(m) else int(m), self.estimator)
         if self.needs_truth:  # the true-length policy is told every output length (a simulator-only reference)
             new = replace(new, predicted_output=float(req.out - 1))
-        idx, self.snapshot = place(self.snapshot, new, self.policy, self.rng)
-        self.dispatched += 1
-        return idx
+        return new
 
     def _preallocate(self, inst: _Decode, t: float) -> None:
         """SGLang's `pop_preallocated`: FIFO by the admission rule, the first request that does not fit stops the
@@ -769,6 +796,8 @@ class ClusterSim:
     def _poll(self, t: float) -> None:
         snap = self._build_snapshot(t)
         self.snapshot = snap
+        if self.held:
+            self._release_held(t)
         frac = np.array([s.used_tokens for s in snap.instances], float) / snap.capacity  # without pending
         self.kv_times.append(t)
         self.kv_stats.append((float(frac.mean()), float(frac.min()), float(frac.max()), float(frac.std())))
