@@ -304,6 +304,23 @@ class Router:
         self.metrics.decision.observe(time.perf_counter() - t)
         return self.state.prefills[p], self.state.decodes[d]
 
+    async def _hold_while_full(self, parsed: ParsedRequest, pinned: Backend | None) -> None:
+        """Late binding (`Policy.hold_when_full`): while no healthy decode server would admit the request on the
+        router's view (SGLang's rule, `RouterState.holds`), it waits here instead of in one server's prealloc queue,
+        re-checked every poll interval (the view changes at polls and dispatches). Each waiting request checks
+        for itself, so one that fits nowhere does not block smaller ones (first fit, as the simulator places held
+        requests). A pinned request (a migration's splice) never waits."""
+        if pinned is not None or not self.state.policy.hold_when_full:
+            return
+        if not self.state.holds(parsed.prompt_tokens, parsed.max_tokens):
+            return
+        self.metrics.held.inc()
+        try:
+            while self.state.holds(parsed.prompt_tokens, parsed.max_tokens):
+                await asyncio.sleep(self.config.poll_interval_s)
+        finally:
+            self.metrics.held.dec()
+
     @staticmethod
     def _unavailable(role: str, failure: BackendFailure | None) -> APIError:
         if failure is None:
@@ -319,6 +336,7 @@ class Router:
         excluded_d: list[int] = []
         excluded_p: list[int] = []
         failure: BackendFailure | None = None
+        await self._hold_while_full(parsed, pinned)
         for attempt in range(self.config.retries + 1):
             try:
                 prefill, decode = self._choose(parsed, excluded_d, excluded_p, failure, pinned)

@@ -41,7 +41,13 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="a prefill server and its KV bootstrap port (repeat per server)",
     )
     p.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode server (repeat per server)")
-    p.add_argument("--policy", default="ares", choices=ROUTER_POLICIES, help="decode placement policy")
+    p.add_argument(
+        "--policy",
+        default="ares",
+        choices=ROUTER_POLICIES,
+        help="decode placement policy; the *_hold ones keep a request at the router while no decode server would "
+        "admit it (late binding) instead of queueing it on one server",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=30000, help="port to listen on (0: any free port)")
     p.add_argument("--poll-interval", type=float, default=0.1, help="seconds between polls of every server")

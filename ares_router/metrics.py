@@ -105,6 +105,11 @@ class RouterMetrics:
             "ares_requests", "requests answered, by endpoint and status", ["endpoint", "status"], registry=self.registry
         )
         self.retries = Counter("ares_retries", "requests retried on another instance", ["role"], registry=self.registry)
+        self.held = Gauge(
+            "ares_held_requests",
+            "requests kept at the router while no decode server admits them (policies that hold when full)",
+            registry=self.registry,
+        )
         self.aborts = Counter("ares_aborts", "requests aborted on the backends", ["reason"], registry=self.registry)
         self.latency = Histogram(
             "ares_request_latency_seconds",

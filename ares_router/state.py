@@ -38,6 +38,7 @@ from ares_router.policy import (
     assemble_instance,
     build_snapshot,
     get_policy,
+    holds,
     new_request,
     place,
 )
@@ -219,6 +220,13 @@ class RouterState:
         index, self.snapshot = place(self.snapshot, request, self.policy, self.rng, exclude)
         self.dispatch_count += 1
         return index
+
+    def holds(self, prompt_tokens: int, max_tokens: int | None) -> bool:
+        """Whether the policy keeps a new request at the router for now: it holds when full and no healthy decode
+        server admits the request on the current snapshot (`ares_router.policy.holds`)."""
+        if self.snapshot is None:
+            return False
+        return holds(self.snapshot, new_request("", prompt_tokens, max_tokens, self.estimator), self.policy)
 
     def choose_prefill(self, exclude: Iterable[int] = ()) -> int:
         """Index of the prefill server: the healthy one with the fewest requests in flight (ties in turn)."""

@@ -607,6 +607,7 @@ class FakeSGLang:
     def __init__(self, role: str, mode: str = "ok", output_tokens: int = 10, predicted: float = 5.0):
         self.role, self.mode = role, mode
         self.output_tokens, self.predicted = output_tokens, predicted
+        self.foreign_tokens = 0  # KV in use by requests this router did not send (a full server: 4096)
         self.posts: list[tuple[str, dict]] = []
         self.listed: dict[str, int] = {}  # rid -> /ares/state answers that listed it
         self.running: set[str] = set()
@@ -651,7 +652,8 @@ class FakeSGLang:
             self.listed[rid] = self.listed.get(rid, 0) + 1
         assert request.query.get("format") == "columns"  # the router asks for version 2
         n = len(rids)
-        state = {"version": 2, "capacity_tokens": 4096, "used_tokens": 12 * n, "rids": rids, "prompt_tokens": [10] * n,
+        used = 12 * n + self.foreign_tokens
+        state = {"version": 2, "capacity_tokens": 4096, "used_tokens": used, "rids": rids, "prompt_tokens": [10] * n,
                  "generated_tokens": [2] * n, "predicted_remaining": [self.predicted] * n}  # fmt: skip
         return web.json_response(_binary(state))  # the fast form; a NaN prediction = none yet
 
@@ -798,6 +800,36 @@ def test_unknown_model_gets_404_model_not_found_and_reaches_no_server():
         assert status == 200 and len(decode.generation_posts()) == 5
 
     _with_router(test, [prefill], [decode])
+
+
+def test_routerstate_holds_only_for_hold_policies_and_only_when_no_server_admits():
+    for policy, held in [("ares_hold", True), ("current_migrate_hold", True), ("ares", False), ("least_kv", False)]:
+        s = _state(policy)
+        s.poll_ok(s.decodes[0], DecodeLoad(1000, 990, 3), now=0.0)
+        s.poll_ok(s.decodes[1], DecodeLoad(1000, 995, 4), now=0.0)
+        s.refresh(now=0.0)
+        assert s.holds(prompt_tokens=100, max_tokens=10) is held, policy
+        s.poll_ok(s.decodes[1], DecodeLoad(1000, 0, 0), now=0.0)  # one server emptied: placed at once
+        s.refresh(now=0.0)
+        assert not s.holds(prompt_tokens=100, max_tokens=10)
+
+
+def test_a_hold_policy_keeps_the_request_at_the_router_until_a_server_admits_it():
+    prefill, decode = FakeSGLang("prefill"), FakeSGLang("decode")
+    decode.foreign_tokens = 4096  # full: SGLang's rule admits nothing
+
+    async def test(router, url: str, session) -> None:
+        await async_wait_for(lambda: router.state.snapshot is not None and router.state.snapshot.used[0] >= 4096)
+        task = asyncio.ensure_future(_post(session, url + CHAT, _chat_body()))
+        await async_wait_for(lambda: _samples(router.metrics.render())["ares_held_requests"][()] == 1, what="held")
+        assert decode.generation_posts() == [] and prefill.generation_posts() == []  # nothing sent anywhere
+        decode.foreign_tokens = 0  # the server frees its KV: the next poll lets the request go
+        status, raw = await task
+        assert status == 200, raw
+        assert len(decode.generation_posts()) == 1
+        assert _samples(router.metrics.render())["ares_held_requests"][()] == 0
+
+    _with_router(test, [prefill], [decode], policy="ares_hold")
 
 
 def test_backend_errors_reach_the_client_unchanged():
