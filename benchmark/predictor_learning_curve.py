@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from provenance import record
 from tqdm import tqdm
 
 from ares.predictor.features import PointSet
@@ -140,6 +141,7 @@ def main() -> None:
         "n_test_points": len(te),
         "n_val_requests": len(va.ids),
         "points": points,
+        "provenance": record(RESULTS.parent.parent),
     }
     write_report(res)
     for p in points:

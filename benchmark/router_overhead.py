@@ -29,10 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import record
 
 from ares.cluster.launcher import free_ports, stop_groups
 
-OUT = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmark" / "results"
 HOST = "127.0.0.1"
 
 
@@ -311,6 +313,7 @@ def main() -> int:
     }
     doc["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     doc["wall_s"] = time.time() - t0
+    doc["provenance"] = record(ROOT)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "router_overhead.json").write_text(json.dumps(doc, indent=1))
     md = _markdown(doc)

@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 
 from ares.predictor.loops import LOOP_SPAN
+from ares.provenance import record
+
+_ROOT = Path(__file__).resolve().parents[3]  # the checkout of an editable install (results record its commit)
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -77,12 +80,9 @@ def _features(args: argparse.Namespace) -> int:
 
     from ares.predictor.features_cmd import features_command
 
-    print(
-        json.dumps(
-            features_command(Path(args.generations), Path(args.states_dir), args.verify, args.recompute, args.model),
-            indent=1,
-        )
-    )
+    doc = features_command(Path(args.generations), Path(args.states_dir), args.verify, args.recompute, args.model)
+    doc["provenance"] = record(_ROOT, [Path(args.generations)])
+    print(json.dumps(doc, indent=1))
     return 0
 
 
@@ -110,6 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
     res = evaluate_all(
         data, Path(args.heads_dir), MiniLMConfig(epochs=args.minilm_epochs, max_seconds=args.minilm_max_seconds)
     )
+    res["provenance"] = record(_ROOT, [Path(args.generations)])
     for path in write_report(res, Path(args.out_dir)):
         print(f"wrote {path}")
     print(Path(args.out_dir, "predictor_accuracy.md").read_text())
