@@ -33,6 +33,9 @@ POLICY_ARGS: dict[str, tuple[str, ...]] = {
     "least_kv": (),
     "current_migrate": ("--ares-rebalance", "on"),  # least_kv placement + moves by current KV
     "ares": ("--ares-rebalance", "on"),  # placement and moves by predicted load
+    # the same, late bound: a request waits at the router while no decode server admits it
+    "current_migrate_hold": ("--ares-rebalance", "on"),
+    "ares_hold": ("--ares-rebalance", "on"),
 }
 
 
