@@ -22,8 +22,8 @@ class Policy:
     dispatcher: Dispatcher
     rebalancer: RebalancePolicy
     needs_true_lengths: bool = False
-    # Late binding: while no healthy instance would admit a new request now, the router keeps it (FIFO) and
-    # places it once one does, instead of committing it to one server's prealloc queue (`holds`).
+    # Late binding: while no healthy instance would admit a new request now, the router keeps it and places it
+    # once one does (oldest first, first fit), instead of committing it to one server's prealloc queue (`holds`).
     hold_when_full: bool = False
 
     @property
@@ -48,7 +48,7 @@ POLICIES: Mapping[str, Callable[[], Policy]] = MappingProxyType(
         "ares": _policy("ares", "predicted_peak", "predicted"),
         # ARES fed true remaining lengths (simulator only): not a bound, see ares.sim.bounds for that.
         "ares_true_lengths": _policy("ares_true_lengths", "predicted_peak", "predicted", needs_true_lengths=True),
-        # late binding (router-side FIFO while every instance is full), with and without prediction
+        # late binding (kept at the router while every instance is full), with and without prediction
         "ares_hold": _policy("ares_hold", "predicted_peak", "predicted", hold_when_full=True),
         "current_migrate_hold": _policy("current_migrate_hold", "least_kv", "current_load", hold_when_full=True),
     }
