@@ -28,7 +28,7 @@ from ares.sim.bounds import POOLED_BOUND as BOUND
 from ares.sim.cli import DEFAULT_ACCURACY, add_sim_arguments, search_kwargs, spec_from_args
 from ares.sim.engine import simulate
 from ares.sim.plots import plot_goodput_bars, plot_kv_usage, plot_tpot_vs_rate
-from ares.sim.sweep import capacity_rate, goodput_over_seeds, run_point
+from ares.sim.sweep import capacity_rate, goodput_over_seeds, mean_ci95, run_point
 from ares.workloads import load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +45,15 @@ def main() -> int:
     p.add_argument("--workloads", default=None, help="default: r1,azure_conv,mooncake_conv (--quick: r1)")
     p.add_argument("--out", default=None, help="output folder (default: benchmark/results; --quick: .ares/sim_quick)")
     p.add_argument("--no-kv-plots", action="store_true", help="skip the per-instance KV usage runs and plots")
+    p.add_argument(
+        "--render", action="store_true", help="no simulation: recompute the ratios and tables of --out's summary"
+    )
     args = p.parse_args()
     out = Path(args.out) if args.out else (QUICK_OUT if args.quick else OUT)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        summary = json.loads((out / "sim_summary.json").read_text())
+        return write_summary(summary, out)
     workloads = args.workloads or ("r1" if args.quick else "r1,azure_conv,mooncake_conv")
     policies = [x for x in args.policy.split(",") if x]
     search = search_kwargs(args)
@@ -103,13 +109,46 @@ def main() -> int:
                 res = simulate(work, dataclasses.replace(spec.config, policy=pol, seed=spec.seed))
                 traces[pol] = (res.kv_times, res.kv_frac)
             plot_kv_usage(traces, out / f"sim_{wl}_kv.png", f"{wl} at {ref:.2f} req/s: KV per decode instance")
+    plot_goodput_bars(bars, out / "sim_goodput.png", f"Simulated goodput ({head} SLO, mean over seeds)")
+    return write_summary(summary, out)
+
+
+def write_summary(summary: dict, out: Path) -> int:
+    """Targets and paired ratios from the goodputs, then sim_summary.json and sim_goodput.md."""
+    for e in summary["workloads"].values():
+        e["paired_ratios"] = paired_ratios(e["goodput"])
     summary["targets"] = targets(summary["workloads"].get("r1"))
     (out / "sim_summary.json").write_text(json.dumps(summary, indent=1))
-    plot_goodput_bars(bars, out / "sim_goodput.png", f"Simulated goodput ({head} SLO, mean over seeds)")
     (out / "sim_goodput.md").write_text(markdown(summary))
     print(markdown(summary))
     print(f"wrote {out}")
     return 0
+
+
+# (a, b): goodput of a over b, per seed (same seed = same requests), then mean and 95% interval
+PAIRS = (
+    ("ares", "round_robin"),
+    ("ares", "least_kv"),
+    ("ares", "current_migrate"),
+    ("ares_hold", "least_kv"),
+    ("ares_hold", "current_migrate_hold"),
+    ("ares_hold", "ares"),
+)
+
+
+def paired_ratios(goodput: dict) -> dict:
+    """{"a/b": {slo: {"mean", "ci95", "seeds"}}} over the seeds where both searches resolved."""
+    out: dict = {}
+    for a, b in PAIRS:
+        if a not in goodput or b not in goodput:
+            continue
+        out[f"{a}/{b}"] = {}
+        for slo, ga in goodput[a].items():
+            pairs = zip(ga["per_seed"], goodput[b][slo]["per_seed"], strict=True)
+            vals = [x["rate"] / y["rate"] for x, y in pairs if x["status"] == y["status"] == "ok" and y["rate"]]
+            mean, half = mean_ci95(vals)
+            out[f"{a}/{b}"][slo] = {"mean": mean, "ci95": half, "seeds": len(vals)}
+    return out
 
 
 def reference_rate(goodput: dict, head: str, fallback: float) -> float:
@@ -164,6 +203,12 @@ def _cell(g: dict, base: dict | None, bound: dict | None) -> str:
     return s + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _ratio_text(r: dict | None) -> str:
+    if not r or r["mean"] is None:
+        return "n/a"
+    return f"{r['mean']:.3f}" + (f" ± {r['ci95']:.3f}" if r["ci95"] is not None else "") + "x"
+
+
 def _slo_text(v: dict) -> str:
     parts = [f"TPOT <= {v['tpot_s'] * 1e3:.1f} ms"] if v["tpot_s"] is not None else []
     parts += [f"every token gap <= {v['itl_s'] * 1e3:.1f} ms"] if v["itl_s"] is not None else []
@@ -214,6 +259,17 @@ def markdown(summary: dict) -> str:
                 + " | ".join(f"{v['attainment'][k]:.3f}" for k in slos)
                 + f" | {v['retractions']} | {v['migrations']} | {v['kv_spread_mean']:.2f} |"
             )
+        ratios = e.get("paired_ratios") or {}
+        if ratios:
+            lines += [
+                "",
+                "Paired ratios of goodput (per seed, same requests; mean ± 95% interval):",
+                "",
+                "| ratio | " + " | ".join(f"`{k}`" for k in slos) + " |",
+                "|---|" + "---:|" * len(slos),
+            ]
+            for key, per in ratios.items():
+                lines.append(f"| {key} | " + " | ".join(_ratio_text(per.get(k)) for k in slos) + " |")
         lines.append("")
     if summary.get("targets"):
         lines += ["### R1 targets", "", "```", json.dumps(summary["targets"], indent=1), "```", ""]
