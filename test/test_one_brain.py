@@ -21,7 +21,7 @@ from ares.sim.cost_model import CostModel
 from ares.sim.engine import ClusterSim, SimConfig
 from ares.workloads import Workload
 from ares_router.config import ROUTER_POLICIES
-from ares_router.policy import ClusterSnapshot, plan_rebalance
+from ares_router.policy import ClusterSnapshot, holds, plan_rebalance
 from ares_router.state import RouterState
 
 # (max_tokens the clients send, --reserve-tokens, poll to stop at): retractions and requests in every queue; no
@@ -113,12 +113,17 @@ def test_router_and_simulator_decide_alike_on_the_same_state(policy, max_tokens,
 
     # a burst of the next arrivals, placed one after another on each body's updated snapshot
     burst = [r for r in sim.reqs if r.arrival > sim.t_stop][:12]
-    by_sim = [sim._dispatch(r) for r in burst]
-    by_router = []
+    # (and whether a late-binding policy would keep each one at the router instead)
+    by_sim, held_sim = [], []
+    for r in burst:
+        held_sim.append(holds(sim.snapshot, sim._new(r), sim.policy))
+        by_sim.append(sim._dispatch(r))
+    by_router, held_router = [], []
     for r in burst:
         m = sim.col_max_new[r.i]
+        held_router.append(router.holds(r.prompt, None if math.isnan(m) else int(m)))
         by_router.append(router.choose_decode(r.prompt, None if math.isnan(m) else int(m)))
-    assert by_sim == by_router
+    assert by_sim == by_router and held_sim == held_router
     _assert_same(sim.snapshot, router.snapshot)
 
 

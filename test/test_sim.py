@@ -9,6 +9,7 @@ from ares.sim.cost_model import CostModel, get_cost_model
 from ares.sim.engine import ClusterSim, SimConfig, simulate
 from ares.sim.metrics import SLO, request_latencies, summarize
 from ares.workloads import Workload, load_workload, traces_dir
+from ares_router.policy import LeastKVDispatch, NoRebalance, Policy
 
 
 def toy_cost(a=0.01, b=0.0, c=0.0, cap=100_000) -> CostModel:
@@ -86,6 +87,24 @@ def test_migration_queues_behind_transfers_on_both_nics():
         sim.link_d_in[1] = 1.0
         assert sim._transfer(0.5 + cost.migration_setup_s, sim.link_d_out, 0, 1, 10) == pytest.approx(end)
         assert sim.link_d_out[0] == pytest.approx(1.1 if contention else 0.0)
+
+
+def test_late_binding_waits_at_the_router_for_the_first_instance_with_room():
+    # 10 ms steps, 1000-token pools, no max_tokens: SGLang's single-request term (4096 new tokens, capped by the
+    # pool) admits nothing beside a running request. A (prompt 400, 500 tokens) and B (400, 50) start at 0 on
+    # instances 0 and 1; B ends at 0.49 s, A at 4.99 s. C (300, 5 tokens) arrives at 0.1 s when neither admits.
+    # least_kv sends it to the least used (a tie: instance 0), where it waits for A: first token 4.99 s. Holding
+    # it, the router places it at the first poll that sees B's instance empty (0.5 s): first token 0.5 s, done
+    # after 4 steps.
+    cost = CostModel("toy", 0.01, 0.0, 0.0, 0.0, 0.0, 1000, 1.0, 1e30, 0.0)
+    work = wl([0.0, 0.0, 0.1], [400, 400, 300], [500, 50, 5])
+    hold = Policy("least_kv_hold", LeastKVDispatch(), NoRebalance(), hold_when_full=True)
+    for policy, first_c in [("least_kv", 4.99), (hold, 0.5)]:
+        cfg = SimConfig(n_decode=2, n_prefill=1, cost=cost, reserve_tokens=0, policy=policy, check_invariants=True)
+        res = simulate(work, cfg)
+        assert res.t_first[2] == pytest.approx(first_c)
+        assert res.t_finish[:2] == pytest.approx([4.99, 0.49])
+        assert res.t_finish[2] == pytest.approx(first_c + 0.04)
 
 
 def _r1(rate=3.0, duration=600.0, seed=0):
