@@ -193,8 +193,10 @@ def test_pooled_cost_is_the_mean_instance():
     # batch 40 and 400k KV tokens spread as 5 requests / 50k tokens per instance: the same step time
     assert pooled.step_time(40, 400_000) == pytest.approx(cost.step_time(5, 50_000))
     assert pooled.prefill_time(1000) == cost.prefill_time(1000) and pooled.link_bytes_per_s == cost.link_bytes_per_s
+    assert pooled.host_bytes_per_s == 8 * cost.host_bytes_per_s  # a backup stalls the whole pool: 1/8 as long
     cfg = pooled_config(SimConfig(n_decode=8, cost=cost, reserve_tokens=512))
     assert cfg.n_decode == 1 and cfg.n_prefill == 4 and cfg.reserve_tokens == 64  # an average instance's headroom
+    assert not cfg.link_contention  # the cluster's 8 NICs, not one
     # lengths clipped to one real instance's capacity - reserve - 1
     assert cfg.clip_capacity - cfg.reserve_tokens == cost.kv_capacity_tokens - 512
 

@@ -2,8 +2,11 @@
 
 The cluster's D decode instances are replaced by ONE decode instance holding all of their KV (D x C tokens) and
 all of their compute: its step with batch N and K KV tokens takes a + (b N + c K) / D, the mean of the D
-instances' step times (a + b n_i + c K_i) when the same requests are spread over them. The prefill instances,
-the P->D link, retraction and the workload (lengths clipped as one real instance clips them) are unchanged.
+instances' step times (a + b n_i + c K_i) when the same requests are spread over them. It has their D NICs
+(each KV transfer its own link: one NIC taking every P->D transfer of 256 instances capped the pool at 155 req/s
+where the cluster served 350) and their D host links (a retraction's backup copy stalls the whole pooled batch, so
+it runs at D x the bandwidth: the mean stall per request is one instance's). The prefill instances, retraction and
+the workload (lengths clipped as one real instance clips them) are unchanged.
 Admission is SGLang's reserve rule (free - need >= reserve x (running + 1)) with the reserve divided by D: the
 rule is applied per instance and is not additive, so a cluster whose instance i admits when its own free KV
 covers reserve x (n_i + 1) can run with far less total headroom than reserve x (N + 1); the pool with the full
@@ -38,6 +41,7 @@ def pooled_cost(cost: CostModel, n: int) -> CostModel:
         step_per_request_s=cost.step_per_request_s / n,
         step_per_kv_token_s=cost.step_per_kv_token_s / n,
         kv_capacity_tokens=cost.kv_capacity_tokens * n,
+        host_bytes_per_s=cost.host_bytes_per_s * n,
     )
 
 
@@ -51,6 +55,7 @@ def pooled_config(cfg: SimConfig) -> SimConfig:
         n_prefill=n_prefill,
         cost=pooled_cost(cfg.cost, cfg.n_decode),
         policy="round_robin",  # one instance: nothing to decide
+        link_contention=False,  # the cluster's D NICs: no transfer queues behind another on one link
         reserve_tokens=reserve,
         # lengths are clipped to capacity - reserve - 1: keep one real instance's limit
         clip_capacity=(cfg.clip_capacity or cfg.cost.kv_capacity_tokens) - cfg.reserve_tokens + reserve,
