@@ -53,7 +53,8 @@ demo: models
 # Regenerates every CPU-measurable table and plot under benchmark/results/ (many hours on 2 cores; each script
 # records the commit, command and inputs). QUICK=1: the simulator scripts' smoke runs (written under .ares/, never
 # over the recorded results). kernel_bench.py needs a GPU: `python benchmark/kernel_bench.py` on one.
-RESULT_SCRIPTS := predictor_accuracy router_overhead sim_goodput sim_slo_sensitivity
+RESULT_SCRIPTS := predictor_accuracy router_overhead
+SIM_POLICIES := round_robin,least_kv,current_migrate,ares,ares_true_lengths,current_migrate_hold,ares_hold,pooled_bound
 results: models
 ifeq ($(QUICK),1)
 	for s in sim_goodput sim_slo_sensitivity sim_map sim_speed; do $(PY) benchmark/$$s.py --quick || exit 1; done
@@ -64,12 +65,14 @@ else
 	$(PY) benchmark/router_poll_bench.py --no-progress
 	$(PY) benchmark/engine_overhead.py --reps 2
 	$(PY) benchmark/migration_bench.py --lengths 256,1024,2048,4096 --reps 2
-	$(PY) benchmark/sim_map.py --jobs 2
-	$(VENV)/bin/ares sim --workload r1 --decode 8 --reserve-tokens 0 --out benchmark/results/admission_reserve0
-	$(PY) benchmark/sim_map.py --jobs 2 --concurrency 5,10 --duration 3600 --seeds 5 --out benchmark/results/sim_map_low_c
-	$(PY) benchmark/sim_speed.py --policy ares,round_robin,least_kv
-	$(PY) benchmark/sim_speed.py --policy round_robin,least_kv,current_migrate,ares --rate-per-instance 0.8 \
-	  --out benchmark/results/sim_scale_256.json
+	$(PY) benchmark/sim_goodput.py --policy $(SIM_POLICIES)
+	$(PY) benchmark/sim_slo_sensitivity.py --policy round_robin,least_kv,current_migrate,ares,ares_hold,pooled_bound
+	$(PY) benchmark/sim_map.py --jobs 2 --fresh
+	$(PY) benchmark/sim_map.py --jobs 2 --fresh --reserve-tokens 0 --concurrency 5,40,300 --cv native \
+	  --out benchmark/results/sim_map_reserve0
+	$(VENV)/bin/ares sim --workload r1 --decode 256 --duration 600 --seeds 1 --resolution 0.05 --poll 1.0 \
+	  --policy round_robin,least_kv,current_migrate,ares,ares_hold,pooled_bound --out benchmark/results/sim_r1_256
+	$(PY) benchmark/sim_speed.py --policy ares,round_robin,least_kv,ares_hold
 	$(PY) benchmark/live_cluster.py
 	$(PY) benchmark/live_cluster.py --rate 0.14 --name live_cluster_r014
 	$(PY) benchmark/live_cluster.py --rate 0.12 --name live_cluster_r012
