@@ -357,17 +357,43 @@ class ClusterSim:
 
     def _release_held(self, t: float) -> None:
         """Place the held requests some instance admits now, oldest first (first fit: one that does not fit
-        does not block the smaller ones behind it), after a poll."""
+        does not block the smaller ones behind it), after a poll. The same decisions as asking `holds` for each
+        in turn, without its cost on a long queue: the admission rule for every (held request, instance) pair in
+        one pass, then only the column of the instance each placed request went to (the one that changed)."""
+        snap = self.snapshot
+        healthy = np.flatnonzero(snap.healthy)
+        if healthy.size == 0:
+            return
+        news = [self._new(r) for r in self.held]
+        prompt = np.array([n.prompt_tokens for n in news], dtype=np.float64)
+        max_new = np.array([n.max_new for n in news])
+
+        def admits(cols: np.ndarray, rows: slice) -> np.ndarray:  # [rows, cols] by SGLang's rule
+            s, cap = self.snapshot, self.snapshot.capacity[cols]
+            return s.admission.admits(
+                (cap - s.used[cols])[None, :],
+                s.count[cols][None, :],
+                s.running_tokens[cols][None, :],
+                s.single_need[cols][None, :],
+                prompt[rows, None],
+                max_new[rows, None],
+                cap[None, :],
+            )
+
+        ok = admits(healthy, slice(None))
+        column = {int(j): c for c, j in enumerate(healthy)}
         keep: deque[_Req] = deque()
-        while self.held:
-            req = self.held.popleft()
-            if holds(self.snapshot, self._new(req), self.policy):
+        for k, req in enumerate(self.held):
+            if not ok[k].any():
                 keep.append(req)
-            else:
-                self._send(t, req)
+                continue
+            idx = self._send(t, req)
+            c = column[idx]
+            ok[k + 1 :, c] = admits(healthy[c : c + 1], slice(k + 1, None))[:, 0]
         self.held = keep
 
-    def _send(self, t: float, req: _Req) -> None:
+    def _send(self, t: float, req: _Req) -> int:
+        """Dispatch `req` now (the policy's choice) into that instance's prealloc queue; returns the instance."""
         idx = self._dispatch(req)
         req.inst = idx
         self.col_tracked[req.i] = idx
@@ -375,6 +401,7 @@ class ClusterSim:
         inst.prealloc.append(req)
         if len(inst.prealloc) == 1 and not inst.retracted:  # a blocked queue is retried at every step boundary
             self._wake(inst, t)
+        return idx
 
     def _dispatch(self, req: _Req) -> int:
         """The policy's decode instance for `req`, decided as the router decides (`RouterState.choose_decode`): the
