@@ -68,7 +68,7 @@ else
 	$(PY) benchmark/sim_goodput.py --policy $(SIM_POLICIES)
 	$(PY) benchmark/sim_slo_sensitivity.py --policy round_robin,least_kv,current_migrate,ares,ares_hold,pooled_bound
 	$(PY) benchmark/sim_map.py --jobs 2 --fresh
-	$(PY) benchmark/sim_map.py --jobs 2 --fresh --reserve-tokens 0 --concurrency 5,40,300 --cv native \
+	$(PY) benchmark/sim_map.py --jobs 2 --fresh --reserve-tokens 0 --concurrency 5,40 --cv native \
 	  --out benchmark/results/sim_map_reserve0
 	$(VENV)/bin/ares sim --workload r1 --decode 256 --duration 600 --seeds 1 --resolution 0.05 --poll 1.0 \
 	  --policy round_robin,least_kv,current_migrate,ares,ares_hold,pooled_bound --out benchmark/results/sim_r1_256
