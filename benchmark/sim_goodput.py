@@ -28,7 +28,7 @@ from ares.sim.bounds import POOLED_BOUND as BOUND
 from ares.sim.cli import DEFAULT_ACCURACY, add_sim_arguments, search_kwargs, spec_from_args
 from ares.sim.engine import simulate
 from ares.sim.plots import plot_goodput_bars, plot_kv_usage, plot_tpot_vs_rate
-from ares.sim.sweep import capacity_rate, goodput_over_seeds, mean_ci95, run_point
+from ares.sim.sweep import capacity_rate, goodput_over_seeds, paired_ratio, run_point
 from ares.workloads import load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,10 +144,8 @@ def paired_ratios(goodput: dict) -> dict:
             continue
         out[f"{a}/{b}"] = {}
         for slo, ga in goodput[a].items():
-            pairs = zip(ga["per_seed"], goodput[b][slo]["per_seed"], strict=True)
-            vals = [x["rate"] / y["rate"] for x, y in pairs if x["status"] == y["status"] == "ok" and y["rate"]]
-            mean, half = mean_ci95(vals)
-            out[f"{a}/{b}"][slo] = {"mean": mean, "ci95": half, "seeds": len(vals)}
+            rates_a, rates_b = ([x["rate"] for x in g["per_seed"]] for g in (ga, goodput[b][slo]))
+            out[f"{a}/{b}"][slo] = paired_ratio(rates_a, rates_b)
     return out
 
 

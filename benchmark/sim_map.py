@@ -47,7 +47,7 @@ from ares.sim.sweep import (  # noqa: E402
     aggregate_goodput,
     capacity_rate,
     find_goodput,
-    mean_ci95,
+    paired_ratio,
     run_point,
 )
 from ares.workloads import Workload, load_workload  # noqa: E402
@@ -205,13 +205,8 @@ def main() -> int:
             if a in per and b in per:
                 cell["ratios"][f"{a}/{b}"] = {}
                 for s in slos:
-                    vals = [
-                        ra["goodput"][s]["rate"] / rb["goodput"][s]["rate"]
-                        for ra, rb in zip(per[a], per[b], strict=True)
-                        if ra["goodput"][s]["rate"] and rb["goodput"][s]["rate"]
-                    ]
-                    mean, half = mean_ci95(vals)
-                    cell["ratios"][f"{a}/{b}"][s] = {"mean": mean, "ci95": half, "seeds": len(vals)}
+                    rates_a, rates_b = ([r["goodput"][s]["rate"] for r in per[p]] for p in (a, b))
+                    cell["ratios"][f"{a}/{b}"][s] = paired_ratio(rates_a, rates_b)
         heads = {pol: g[slos[0]]["mean"] for pol, g in cell["goodput"].items() if g[slos[0]]["mean"]}
         ref = heads.get(POOLED_BOUND, max(heads.values(), default=None))  # the best policy's when no bound is run
         cell["load_reference_rps"] = ref

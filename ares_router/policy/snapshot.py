@@ -122,14 +122,21 @@ class ClusterSnapshot:
 
     def admits(self, request: NewRequest, index: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Per instance (of `index`): would SGLang's decode admission take `request` now?"""
+        return self.admits_each(float(request.prompt_tokens), request.max_new, index)
+
+    def admits_each(
+        self, prompt: float | np.ndarray, max_new: float | np.ndarray, index: np.ndarray | slice = slice(None)
+    ) -> np.ndarray:
+        """SGLang's decode admission of requests (`prompt`, `max_new`: scalars, or columns [requests, 1] for a
+        [requests, instances] answer) on the instances of `index`."""
         cap = self.capacity[index]
         return self.admission.admits(
             cap - self.used[index],
             self.count[index],
             self.running_tokens[index],
             self.single_need[index],
-            float(request.prompt_tokens),
-            request.max_new,
+            prompt,
+            max_new,
             cap,
         )
 

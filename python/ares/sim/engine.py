@@ -365,22 +365,9 @@ class ClusterSim:
         if healthy.size == 0:
             return
         news = [self._new(r) for r in self.held]
-        prompt = np.array([n.prompt_tokens for n in news], dtype=np.float64)
-        max_new = np.array([n.max_new for n in news])
-
-        def admits(cols: np.ndarray, rows: slice) -> np.ndarray:  # [rows, cols] by SGLang's rule
-            s, cap = self.snapshot, self.snapshot.capacity[cols]
-            return s.admission.admits(
-                (cap - s.used[cols])[None, :],
-                s.count[cols][None, :],
-                s.running_tokens[cols][None, :],
-                s.single_need[cols][None, :],
-                prompt[rows, None],
-                max_new[rows, None],
-                cap[None, :],
-            )
-
-        ok = admits(healthy, slice(None))
+        prompt = np.array([n.prompt_tokens for n in news], dtype=np.float64)[:, None]
+        max_new = np.array([n.max_new for n in news])[:, None]
+        ok = snap.admits_each(prompt, max_new, healthy)  # [held, healthy]
         column = {int(j): c for c, j in enumerate(healthy)}
         keep: deque[_Req] = deque()
         for k, req in enumerate(self.held):
@@ -389,7 +376,7 @@ class ClusterSim:
                 continue
             idx = self._send(t, req)
             c = column[idx]
-            ok[k + 1 :, c] = admits(healthy[c : c + 1], slice(k + 1, None))[:, 0]
+            ok[k + 1 :, c] = self.snapshot.admits_each(prompt[k + 1 :], max_new[k + 1 :], healthy[c : c + 1])[:, 0]
         self.held = keep
 
     def _send(self, t: float, req: _Req) -> int:

@@ -203,6 +203,14 @@ def mean_ci95(vals: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, half
 
 
+def paired_ratio(rates_a: Sequence[float | None], rates_b: Sequence[float | None]) -> dict:
+    """Goodput of a over b seed by seed (same seed = same requests), over the seeds both resolved: mean, half-width
+    of the 95% interval, and how many seeds that is."""
+    vals = [a / b for a, b in zip(rates_a, rates_b, strict=True) if a and b]
+    mean, half = mean_ci95(vals)
+    return {"mean": mean, "ci95": half, "seeds": len(vals)}
+
+
 def aggregate_goodput(per_seed: Sequence[Goodput]) -> dict:
     """Mean and 95% interval of goodput over seeds; a censored seed ("below"/"above") is said, not averaged."""
     vals = [g.rate for g in per_seed if g.status == "ok"]
