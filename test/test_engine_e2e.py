@@ -214,6 +214,14 @@ def test_ares_dispatch_follows_the_head_where_the_prompt_guess_disagrees(cluster
         st = wait_for(all_predicted, 300, "six running requests with predictions")
         decisions = {"head": decide(st, False), "guess": decide(st, True)}
         assert decisions == {"head": 1, "guess": 0}, decisions
+
+        def router_sees_the_head() -> bool:
+            # The live router's own snapshot must hold the six predictions too: one built from a poll just before
+            # the short requests' first decode step still carries the prompt guess for them (CI saw decode0 so).
+            rows = [r for d in get_json(guessing.url + "/ares/cluster")["decode"] for r in d["requests"]]
+            return len(rows) == 6 and all(r["by_head"] for r in rows)
+
+        wait_for(router_sees_the_head, 300, "the live router's snapshot to carry the head's six predictions")
         live = generate(guessing.url, short_prompt, 4)
         # The live router decides on its own, slightly later polls, and predictions move with every step: it must
         # take the head's choice on the reports from just before or just after its decision.
