@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ def main() -> int:
             "retractions": s["retractions"],
             "migrations": s["migrations"],
         }
+        # other jobs on the machine slow a run: the 1-minute load average as it ended says how busy it was
+        doc["runs"][pol]["load_average_1min_at_end"] = os.getloadavg()[0]
         print(pol, json.dumps(doc["runs"][pol]), flush=True)
     if not args.quick:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

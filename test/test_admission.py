@@ -70,6 +70,8 @@ def test_snapshot_aggregates_feed_the_rule_as_sglang_counts():
     assert snap.running_tokens[0] == 4000 and snap.single_need[0] == 5596
     assert snap.admits(NewRequest("n", 400, None, 1000))[0]
     assert not snap.admits(NewRequest("n", 417, None, 1000))[0]
+    # the figure the simulator's held-request release screens with: prompt + R must fit in it
+    assert snap.allocatable()[0] == 928
 
 
 def test_first_step_is_the_first_step_the_rule_holds():

@@ -358,26 +358,33 @@ class ClusterSim:
     def _release_held(self, t: float) -> None:
         """Place the held requests some instance admits now, oldest first (first fit: one that does not fit
         does not block the smaller ones behind it), after a poll. The same decisions as asking `holds` for each
-        in turn, without its cost on a long queue: the admission rule for every (held request, instance) pair in
-        one pass, then only the column of the instance each placed request went to (the one that changed)."""
+        in turn, without its cost on a long queue: a dispatch only adds load, so only the requests some instance
+        admits at the start are candidates (those whose prompt + reserve fits some instance's allocatable, then the
+        admission rule for every (candidate, instance) pair in one pass); after each dispatch only the later
+        candidates' column of the instance it went to is asked again."""
         snap = self.snapshot
         healthy = np.flatnonzero(snap.healthy)
         if healthy.size == 0:
             return
-        news = [self._new(r) for r in self.held]
-        prompt = np.array([n.prompt_tokens for n in news], dtype=np.float64)[:, None]
-        max_new = np.array([n.max_new for n in news])[:, None]
-        ok = snap.admits_each(prompt, max_new, healthy)  # [held, healthy]
+        held = list(self.held)
+        prompt = np.fromiter((r.prompt for r in held), dtype=np.float64, count=len(held))
+        cand = np.flatnonzero(prompt + snap.admission.reserve_tokens <= snap.allocatable(healthy).max())
+        if cand.size == 0:
+            return
+        prompt = prompt[cand, None]
+        max_new = self.col_max_new[[held[k].i for k in cand]][:, None]
+        ok = snap.admits_each(prompt, max_new, healthy)  # [candidate, healthy]
         column = {int(j): c for c, j in enumerate(healthy)}
-        keep: deque[_Req] = deque()
-        for k, req in enumerate(self.held):
-            if not ok[k].any():
-                keep.append(req)
+        sent = np.zeros(len(held), dtype=bool)
+        for pos, k in enumerate(cand):
+            if not ok[pos].any():
                 continue
-            idx = self._send(t, req)
-            c = column[idx]
-            ok[k + 1 :, c] = self.snapshot.admits_each(prompt[k + 1 :], max_new[k + 1 :], healthy[c : c + 1])[:, 0]
-        self.held = keep
+            c = column[self._send(t, held[k])]
+            sent[k] = True
+            later = slice(pos + 1, None)
+            ok[later, c] = self.snapshot.admits_each(prompt[later], max_new[later], healthy[c : c + 1])[:, 0]
+        if sent.any():
+            self.held = deque(r for r, s in zip(held, sent, strict=True) if not s)
 
     def _send(self, t: float, req: _Req) -> int:
         """Dispatch `req` now (the policy's choice) into that instance's prealloc queue; returns the instance."""
