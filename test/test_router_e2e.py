@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -461,6 +462,64 @@ def test_200_concurrent_streaming_clients(backends):
     assert not bad, bad[:3]
     snap = _wait(lambda: (s := _json(backends["router"] + "/ares/cluster"))["inflight"] == 0 and s, what="no inflight")
     assert all(d["dispatched"] > 50 for d in snap["decode"])  # both took a share
+    _assert_backends_idle(backends)
+
+
+async def _stream_through(url: str, bodies: list[dict], stop: asyncio.Event) -> None:
+    """Streaming requests through a router, read until `stop` is set; then the clients hang up (the router aborts
+    them on the servers)."""
+    async with aiohttp.ClientSession() as s:
+
+        async def one(body: dict) -> None:
+            async with s.post(url + "/generate", json={**body, "stream": True}) as resp:
+                async for _ in resp.content.iter_any():
+                    if stop.is_set():
+                        break
+
+        tasks = [asyncio.create_task(one(b)) for b in bodies]
+        await stop.wait()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _held_requests(router: str) -> float:
+    metrics = _request(router + "/metrics")[2].decode()
+    return float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith("ares_held_requests ")))
+
+
+def test_late_binding_holds_a_request_at_the_router_while_no_server_admits_it(backends, tmp):
+    """`ares_hold` on real servers. A long request (prompt 400, max_tokens 3000) on each decode server leaves it
+    4096 - 400 - gen - max(512, 3400 - (400 + gen)) = 696 - gen tokens or fewer by SGLang's rule, so a third request
+    needing 400 + 512 waits at the router (the `ares_held_requests` gauge) instead of in a server's queue; when the
+    long ones go, the next poll places it and it is answered."""
+    long_body = {"input_ids": LONG_PROMPT, "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
+    stop = asyncio.Event()
+    loop = asyncio.new_event_loop()
+    with ares_router(tmp, backends["prefill"], backends["decode"], "ares_hold") as r:
+        thread = threading.Thread(
+            target=loop.run_until_complete, args=(_stream_through(r.url, [long_body, long_body], stop),)
+        )
+        thread.start()
+        try:
+
+            def both_running() -> bool:  # on the router's view: started (first token seen), one per server
+                snap = _json(r.url + "/ares/cluster")["decode"]
+                return all(len(d["requests"]) == 1 and not d["pending"] for d in snap)
+
+            _wait(both_running, 120, "one long request running on each decode server")
+            with ThreadPoolExecutor(1) as pool:
+                body = {"input_ids": LONG_PROMPT, "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
+                answer = pool.submit(_request, r.url + "/generate", body, None, 300)
+                _wait(lambda: _held_requests(r.url) == 1, what="the third request to be held at the router")
+                assert _json(r.url + "/ares/cluster")["inflight"] == 2  # the two long ones: nothing else dispatched
+                loop.call_soon_threadsafe(stop.set)  # the long requests' clients hang up: the servers free their KV
+                status, headers, raw = answer.result(timeout=300)
+            assert status == 200, raw
+            assert len(json.loads(raw)["output_ids"]) == 4 and headers["X-Ares-Decode"] in ("decode0", "decode1")
+            assert _held_requests(r.url) == 0
+        finally:
+            loop.call_soon_threadsafe(stop.set)
+            thread.join(timeout=60)
+            loop.close()
     _assert_backends_idle(backends)
 
 
