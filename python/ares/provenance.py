@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def git_state(root: Path) -> tuple[str, bool]:
-    """(HEAD commit or "" when git is unavailable, whether tracked files differ from it)."""
+    """(HEAD commit or "" when git is unavailable, whether tracked files other than `benchmark/results/` differ
+    from it). Results are outputs: one benchmark rewriting them while another runs does not change the code measured."""
 
     def run(*cmd: str) -> str:
         try:
@@ -16,7 +17,9 @@ def git_state(root: Path) -> tuple[str, bool]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return run("git", "rev-parse", "HEAD"), bool(run("git", "status", "--porcelain", "--untracked-files=no"))
+    return run("git", "rev-parse", "HEAD"), bool(
+        run("git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmark/results")
+    )
 
 
 def record(root: Path, inputs: list[Path] | tuple[Path, ...] = ()) -> dict:
