@@ -78,9 +78,9 @@ def main() -> int:
             "token_gaps": s["token_gaps"],
             "retractions": s["retractions"],
             "migrations": s["migrations"],
+            # other jobs on the machine slow a run: the 1-minute load average as it ended says how busy it was
+            "load_average_1min_at_end": os.getloadavg()[0],
         }
-        # other jobs on the machine slow a run: the 1-minute load average as it ended says how busy it was
-        doc["runs"][pol]["load_average_1min_at_end"] = os.getloadavg()[0]
         print(pol, json.dumps(doc["runs"][pol]), flush=True)
     if not args.quick:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -86,10 +86,14 @@ class Admission:
         """Tokens a new request may take: free - max(R * active, single_need - running_tokens)."""
         return free - _maximum(self.reserve_tokens * active, single_need - running_tokens)
 
+    def least_required(self, prompt: Num) -> Num:
+        """prompt + R: what a new request needs at least, on any instance (the lower side of `required`)."""
+        return prompt + self.reserve_tokens
+
     def required(self, prompt: Num, max_new: Num, running_tokens: Num, capacity: Num) -> Num:
         """Tokens a new request needs: max(prompt + R, prompt + budgeted new tokens - running_tokens)."""
         own = prompt + self.max_new(prompt, max_new, capacity) - running_tokens
-        return _maximum(prompt + self.reserve_tokens, own)
+        return _maximum(self.least_required(prompt), own)
 
     def admits(
         self,

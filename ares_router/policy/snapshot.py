@@ -142,7 +142,7 @@ class ClusterSnapshot:
 
     def allocatable(self, index: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Per instance (of `index`): the KV tokens SGLang's admission lets one new request take now. A request
-        needs at least its prompt + the reserve, so one needing more than every instance's figure fits nowhere."""
+        whose `Admission.least_required` exceeds every instance's figure fits nowhere."""
         return self.admission.allocatable(
             self.capacity[index] - self.used[index], self.count[index], self.running_tokens[index],
             self.single_need[index],

@@ -359,7 +359,7 @@ class ClusterSim:
         """Place the held requests some instance admits now, oldest first (first fit: one that does not fit
         does not block the smaller ones behind it), after a poll. The same decisions as asking `holds` for each
         in turn, without its cost on a long queue: a dispatch only adds load, so only the requests some instance
-        admits at the start are candidates (those whose prompt + reserve fits some instance's allocatable, then the
+        admits at the start are candidates (those whose least requirement fits some instance's allocatable, then the
         admission rule for every (candidate, instance) pair in one pass); after each dispatch only the later
         candidates' column of the instance it went to is asked again."""
         snap = self.snapshot
@@ -368,7 +368,7 @@ class ClusterSim:
             return
         held = list(self.held)
         prompt = np.fromiter((r.prompt for r in held), dtype=np.float64, count=len(held))
-        cand = np.flatnonzero(prompt + snap.admission.reserve_tokens <= snap.allocatable(healthy).max())
+        cand = np.flatnonzero(snap.admission.least_required(prompt) <= snap.allocatable(healthy).max())
         if cand.size == 0:
             return
         prompt = prompt[cand, None]
