@@ -76,6 +76,8 @@ else
 	$(PY) benchmark/live_cluster.py
 	$(PY) benchmark/live_cluster.py --rate 0.14 --name live_cluster_r014
 	$(PY) benchmark/live_cluster.py --rate 0.12 --name live_cluster_r012
+	$(VENV)/bin/ares bench live --output-dir benchmark/results --name live_cluster_hold --rate 0.13 \
+	  --policies round_robin,least_kv,ares,ares_hold --no-display
 endif
 
 clean:
