@@ -4,6 +4,7 @@ snapshot's aggregates that feed it, and the simulated decode server that applies
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -122,3 +123,91 @@ def test_simulated_server_applies_the_single_request_term():
     assert res.t_first == pytest.approx([0.0, 0.01], abs=1e-9)
     assert res.t_finish == pytest.approx([0.09, 0.10])
     assert res.retractions.sum() == 0
+
+
+# ------------------------------------------------------------------ predictive admission (`--ares-admission predictive`)
+# Three running requests (KV length, planned remaining): (100, 10), (200, 50), (50, 30). Sorted by finish: r = 10,
+# 30, 50, l = 100, 50, 200, S = 350, 250, 200. The KV in use at each finish point: t = 10: 110 + 60 + 210 = 380;
+# t = 30: 80 + 230 = 310; t = 50: 250. Peak 380.
+# Adding a request of prompt 300 planned at 40: t = 10: 380 + 310 = 690; t = 30: 310 + 330 = 640; t = 40 (its own
+# finish): 240 + 340 = 580; t = 50: 250. Peak 690.
+FORECAST_ROWS = (np.array([100.0, 200.0, 50.0]), np.array([10.0, 50.0, 30.0]))
+
+
+def test_forecast_peak_on_a_hand_computed_server():
+    from ares_router.policy.admission import KVForecast
+
+    fc = KVForecast.of(*FORECAST_ROWS)
+    assert fc.peak == 380
+    assert fc.peak_with(300, 40) == 690
+    assert fc.admits(690, 300, 40) and not fc.admits(689, 300, 40)
+    # a request that outlives everyone (planned 100): t = 10: 380 + 310; t = 100: 300 + 100 = 400 alone
+    assert fc.peak_with(300, 100) == 690
+    # one that ends first (planned 5): t = 5: 105 + 205 + 55 + 305 = 670; then the old peak 380
+    assert fc.peak_with(300, 5) == 670
+    # columns of candidates at once; base tokens no row explains shift everything
+    assert list(fc.peak_with(np.array([300.0, 300.0]), np.array([40.0, 5.0]))) == [690, 670]
+    assert KVForecast.of(*FORECAST_ROWS, base=20).peak_with(300, 40) == 710
+    assert KVForecast.of(np.zeros(0), np.zeros(0)).peak_with(300, 40) == 340
+    assert fc.with_row(300, 40).peak == 690
+
+
+def test_forecast_peak_equals_brute_force():
+    from ares_router.policy.admission import KVForecast, forecast_peak_bruteforce
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n = int(rng.integers(0, 8))
+        ln = rng.integers(1, 500, n).astype(float)
+        r = rng.integers(0, 60, n).astype(float)  # ties included
+        p, q = float(rng.integers(1, 500)), float(rng.integers(0, 80))
+        fc = KVForecast.of(ln, r, base=7.0)
+        assert fc.peak == forecast_peak_bruteforce(ln, r, 7.0)
+        assert fc.peak_with(p, q) == forecast_peak_bruteforce(np.append(ln, p), np.append(r, q), 7.0)
+
+
+def test_planned_remaining_takes_p90_capped_by_max_tokens():
+    from ares_router.policy.admission import planned_remaining
+
+    pred = np.array([100.0, 100.0, 100.0, 50.0])
+    p90 = np.array([150.0, NAN, 150.0, NAN])
+    left = np.array([NAN, NAN, 120.0, -3.0])  # max_tokens - generated; NaN: no max_tokens
+    assert list(planned_remaining(pred, p90, left)) == [150.0, 100.0, 120.0, 0.0]
+
+
+def test_predictive_admits_where_sglang_holds_and_the_reverse():
+    # 10,000 KV tokens, R = 512, no max_tokens. 12 running requests of 500 KV tokens each, each planned to end in
+    # 100 steps: the peak is 12 x 600 = 7200. SGLang reserves 512 x 13 = 6656 beside 6000 used: a 1000-token prompt
+    # needs 1512 > 10000 - 6000 - 6656 < 0: held. Predictive: 7200 + 1000 + 100 (planned 100) = 8300 <= 10000: in.
+    cap = 10_000
+    ln = np.full(12, 500.0)
+    state = InstanceState(
+        "d0", cap, 6000, request_ids=tuple(range(12)), lengths=ln, generated=np.full(12, 10.0),
+        predicted_remaining=np.full(12, 100.0), admission="predictive",
+    )  # fmt: skip
+    req = NewRequest("n", 1000, 100.0, None)
+    sglang = build_snapshot([replace(state, admission="sglang")])
+    pred = build_snapshot([state])
+    assert not sglang.admits(req)[0]
+    assert pred.admits(req)[0]
+    # The reverse: two running requests planned to run 4000 more steps (P90) from 1000 tokens: peak 2 x 5000 =
+    # 10000 already. A 100-token prompt planned at 4000 would add 4100 at that point: predictive holds it, SGLang
+    # admits it (allocatable 8000 - max(512 x 3, 990 + 4096 - 2000) = 4914 >= max(612, 100 + 4096 - 2000)).
+    # Planned at 50 it ends long before the peak: both admit.
+    long = InstanceState(
+        "d1", cap, 2000, request_ids=(0, 1), lengths=np.full(2, 1000.0), generated=np.full(2, 10.0),
+        predicted_remaining=np.full(2, 3000.0), predicted_upper=np.full(2, 4000.0), admission="predictive",
+    )  # fmt: skip
+    small = NewRequest("m", 100, 4000.0, None)
+    assert build_snapshot([replace(long, admission="sglang")]).admits(small)[0]
+    assert not build_snapshot([long]).admits(small)[0]
+    assert build_snapshot([long]).admits(replace(small, predicted_output=50.0))[0]
+    # Dispatching counts: 8300 after one more such request, 9400 after two; a third would reach 10500.
+    snap = pred.with_dispatch(0, req)
+    assert snap.forecasts[0].peak == 8300 and snap.admits(req)[0]
+    snap = snap.with_dispatch(0, req)
+    assert snap.forecasts[0].peak == 9400 and not snap.admits(req)[0]
+    # [requests, instances] answers mix both rules
+    both = build_snapshot([state, replace(state, instance_id="d2", admission="sglang")])
+    ok = both.admits_each(np.array([[1000.0], [10.0]]), np.array([[NAN], [NAN]]), slice(None), np.array([[100.0], [1.0]]))
+    assert ok.tolist() == [[True, False], [True, False]]

@@ -142,3 +142,104 @@ class Admission:
             free - running * k, active, running_tokens + running * k, single_need, prompt, max_new, capacity
         )
         return k if ok else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Predictive admission (ARES, `--ares-admission predictive`): the same question -- does this decode server take a new
+# request now? -- answered from each running request's forecast remaining length instead of SGLang's blanket
+# R-per-request reserve and CLIP-4096 single-request term.
+
+ADMISSION_MODES = ("sglang", "predictive")
+
+
+def planned_remaining(predicted: np.ndarray, upper: np.ndarray, max_new_left: np.ndarray) -> np.ndarray:
+    """Remaining tokens predictive admission plans with, per request: its upper quantile (P90) where the head gives
+    one, else its point prediction (callers put the prior there for requests not predicted yet), never more than its
+    max_tokens still allows (NaN: no max_tokens) and never below 0. Planning on the P90 rather than the point keeps
+    retractions rare: a forecast that undershoots is what turns into a retraction."""
+    rem = np.where(np.isnan(upper), predicted, upper) if upper.size else predicted
+    left = np.where(np.isnan(max_new_left), np.inf, max_new_left)
+    return np.maximum(np.minimum(rem, left), 0.0)
+
+
+@dataclass(frozen=True)
+class KVForecast:
+    """One decode server's KV in use over the coming decode steps, if every request runs exactly its planned length.
+
+    Rows: requests holding KV on the server (running, or admitted and waiting for their prefill's KV), each with its
+    KV length l_i now and planned remaining tokens r_i. After t steps a request still running holds l_i + t tokens;
+    it frees its KV after step r_i. So the KV in use after t steps is
+
+        D(t) = base + sum over i with r_i >= t of (l_i + t)
+
+    (`base`: KV no row explains, e.g. held for a migration in flight). Between two finishes D only grows, so its
+    peak is at a finish point: with the rows sorted by r (r_0 <= ... <= r_{n-1}) and S_k = l_k + ... + l_{n-1},
+
+        peak = base + max_k (S_k + (n - k) r_k)     (0 rows: base)
+
+    (a tie group's first index gives its true value, the later ones less, so the max is exact; t = 0 gives S_0,
+    which the k = 0 term covers). `peak_with(p, q)` is the peak after adding a request of prompt p and planned
+    output q, in O(log n) per request from prefix/suffix maxima kept here: a row k with r_k <= q has the new
+    request alive at its finish (V_k + p + r_k), a row with r_k > q has not (V_k), and the new request's own finish
+    point adds S_pos + (n - pos) q + p + q, pos = first row with r >= q.
+    """
+
+    base: float
+    r: np.ndarray  # planned remaining, ascending
+    lengths: np.ndarray  # KV lengths in the same order
+    suffix: np.ndarray  # S_k, k = 0..n (S_n = 0)
+    prefix_max_vr: np.ndarray  # max_{j<k} (V_j + r_j), k = 0..n (-inf for k = 0)
+    suffix_max_v: np.ndarray  # max_{j>=k} V_j, k = 0..n (-inf for k = n)
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, remaining: np.ndarray, base: float = 0.0) -> KVForecast:
+        """The forecast of rows (`lengths`, `remaining`: one value per request) plus flat `base` tokens."""
+        order = np.argsort(remaining, kind="stable")
+        r = np.asarray(remaining, dtype=np.float64)[order]
+        ln = np.asarray(lengths, dtype=np.float64)[order]
+        n = r.size
+        suffix = np.zeros(n + 1)
+        suffix[:n] = np.cumsum(ln[::-1])[::-1]
+        v = suffix[:n] + (n - np.arange(n)) * r
+        pre = np.full(n + 1, -np.inf)
+        suf = np.full(n + 1, -np.inf)
+        if n:
+            pre[1:] = np.maximum.accumulate(v + r)
+            suf[:n] = np.maximum.accumulate(v[::-1])[::-1]
+        return cls(float(base), r, ln, suffix, pre, suf)
+
+    def with_row(self, length: float, remaining: float) -> KVForecast:
+        """The forecast with one more request (e.g. one just dispatched here)."""
+        return KVForecast.of(np.append(self.lengths, length), np.append(self.r, remaining), self.base)
+
+    @property
+    def peak(self) -> float:
+        """The forecast KV peak of the rows as they are."""
+        return self.base + (float(self.suffix_max_v[0]) if self.r.size else 0.0)
+
+    def peak_with(self, prompt: Num, planned: Num) -> Num:
+        """The forecast KV peak after adding a request of `prompt` tokens and `planned` output tokens (scalars, or
+        arrays for many candidate requests at once)."""
+        p = np.asarray(prompt, dtype=np.float64)
+        q = np.maximum(np.asarray(planned, dtype=np.float64), 0.0)
+        n = self.r.size
+        pos = np.searchsorted(self.r, q, side="left")
+        pos_r = np.searchsorted(self.r, q, side="right")
+        own = self.suffix[pos] + (n - pos) * q + p + q
+        peak = np.maximum(np.maximum(own, self.suffix_max_v[pos_r]), self.prefix_max_vr[pos_r] + p) + self.base
+        return float(peak) if peak.ndim == 0 else peak
+
+    def admits(self, capacity: Num, prompt: Num, planned: Num) -> bool | np.ndarray:
+        """Predictive admission: the request fits when the forecast peak with it stays within the KV pool."""
+        ok = self.peak_with(prompt, planned) <= capacity
+        return bool(ok) if np.ndim(ok) == 0 else ok
+
+
+def forecast_peak_bruteforce(lengths: np.ndarray, remaining: np.ndarray, base: float = 0.0) -> float:
+    """max over integer t >= 0 of base + sum_{r_i >= t} (l_i + t), by trying every t up to max r (tests' reference)."""
+    if not len(remaining):
+        return float(base)
+    ln, r = np.asarray(lengths, float), np.asarray(remaining, float)
+    ts = np.arange(0, int(np.ceil(r.max())) + 1, dtype=float)
+    ts = np.union1d(ts, r)
+    return float(base + max(float(((ln + t) * (r >= t)).sum()) for t in ts))

@@ -61,6 +61,7 @@ class DecodeLoad:
     predicted_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: no prediction yet
     predicted_p90: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: not reported
     kv_bytes_per_token: float | None = None  # `/ares/state`'s migration block: KV bytes a migration moves per token
+    admission: str = "sglang"  # `/ares/state`'s admission block: the server's rule ("sglang" | "predictive")
     lengths: np.ndarray = field(init=False, repr=False, compare=False)
     length_sum: float = field(init=False, repr=False, compare=False)
     unpredicted_rows: np.ndarray = field(init=False, repr=False, compare=False)
@@ -226,4 +227,5 @@ def assemble_instance(
         pending_ids=own.pending_ids,
         pending_prompt=own.pending_prompt if n_pend else _EMPTY,
         pending_predicted=estimator.total_array(own.pending_prompt, own.pending_max_new) if n_pend else _EMPTY,
+        admission=load.admission if load is not None else "sglang",
     )

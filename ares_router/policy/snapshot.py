@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ares_router.policy.admission import Admission
+from ares_router.policy.admission import ADMISSION_MODES, Admission, KVForecast, planned_remaining
 from ares_router.policy.load_model import LoadModel, MigrationCost
 
 
@@ -49,6 +49,8 @@ class InstanceState:
     remaining tokens (NaN: none), its upper quantile (NaN: none), max_tokens (NaN: none or not known). Pending rows:
     requests dispatched here that the server does not report running (prefill, KV transfer, decode queue), with the
     KV they will need and their predicted output (NaN: none). Columns left empty while there are rows read as NaN.
+    `admission`: the server's decode admission rule, as its `/ares/state` says (`ADMISSION_MODES`): "sglang"
+    (SGLang's own) or "predictive" (ARES's forecast of the KV peak, `admission.KVForecast`).
     """
 
     instance_id: Hashable
@@ -65,8 +67,11 @@ class InstanceState:
     pending_ids: Sequence[Hashable] = ()
     pending_prompt: np.ndarray = field(default_factory=_empty)
     pending_predicted: np.ndarray = field(default_factory=_empty)
+    admission: str = "sglang"
 
     def __post_init__(self) -> None:
+        if self.admission not in ADMISSION_MODES:
+            raise ValueError(f"admission must be one of {ADMISSION_MODES}, not {self.admission!r}")
         n, m = self.lengths.size, self.pending_prompt.size
         for name, size, fill in (
             ("generated", n, 0.0),
@@ -119,18 +124,26 @@ class ClusterSnapshot:
     single_need: np.ndarray
     demand: np.ndarray
     alive: np.ndarray
+    # Per instance: its KV forecast where the server admits predictively (`InstanceState.admission`), else None.
+    forecasts: tuple[KVForecast | None, ...] = ()
 
     def admits(self, request: NewRequest, index: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """Per instance (of `index`): would SGLang's decode admission take `request` now?"""
-        return self.admits_each(float(request.prompt_tokens), request.max_new, index)
+        """Per instance (of `index`): would the server's decode admission take `request` now?"""
+        return self.admits_each(float(request.prompt_tokens), request.max_new, index, request.predicted_output)
 
     def admits_each(
-        self, prompt: float | np.ndarray, max_new: float | np.ndarray, index: np.ndarray | slice = slice(None)
+        self,
+        prompt: float | np.ndarray,
+        max_new: float | np.ndarray,
+        index: np.ndarray | slice = slice(None),
+        planned: float | np.ndarray | None = None,
     ) -> np.ndarray:
-        """SGLang's decode admission of requests (`prompt`, `max_new`: scalars, or columns [requests, 1] for a
-        [requests, instances] answer) on the instances of `index`."""
+        """Each server's decode admission of requests (`prompt`, `max_new`, `planned`: scalars, or columns
+        [requests, 1] for a [requests, instances] answer) on the instances of `index`: SGLang's rule, or on a
+        predictive server the forecast peak with the request planned at `planned` output tokens (its output
+        estimate, already capped by its max_tokens; None: SGLang's own budget for it, min(max_new, CLIP))."""
         cap = self.capacity[index]
-        return self.admission.admits(
+        ok = self.admission.admits(
             cap - self.used[index],
             self.count[index],
             self.running_tokens[index],
@@ -139,6 +152,18 @@ class ClusterSnapshot:
             max_new,
             cap,
         )
+        if not self.forecasts:
+            return ok
+        idx = np.arange(self.capacity.size)[index]
+        pred = [(c, int(j)) for c, j in enumerate(np.atleast_1d(idx)) if self.forecasts[j] is not None]
+        if not pred:
+            return ok
+        ok = np.array(ok, dtype=bool, copy=True)
+        for c, j in pred:
+            q = self.admission.max_new(prompt, max_new, self.capacity[j]) if planned is None else planned
+            fits = self.forecasts[j].admits(self.capacity[j], prompt, q)
+            ok[..., c] = np.reshape(fits, ok[..., c].shape)
+        return ok
 
     def allocatable(self, index: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Per instance (of `index`): the KV tokens SGLang's admission lets one new request take now. A request
@@ -163,6 +188,13 @@ class ClusterSnapshot:
         out = object.__new__(ClusterSnapshot)
         out.__dict__.update(self.__dict__)
         out.__dict__.update(dispatch_count=self.dispatch_count + 1, used=used, count=count, demand=demand, alive=alive)
+        if self.forecasts and self.forecasts[index] is not None:
+            forecasts = list(self.forecasts)
+            planned = request.predicted_output
+            if planned is None or math.isnan(planned):
+                planned = self.admission.max_new(float(request.prompt_tokens), request.max_new, self.capacity[index])
+            forecasts[index] = forecasts[index].with_row(float(request.prompt_tokens), float(planned))
+            out.__dict__.update(forecasts=tuple(forecasts))
         return out
 
 
@@ -213,6 +245,12 @@ def build_snapshot(
     reported = np.array([float(i.used_tokens) for i in instances])
     unexplained = np.maximum(0.0, reported - running_tokens)  # reservations, KV held for migrations: flat
     demand += unexplained[:, None]
+    forecasts: tuple[KVForecast | None, ...] = ()
+    if any(i.admission == "predictive" for i in instances):
+        forecasts = tuple(
+            instance_forecast(i, float(unexplained[j]), adm) if i.admission == "predictive" else None
+            for j, i in enumerate(instances)
+        )
     return ClusterSnapshot(
         instances=instances,
         load_model=lm,
@@ -227,4 +265,22 @@ def build_snapshot(
         single_need=single_need,
         demand=demand,
         alive=alive,
+        forecasts=forecasts,
+    )
+
+
+def instance_forecast(state: InstanceState, base: float, admission: Admission) -> KVForecast:
+    """The KV forecast a predictive server makes of itself, from what the router sees of it: running rows at their
+    planned remaining length (`admission.planned_remaining`: the P90, else the prediction or the estimator's prior
+    the assembler filled in, capped by max_tokens left), pending rows at their prompt and output estimate (their
+    SGLang budget where there is none), plus `base` tokens no row explains."""
+    rem = planned_remaining(state.predicted_remaining, state.predicted_upper, state.max_new_tokens - state.generated)
+    rem = np.where(np.isnan(rem), admission.max_new(state.lengths - state.generated, state.max_new_tokens,
+                                                     float(state.capacity_tokens)), rem)  # fmt: skip
+    pend = state.pending_predicted
+    if pend.size and np.isnan(pend).any():
+        pend = np.where(np.isnan(pend), admission.max_new(state.pending_prompt, np.full(pend.size, math.nan),
+                                                          float(state.capacity_tokens)), pend)  # fmt: skip
+    return KVForecast.of(
+        np.concatenate([state.lengths, state.pending_prompt]), np.concatenate([rem, pend]), base
     )
