@@ -125,7 +125,7 @@ def test_simulated_server_applies_the_single_request_term():
     assert res.retractions.sum() == 0
 
 
-# ------------------------------------------------------------------ predictive admission (`--ares-admission predictive`)
+# ---------------------------------------------------------------- predictive admission (`--ares-admission predictive`)
 # Three running requests (KV length, planned remaining): (100, 10), (200, 50), (50, 30). Sorted by finish: r = 10,
 # 30, 50, l = 100, 50, 200, S = 350, 250, 200. The KV in use at each finish point: t = 10: 110 + 60 + 210 = 380;
 # t = 30: 80 + 230 = 310; t = 50: 250. Peak 380.
@@ -209,5 +209,7 @@ def test_predictive_admits_where_sglang_holds_and_the_reverse():
     assert snap.forecasts[0].peak == 9400 and not snap.admits(req)[0]
     # [requests, instances] answers mix both rules
     both = build_snapshot([state, replace(state, instance_id="d2", admission="sglang")])
-    ok = both.admits_each(np.array([[1000.0], [10.0]]), np.array([[NAN], [NAN]]), slice(None), np.array([[100.0], [1.0]]))
+    ok = both.admits_each(
+        np.array([[1000.0], [10.0]]), np.array([[NAN], [NAN]]), slice(None), np.array([[100.0], [1.0]])
+    )
     assert ok.tolist() == [[True, False], [True, False]]

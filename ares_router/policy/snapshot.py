@@ -281,6 +281,4 @@ def instance_forecast(state: InstanceState, base: float, admission: Admission) -
     if pend.size and np.isnan(pend).any():
         pend = np.where(np.isnan(pend), admission.max_new(state.pending_prompt, np.full(pend.size, math.nan),
                                                           float(state.capacity_tokens)), pend)  # fmt: skip
-    return KVForecast.of(
-        np.concatenate([state.lengths, state.pending_prompt]), np.concatenate([rem, pend]), base
-    )
+    return KVForecast.of(np.concatenate([state.lengths, state.pending_prompt]), np.concatenate([rem, pend]), base)
