@@ -29,7 +29,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-from provenance import git_state
+from provenance import commit_label
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,11 +150,6 @@ def head_step_cost(batches: list[int], reps: int = 200) -> dict[str, float]:
     return out
 
 
-def _git_commit() -> str:
-    commit, dirty = git_state(ROOT)
-    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,32", help="batch sizes")
@@ -240,7 +235,7 @@ def main() -> None:
         )
     out = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "git_commit": _git_commit(),
+        "git_commit": commit_label(ROOT),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),

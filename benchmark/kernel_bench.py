@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import git_state
+from provenance import commit_label
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmark" / "results"
@@ -63,11 +63,6 @@ def import_project():
     from ares.predictor.head import HeadConfig, LengthHead
 
     return module, HeadConfig, LengthHead
-
-
-def git_commit() -> str:
-    commit, dirty = git_state(ROOT)
-    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
 def random_head(HeadConfig, LengthHead, shape: str, hidden: int, seed: int):
@@ -511,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})",
         "mode": "cpu-smoke (Triton interpreter; times are meaningless)" if args.cpu_smoke else "gpu",
-        "commit": git_commit(),
+        "commit": commit_label(ROOT),
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from provenance import git_state
+from provenance import record
 
 OUT = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
@@ -318,18 +318,13 @@ def machine(router_core: int | None, server_cores: set[int]) -> dict:
     }
 
 
-def git_commit() -> dict:
-    commit, dirty = git_state(ROOT)
-    return {"commit": commit, "worktree_modified": dirty}
-
-
 def markdown(doc: dict) -> str:
     m, cfg = doc["machine"], doc["config"]
     lines = [
         "# ARES router: poll cycle cost at scale",
         "",
         f"`{doc['command']}` at commit `{doc['git']['commit'][:12]}`"
-        f"{' (working tree modified)' if doc['git']['worktree_modified'] else ''}. Machine: {m['cpu_model']}, "
+        f"{' (working tree modified)' if doc['git']['dirty'] else ''}. Machine: {m['cpu_model']}, "
         f"{m['cpus']} CPUs; router pinned to core {m['router_core']}, {cfg['server_procs']} stand-in server "
         f"processes on cores {m['server_cores']}. Load average (1/5/15 min) before: {doc['loadavg_before']}, "
         f"after: {doc['loadavg_after']}.",
@@ -436,7 +431,7 @@ def main() -> int:
         )
     doc = {
         "command": " ".join(["python", "benchmark/router_poll_bench.py", *sys.argv[1:]]),
-        "git": git_commit(),
+        "git": record(ROOT),
         "machine": machine(args.router_core, server_cores),
         "config": {k: v for k, v in vars(args).items() if k not in ("serve", "out", "no_progress")},
         "loadavg_before": loadavg_before,

@@ -9,15 +9,12 @@ import pytest
 from ares.cluster.spec import ClusterSpec
 from ares.live.client import Outcome, generate_body
 from ares.live.monitor import Trace, retractions
-from ares.live.report import Slo, aggregate, head_mae, kv_imbalance, markdown, summarize
+from ares.live.report import Slo, aggregate, attainment_ratio, head_mae, kv_imbalance, markdown, summarize
 from ares.live.workload import live_workload
 from ares.predictor.features import split_of
-from ares.predictor.generations import DEFAULT_PATH, read_generations
-
-needs_generations = pytest.mark.skipif(not DEFAULT_PATH.exists(), reason="no collected generations")
+from ares.predictor.generations import read_generations
 
 
-@needs_generations
 def test_workload_is_held_out_long_tailed_and_seeded():
     reqs = live_workload(20, rate=0.5, seed=3, long_fraction=0.25, long_min=400)
     by_id = {g.id: g for g in read_generations()}
@@ -31,7 +28,6 @@ def test_workload_is_held_out_long_tailed_and_seeded():
     assert [r.prompt_id for r in live_workload(20, 0.5, 4, 0.25, 400)] != [r.prompt_id for r in reqs]
 
 
-@needs_generations
 def test_replayed_requests_carry_no_length_hint():
     req = live_workload(1, 1.0, 0, long_fraction=0.0)[0]
     body = generate_body(req, 1024)
@@ -77,15 +73,25 @@ def test_head_mae_uses_the_final_length_of_finished_requests_only():
 
 def test_aggregate_ratios_are_per_seed_against_round_robin():
     def run(g, t):
-        return {"goodput_rps": g, "slo_attainment": 0.5, "p50_tpot_ms": t, "p99_tpot_ms": t, "p99_ttft_s": 1.0,
-                "p99_itl_ms": 1.0, "retractions": 0, "lost": 0, "duplicated": 0, "migrations": {},
-                "head": {"mae_tokens": None}}  # fmt: skip
+        return {"goodput_rps": g, "requests": 24, "slo_met": 12, "slo_attainment": 0.5, "p50_tpot_ms": t,
+                "p99_tpot_ms": t, "p99_ttft_s": 1.0, "p99_itl_ms": 1.0, "retractions": 0, "lost": 0, "duplicated": 0,
+                "migrations": {}, "head": {"mae_tokens": None}}  # fmt: skip
 
     agg = aggregate({"round_robin": [run(1.0, 100), run(2.0, 100)], "ares": [run(1.5, 50), run(2.0, 80)]})
     r = agg["ares"]["goodput_rps_vs_round_robin"]
     assert (r["mean"], r["min"], r["max"]) == pytest.approx((1.25, 1.0, 1.5))
     assert agg["ares"]["p99_tpot_ms_vs_round_robin"]["mean"] == pytest.approx(0.65)
     assert "| ares |" in markdown(agg)
+    assert "- ares: 24/48 vs 24/48, 1.00x" in markdown(agg) and "too few requests to tell" in markdown(agg)
+
+
+def test_attainment_ratio_interval_by_hand():
+    # Katz: ratio (20/24)/(10/24) = 2, se = sqrt(1/20 - 1/24 + 1/10 - 1/24) = 0.2582, 2 exp(+-1.96 se) = 1.206..3.317
+    r = attainment_ratio(20, 24, 10, 24)
+    assert (r["ratio"], r["low"], r["high"], r["tells"]) == pytest.approx((2.0, 1.2057, 3.3175, True), abs=1e-3)
+    small = attainment_ratio(12, 24, 10, 24)  # se = sqrt(0.1): 0.646..2.23, spans 1
+    assert small["ratio"] == pytest.approx(1.2) and small["low"] < 1 < small["high"] and not small["tells"]
+    assert attainment_ratio(0, 24, 3, 24)["ratio"] == pytest.approx((0.5 / 24.5) / (3.5 / 24.5))  # 0.5 added
 
 
 def test_retractions_are_counted_from_the_servers_own_log_lines(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from ares.sim.cost_model import CostModel, get_cost_model
 from ares.sim.engine import ClusterSim, SimConfig, simulate
 from ares.sim.metrics import SLO, request_latencies, summarize
-from ares.workloads import Workload, load_workload, traces_dir
+from ares.workloads import Workload, load_workload
 from ares_router.policy import LeastKVDispatch, NoRebalance, Policy
 
 
@@ -108,8 +108,6 @@ def test_late_binding_waits_at_the_router_for_the_first_instance_with_room():
 
 
 def _r1(rate=3.0, duration=600.0, seed=0):
-    if not (traces_dir() / "servegen" / "deepseek-r1").is_dir():
-        pytest.skip("shared trace data not available")
     return load_workload("r1", rate, duration, seed=seed)
 
 

@@ -70,6 +70,7 @@ def test_a_run_spec_applies_the_map_to_every_sample():
     assert capacity_rate(wide) != capacity_rate(spec)  # the Little's-law estimate sees the mapped lengths
 
 
+@pytest.mark.needs_data("traces/servegen/deepseek-r1")  # the script reads the trace in its own process
 def test_the_map_script_writes_its_tables_and_resumes_from_its_cache(tmp_path):
     """`benchmark/sim_map.py` cut down to 2 cells x 2 policies x 2 seeds: the table has both ratios, the heatmaps
     exist, and a second run with the same settings reads every search from the cache instead of simulating."""

@@ -18,7 +18,7 @@ from ares.sim.engine import SimConfig, simulate
 from ares.sim.gaps import GapHistogram
 from ares.sim.metrics import SLO, SLO_PAIRS, full_kv_step, request_latencies, slo_attainment, slo_pairs, summarize
 from ares.sim.predictor_model import ErrorModel, load_error_model, relative_mae, sigma_for_relative_mae
-from ares.workloads import Workload, load_workload, traces_dir
+from ares.workloads import Workload, load_workload
 
 
 def wl(arrivals, prompts, outputs) -> Workload:
@@ -156,8 +156,6 @@ def test_declared_slo_pairs():
 
 
 def _r1(rate=4.5, duration=600.0, seed=0):
-    if not (traces_dir() / "servegen" / "deepseek-r1").is_dir():
-        pytest.skip("shared trace data not available")
     return load_workload("r1", rate, duration, seed=seed)
 
 

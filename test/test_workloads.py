@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ares.workloads import load_workload, renewal_arrivals, rescale_to_rate, traces_dir
+from ares.workloads import load_workload, renewal_arrivals, rescale_to_rate
+from ares.workloads.servegen import r1_arrival_times, servegen_r1
 
-pytestmark = pytest.mark.skipif(not traces_dir().is_dir(), reason="shared trace data not available")
+pytestmark = pytest.mark.needs_data("traces")
+
+
+@pytest.mark.parametrize(("rate", "duration", "seed"), [(0.13, 1200.0, 0), (3.0, 600.0, 4), (0.5, 7200.0, 2)])
+def test_the_packaged_arrival_process_draws_the_trace_folders_arrival_times(rate, duration, seed):
+    assert np.array_equal(r1_arrival_times(rate, duration, seed), servegen_r1(rate, duration, seed).arrival_s)
 
 
 def test_azure_and_mooncake_have_the_documented_sizes():

@@ -2,7 +2,8 @@
 
 The live benchmark (`ares.live`) cut down to one short replay: 1 prefill + 2 `--ares` decode SGLang servers
 (SmolLM2-135M with the shipped length head, a small KV pool), held-out prompts whose own answers form a long tail,
-R1 arrivals; one ARES router per policy in turn over the same servers and the same request list. Shows requests
+R1 arrivals at a load picked for this machine (`--rate auto`: see `ares.live.autorate`); one ARES router per policy
+in turn over the same servers and the same request list. Shows requests
 done and each decode server's KV while it runs, then prints the side-by-side table and writes
 `.ares/demo/demo.{json,md,png}` (never the repository's recorded results). Ctrl-C stops every process it started.
 """
@@ -23,4 +24,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p, output_dir=".ares/demo", name="demo")
-    p.set_defaults(policies="round_robin,ares", seeds="1", num_requests=24, func=run_live)
+    p.set_defaults(policies="round_robin,ares", seeds="1", num_requests=24, rate="auto", func=run_live)

@@ -22,6 +22,12 @@ def git_state(root: Path) -> tuple[str, bool]:
     )
 
 
+def commit_label(root: Path) -> str:
+    """The commit as one string for a results file: `<sha>`, `<sha>+dirty` when tracked code differs, or `unknown`."""
+    commit, dirty = git_state(root)
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
 def record(root: Path, inputs: list[Path] | tuple[Path, ...] = ()) -> dict:
     """Commit, whether tracked files differ from it, the command line, and sha256 of each input file present."""
     import hashlib

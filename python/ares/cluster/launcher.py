@@ -134,10 +134,6 @@ class Cluster:
         return [s.url for s in self.servers if s.role == role]
 
     @property
-    def prefill_urls(self) -> list[str]:
-        return self._urls("prefill")
-
-    @property
     def decode_urls(self) -> list[str]:
         return self._urls("decode")
 

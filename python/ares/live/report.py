@@ -3,7 +3,9 @@ head's live error, KV balance), their mean over seeds with ratios to round robin
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -86,6 +88,7 @@ def summarize(
         "p99_ttft_s": _pct(ttft, 99),
         "p50_itl_ms": None if not itl else 1e3 * _pct(itl, 50),
         "p99_itl_ms": None if not itl else 1e3 * _pct(itl, 99),
+        "slo_met": len(met),
         "slo_attainment": len(met) / max(len(outcomes), 1),
         "goodput_rps": len(met) / end if end > 0 else 0.0,
         "throughput_tok_s": sum(o.n_output for o in ok) / end if end > 0 else 0.0,
@@ -122,6 +125,8 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         ):
             vals = [r[key] for r in per_seed if r[key] is not None]
             agg[key] = {"mean": float(np.mean(vals)) if vals else None, "per_seed": vals}
+        agg["slo_met"] = sum(r.get("slo_met", round(r["slo_attainment"] * r["requests"])) for r in per_seed)
+        agg["requests"] = sum(r["requests"] for r in per_seed)
         agg["migrations_committed"] = sum(r["migrations"].get("committed", 0) for r in per_seed)
         maes = [r["head"]["mae_tokens"] for r in per_seed if r["head"]["mae_tokens"] is not None]
         agg["head_mae_tokens"] = float(np.mean(maes)) if maes else None
@@ -143,12 +148,49 @@ def _fmt(x, spec: str = ".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def attainment_ratio(met_a: int, n_a: int, met_b: int, n_b: int, z: float = 1.96) -> dict:
+    """Ratio of two SLO attainments (met_a/n_a over met_b/n_b) with its 95% interval (Katz's log method for a ratio
+    of two proportions; 0.5 added to every count when one is 0), and whether the interval excludes 1."""
+    if min(n_a, n_b) == 0:
+        return {"ratio": None, "low": None, "high": None, "tells": False}
+    a, b, na, nb = met_a, met_b, n_a, n_b
+    if a == 0 or b == 0:
+        a, b, na, nb = a + 0.5, b + 0.5, na + 0.5, nb + 0.5
+    ratio = (a / na) / (b / nb)
+    se = float(np.sqrt(max(1 / a - 1 / na + 1 / b - 1 / nb, 0.0)))
+    low, high = ratio * np.exp(-z * se), ratio * np.exp(z * se)
+    return {"ratio": float(ratio), "low": float(low), "high": float(high), "tells": bool(low > 1 or high < 1)}
+
+
+def comparison_lines(agg: dict) -> str:
+    """One line per pair of policies (each against the first): SLO-meeting counts, the attainment ratio with its
+    95% interval, and plainly whether the sample is large enough to tell them apart."""
+    names = list(agg)
+    if len(names) < 2:
+        return ""
+    base = names[0]
+    lines = ["", f"Against {base} (requests meeting the SLO, all seeds pooled; attainment ratio, 95% interval):", ""]
+    b = agg[base]
+    for name in names[1:]:
+        a = agg[name]
+        r = attainment_ratio(a["slo_met"], a["requests"], b["slo_met"], b["requests"])
+        verdict = (
+            "a real difference" if r["tells"] else "too few requests to tell these two apart (the interval spans 1)"
+        )
+        lines.append(
+            f"- {name}: {a['slo_met']}/{a['requests']} vs {b['slo_met']}/{b['requests']}, "
+            f"{_fmt(r['ratio'])}x ({_fmt(r['low'])}-{_fmt(r['high'])}): {verdict}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(agg: dict) -> str:
-    """The side-by-side table (means over seeds; ratios to round robin with their min-max over seeds)."""
+    """The side-by-side table (means over seeds; ratios to round robin with their min-max over seeds; SLO-meeting
+    counts), then each policy against the first with an interval (`comparison_lines`)."""
     rows = [
-        "| policy | goodput (req/s) | vs RR | SLO attain. | P50 TPOT ms | P99 TPOT ms | P99 TPOT vs RR | P99 TTFT s "
-        "| P99 ITL ms | retractions | migrations | lost | dup. | head MAE (tok) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| policy | goodput (req/s) | vs RR | met / requests | SLO attain. | P50 TPOT ms | P99 TPOT ms "
+        "| P99 TPOT vs RR | P99 TTFT s | P99 ITL ms | retractions | migrations | lost | dup. | head MAE (tok) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for policy, a in agg.items():
         g = a.get("goodput_rps_vs_round_robin", {})
@@ -156,14 +198,15 @@ def markdown(agg: dict) -> str:
         rows.append(
             f"| {policy} | {_fmt(a['goodput_rps']['mean'], '.3f')} "
             f"| {_fmt(g.get('mean'))}x ({_fmt(g.get('min'))}-{_fmt(g.get('max'))}) "
-            f"| {_fmt(a['slo_attainment']['mean'], '.3f')} | {_fmt(a['p50_tpot_ms']['mean'], '.0f')} "
+            f"| {a['slo_met']}/{a['requests']} | {_fmt(a['slo_attainment']['mean'], '.3f')} "
+            f"| {_fmt(a['p50_tpot_ms']['mean'], '.0f')} "
             f"| {_fmt(a['p99_tpot_ms']['mean'], '.0f')} | {_fmt(t.get('mean'))}x "
             f"| {_fmt(a['p99_ttft_s']['mean'], '.1f')} | {_fmt(a['p99_itl_ms']['mean'], '.0f')} "
             f"| {sum(a['retractions']['per_seed'])} | {a['migrations_committed']} "
             f"| {sum(a['lost']['per_seed'])} | {sum(a['duplicated']['per_seed'])} "
             f"| {_fmt(a['head_mae_tokens'], '.1f')} |"
         )
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n" + comparison_lines(agg)
 
 
 def plot(runs_raw: dict[str, list[tuple[list[Outcome], Trace]]], slo: Slo, path) -> None:
@@ -204,3 +247,64 @@ def plot(runs_raw: dict[str, list[tuple[list[Outcome], Trace]]], slo: Slo, path)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_results(out: Path, doc: dict) -> None:
+    """NAME.json and NAME.md of a (possibly partial) live run under `out`."""
+    doc["aggregate"] = aggregate(doc["runs"])
+    name = doc["config"]["name"]
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    slo = doc["slo"]
+    head = (
+        f"# Live CPU cluster: {doc['config']['decode']} decode + 1 prefill, {doc['config']['model']}\n\n"
+        f"Commit `{doc['provenance']['commit'][:12]}`{' (dirty)' if doc['provenance']['dirty'] else ''}; "
+        f"command `{doc['provenance']['command']}`; {doc['machine']['cpus']} CPUs, no GPU.\n"
+        f"{doc['config']['num_requests']} requests per seed, seeds {doc['config']['seeds']}, R1 arrivals at "
+        f"{doc['config']['rate']} req/s, KV pool {doc['config']['max_total_tokens']} tokens per decode server, "
+        f"reserve {doc['config']['reserve_tokens']}.\n"
+        f"SLO (fixed before the replays from one request alone: TTFT {doc['calibration']['ttft_s']:.2f} s, TPOT "
+        f"{1e3 * doc['calibration']['tpot_s']:.0f} ms): TTFT <= {slo['ttft_s']:.1f} s and TPOT <= "
+        f"{1e3 * slo['tpot_s']:.0f} ms. Goodput = requests meeting both / makespan. Means over seeds; ratios to "
+        f"round robin per seed (min-max).\n\n"
+    )
+    if "rate_pick" in doc:
+        pick = doc["rate_pick"]
+        head += (
+            f"Load picked for this cluster (`--rate auto`): {pick['rate']} req/s, where the simulator with the CPU "
+            f"profile rescaled to this machine (`{pick['profile']['name']}`) gives least_kv "
+            f"{pick['target_attainment']:.0%} SLO attainment.\n\n"
+        )
+    text = head + markdown(doc["aggregate"])
+    if "simulator" in doc:
+        text += sim_markdown(doc)
+    (out / f"{name}.md").write_text(text)
+
+
+def sim_markdown(doc: dict) -> str:
+    """The simulator's prediction of each replay beside the live figures."""
+    sim = doc["simulator"]
+    prof, fit = sim["profile"], sim["fit"]
+    how = "each seed predicted with a profile fitted to the other seeds" if sim["cross_fit"] else "in-sample fit"
+    rows = [
+        f"\n## Simulator vs live\n\nProfile `{prof['name']}` (all replays): "
+        f"step = {1e3 * prof['step_base_s']:.1f} ms + "
+        f"{1e3 * prof['step_per_request_s']:.2f} ms/request + {1e6 * prof['step_per_kv_token_s']:.1f} us/KV token "
+        f"(R^2 {fit['r2']:.2f} over {fit['requests']} requests' TPOT); prefill {1e3 * prof['prefill_base_s']:.0f} ms + "
+        f"{1e3 * prof['prefill_per_token_s']:.2f} ms/token; {how}. Target: sim/live within 0.75-1.25.\n",
+        "| policy | seed | live P99 TPOT ms | sim P99 TPOT ms | sim/live | live goodput | sim goodput | sim/live "
+        "| within 25% |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for policy, runs in sim["runs"].items():
+        for r, live in zip(runs, doc["runs"][policy], strict=True):
+            c = r["sim_over_live"]
+            rows.append(
+                f"| {policy} | {r['seed']} | {_f(live['p99_tpot_ms'], '.0f')} | {_f(r['sim']['p99_tpot_ms'], '.0f')} "
+                f"| {_f(c['p99_tpot_ms'])} | {_f(live['goodput_rps'], '.3f')} | {_f(r['sim']['goodput_rps'], '.3f')} "
+                f"| {_f(c['goodput_rps'])} | {'yes' if c['within_25pct'] else 'no'} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def _f(x, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)

@@ -24,7 +24,7 @@ from ares.cluster.cli import resolve_model
 from ares.cluster.router_proc import ares_router
 from ares.live.client import Outcome, replay
 from ares.live.monitor import Monitor, Trace, log_offsets, retractions
-from ares.live.report import Slo, aggregate, markdown, plot, summarize
+from ares.live.report import Slo, plot, summarize, write_results
 from ares.live.workload import LiveRequest, live_workload
 
 # Router flags per compared policy (beyond `--policy NAME`): whether running requests are rebalanced by migration.
@@ -241,6 +241,12 @@ def run_live(args: argparse.Namespace) -> int:
             f"{slo.ttft_s:.1f}s, TPOT {1e3 * slo.tpot_s:.0f}ms",
             flush=True,
         )
+        if args.rate == "auto":
+            from ares.live.autorate import pick_rate
+
+            doc["rate_pick"] = pick_rate(cal, slo, args)
+            args.rate = doc["config"]["rate"] = doc["rate_pick"]["rate"]
+            print(f"load picked for this cluster: {args.rate} req/s (simulated least_kv at 90% attainment)", flush=True)
         display.start()
         try:
             for k, seed in enumerate(args.seeds):
@@ -285,58 +291,13 @@ def _cpus() -> int:
     return os.cpu_count() or 0
 
 
-def write_results(out: Path, doc: dict) -> None:
-    """NAME.json and NAME.md of a (possibly partial) live run under `out`."""
-    doc["aggregate"] = aggregate(doc["runs"])
-    name = doc["config"]["name"]
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    slo = doc["slo"]
-    head = (
-        f"# Live CPU cluster: {doc['config']['decode']} decode + 1 prefill, {doc['config']['model']}\n\n"
-        f"Commit `{doc['provenance']['commit'][:12]}`{' (dirty)' if doc['provenance']['dirty'] else ''}; "
-        f"command `{doc['provenance']['command']}`; {doc['machine']['cpus']} CPUs, no GPU.\n"
-        f"{doc['config']['num_requests']} requests per seed, seeds {doc['config']['seeds']}, R1 arrivals at "
-        f"{doc['config']['rate']} req/s, KV pool {doc['config']['max_total_tokens']} tokens per decode server, "
-        f"reserve {doc['config']['reserve_tokens']}.\n"
-        f"SLO (fixed before the replays from one request alone: TTFT {doc['calibration']['ttft_s']:.2f} s, TPOT "
-        f"{1e3 * doc['calibration']['tpot_s']:.0f} ms): TTFT <= {slo['ttft_s']:.1f} s and TPOT <= "
-        f"{1e3 * slo['tpot_s']:.0f} ms. Goodput = requests meeting both / makespan. Means over seeds; ratios to "
-        f"round robin per seed (min-max).\n\n"
-    )
-    text = head + markdown(doc["aggregate"])
-    if "simulator" in doc:
-        text += sim_markdown(doc)
-    (out / f"{name}.md").write_text(text)
-
-
-def sim_markdown(doc: dict) -> str:
-    """The simulator's prediction of each replay beside the live figures."""
-    sim = doc["simulator"]
-    prof, fit = sim["profile"], sim["fit"]
-    how = "each seed predicted with a profile fitted to the other seeds" if sim["cross_fit"] else "in-sample fit"
-    rows = [
-        f"\n## Simulator vs live\n\nProfile `{prof['name']}` (all replays): "
-        f"step = {1e3 * prof['step_base_s']:.1f} ms + "
-        f"{1e3 * prof['step_per_request_s']:.2f} ms/request + {1e6 * prof['step_per_kv_token_s']:.1f} us/KV token "
-        f"(R^2 {fit['r2']:.2f} over {fit['requests']} requests' TPOT); prefill {1e3 * prof['prefill_base_s']:.0f} ms + "
-        f"{1e3 * prof['prefill_per_token_s']:.2f} ms/token; {how}. Target: sim/live within 0.75-1.25.\n",
-        "| policy | seed | live P99 TPOT ms | sim P99 TPOT ms | sim/live | live goodput | sim goodput | sim/live "
-        "| within 25% |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for policy, runs in sim["runs"].items():
-        for r, live in zip(runs, doc["runs"][policy], strict=True):
-            c = r["sim_over_live"]
-            rows.append(
-                f"| {policy} | {r['seed']} | {_f(live['p99_tpot_ms'], '.0f')} | {_f(r['sim']['p99_tpot_ms'], '.0f')} "
-                f"| {_f(c['p99_tpot_ms'])} | {_f(live['goodput_rps'], '.3f')} | {_f(r['sim']['goodput_rps'], '.3f')} "
-                f"| {_f(c['goodput_rps'])} | {'yes' if c['within_25pct'] else 'no'} |"
-            )
-    return "\n".join(rows) + "\n"
-
-
-def _f(x, spec: str = ".2f") -> str:
-    return "n/a" if x is None else format(x, spec)
+def _rate(text: str) -> float | str:
+    if text == "auto":
+        return text
+    rate = float(text)
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("the rate must be positive (or `auto`)")
+    return rate
 
 
 def add_arguments(p: argparse.ArgumentParser, output_dir: str, name: str = "live_cluster") -> None:
@@ -348,9 +309,10 @@ def add_arguments(p: argparse.ArgumentParser, output_dir: str, name: str = "live
     p.add_argument("--num-requests", type=int, default=24, help="requests per replay")
     p.add_argument(
         "--rate",
-        type=float,
+        type=_rate,
         default=0.2,
-        help="mean arrival rate (req/s) of the R1 process",
+        help="mean arrival rate (req/s) of the R1 process, or `auto`: the highest rate at which the simulator, with "
+        "the CPU profile rescaled to this cluster's measured single request, puts least_kv at 90%% SLO attainment",
     )
     p.add_argument("--long-fraction", type=float, default=0.25, help="share of prompts from the long tail")
     p.add_argument("--long-min", type=int, default=400, help="collected answer length that counts as long")

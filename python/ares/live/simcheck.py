@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from ares.live.run import write_results
+    from ares.live.report import write_results
     from ares.provenance import record
     from ares.sim.cost_model import write_measured
 

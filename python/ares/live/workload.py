@@ -1,5 +1,5 @@
 """The live benchmark's requests: held-out prompts whose own greedy answers form a long tail, arriving as the
-ServeGen DeepSeek-R1 process does, scaled to the cluster.
+ServeGen DeepSeek-R1 process does, scaled to the cluster (the arrival process ships with the package).
 
 Prompts come from the predictor's test split (`ares.predictor.features.split_of`: never trained on). The collected
 generations say how long the model answers each one greedily; a fraction `long_fraction` of the requests is drawn
@@ -17,7 +17,7 @@ import numpy as np
 
 from ares.predictor.features import split_of
 from ares.predictor.generations import DEFAULT_PATH, read_generations
-from ares.workloads.servegen import servegen_r1
+from ares.workloads.servegen import r1_arrival_times
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def r1_arrivals(n: int, rate: float, seed: int) -> np.ndarray:
     """The first `n` arrival times (s, from 0) of the ServeGen R1 process at a mean of `rate` req/s."""
     duration = 1.5 * n / rate + 60.0
     for _ in range(8):
-        t = servegen_r1(rate=rate, duration_s=duration, seed=seed).arrival_s
+        t = r1_arrival_times(rate=rate, duration_s=duration, seed=seed)
         if len(t) >= n:
             return np.asarray(t[:n] - t[0])
         duration *= 2

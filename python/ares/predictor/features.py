@@ -20,7 +20,6 @@ import numpy as np
 from ares.predictor.generations import Generation
 
 SPLITS = ("train", "val", "test")
-EXTRA_FEATURES = ("log_generated", "log_prompt_len")
 
 
 def split_of(prompt_id: str, seed: int = 0, val: float = 0.1, test: float = 0.2) -> str:

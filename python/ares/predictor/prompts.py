@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ares.shared_data import data_root
+from ares.shared_data import data_root, require_data
 
 SOURCES = ("alpaca_eval", "gsm8k", "arena_hard_v2", "sharegpt")
 
@@ -73,7 +73,7 @@ def load_prompts(root: Path | None = None, sources: tuple[str, ...] = SOURCES, s
 
     Interleaving makes any prefix of the list a balanced mix, so a partial collection stays representative.
     """
-    root = root or default_data_root()
+    root = root or require_data(default_data_root())
     unknown = set(sources) - set(_READERS)
     if unknown:
         raise ValueError(f"unknown prompt sources {sorted(unknown)}; choose from {SOURCES}")

@@ -80,10 +80,6 @@ class CostModel:
             self.kv_bytes_per_token, self.link_bytes_per_s, self.migration_pause_s, self.migration_setup_s
         )
 
-    def migration_time(self, tokens: float) -> float:
-        """Seconds a migration of `tokens` KV tokens takes end to end (setup, transfer, pause)."""
-        return self.migration_setup_s + self.transfer_time(tokens) + self.migration_pause_s
-
     def to_dict(self) -> dict:
         """JSON-ready constants."""
         return asdict(self)

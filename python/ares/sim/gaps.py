@@ -50,10 +50,6 @@ class GapHistogram:
             return 0
         return min(int(math.log(v / self.lo) * self._inv_log_r) + 1, self.nb + 1)
 
-    def _edge(self, b: int) -> float:
-        """Upper edge of bin b (1 <= b <= nb)."""
-        return self.lo * self.r**b
-
     def add(self, v: float, w: float = 1.0) -> None:
         """One gap `v` seconds long, counted `w` times."""
         if w <= 0:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ares.shared_data import require_data
+
 from .base import Workload, renewal_arrivals, rescale_to_rate, traces_dir
 
 
@@ -28,7 +30,7 @@ def _finish(name: str, t: np.ndarray, prompt: np.ndarray, output: np.ndarray, ra
 
 def read_azure_conv(rate: float | None = None, duration_s: float | None = None, path: Path | None = None) -> Workload:
     """Azure LLM inference trace 2023, conversation (Splitwise): real arrivals, time-scaled to `rate`."""
-    path = path or traces_dir() / "azure2023" / "AzureLLMInferenceTrace_conv.csv"
+    path = path or require_data(traces_dir() / "azure2023" / "AzureLLMInferenceTrace_conv.csv")
     stamps, prompt, output = [], [], []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -44,7 +46,7 @@ def read_mooncake_conv(
     rate: float | None = None, duration_s: float | None = None, path: Path | None = None
 ) -> Workload:
     """Mooncake (FAST'25) conversation trace: timestamps in ms, time-scaled to `rate`."""
-    path = path or traces_dir() / "mooncake" / "conversation_trace.jsonl"
+    path = path or require_data(traces_dir() / "mooncake" / "conversation_trace.jsonl")
     t, prompt, output = [], [], []
     with open(path) as f:
         for line in f:
@@ -58,7 +60,7 @@ def read_mooncake_conv(
 
 def read_sharegpt_lengths(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prompt, output) token counts of the ShareGPT stats file (decode capped at 1024 by its authors)."""
-    path = path or traces_dir() / "sharegpt_stats" / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+    path = path or require_data(traces_dir() / "sharegpt_stats" / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv")
     prompt, output = [], []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
