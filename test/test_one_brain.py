@@ -41,11 +41,21 @@ def _workload() -> Workload:
     return Workload("parity", np.sort(rng.uniform(0, 16, n)), rng.integers(50, 1500, n), out)
 
 
-def _sim_stopped_at_poll(policy: str, max_tokens, reserve: int, poll: int = 16) -> ClusterSim:
-    """A simulation of 4 small decode instances (6000 KV tokens each), stopped just before its `poll`-th poll."""
+def _sim_stopped_at_poll(
+    policy: str, max_tokens, reserve: int, poll: int = 16, admission: str = "sglang"
+) -> ClusterSim:
+    """A simulation of 4 small decode instances (6000 KV tokens each), stopped just before its `poll`-th poll;
+    `admission`: the decode servers' rule."""
     cost = CostModel("toy", 0.02, 0.0005, 0.0, 0.01, 2e-5, 6000, 1.0, 1e5, 0.01)
     cfg = SimConfig(
-        n_decode=4, n_prefill=2, cost=cost, policy=policy, max_tokens=max_tokens, reserve_tokens=reserve, seed=3
+        n_decode=4,
+        n_prefill=2,
+        cost=cost,
+        policy=policy,
+        max_tokens=max_tokens,
+        reserve_tokens=reserve,
+        seed=3,
+        admission=admission,
     )
 
     class Probe(ClusterSim):
@@ -98,12 +108,23 @@ def _assert_same(a: ClusterSnapshot, b: ClusterSnapshot) -> None:
             np.testing.assert_array_equal(getattr(x, col), getattr(y, col), err_msg=col)
         for col in ("pending_prompt", "pending_predicted"):
             np.testing.assert_array_equal(getattr(x, col), getattr(y, col), err_msg=col)
+        assert x.admission == y.admission
+    assert len(a.forecasts) == len(b.forecasts)
+    for x, y in zip(a.forecasts, b.forecasts, strict=True):  # predictive servers' KV forecasts, as the router sees
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.base == y.base
+            np.testing.assert_array_equal(x.r, y.r, err_msg="forecast r")
+            np.testing.assert_array_equal(x.lengths, y.lengths, err_msg="forecast lengths")
 
 
-@pytest.mark.parametrize(("max_tokens", "reserve", "poll"), SCENARIOS)
+@pytest.mark.parametrize(
+    ("max_tokens", "reserve", "poll", "admission"),
+    [*((*sc, "sglang") for sc in SCENARIOS), ("output", 0, 14, "predictive"), (None, 512, 16, "predictive")],
+)
 @pytest.mark.parametrize("policy", ROUTER_POLICIES)
-def test_router_and_simulator_decide_alike_on_the_same_state(policy, max_tokens, reserve, poll):
-    sim = _sim_stopped_at_poll(policy, max_tokens, reserve, poll)
+def test_router_and_simulator_decide_alike_on_the_same_state(policy, max_tokens, reserve, poll, admission):
+    sim = _sim_stopped_at_poll(policy, max_tokens, reserve, poll, admission)
     router = _router_fed_from(sim)
     sim.snapshot = sim._build_snapshot(sim.t_stop)
     _assert_same(sim.snapshot, router.snapshot)
@@ -141,3 +162,14 @@ def test_the_parity_states_cover_what_they_claim():
     for j in np.flatnonzero(binds):
         reported = len(sim._reports(sim.t_stop)[j].rids)
         assert reported and np.all(snap.instances[j].max_new_tokens[:reported] == 2500)
+
+
+def test_predictive_parity_states_decide_differently_from_sglangs_rule():
+    # With predictive servers the router's view answers by their forecast: on the parity state, for some of the
+    # next arrivals, some instance's answer differs from what SGLang's rule says on the same numbers.
+    sim = _sim_stopped_at_poll("ares_hold", None, 512, 16, "predictive")
+    snap = _router_fed_from(sim).snapshot
+    assert all(f is not None for f in snap.forecasts)
+    plain = ClusterSnapshot(**{**snap.__dict__, "forecasts": ()})
+    burst = [sim._new(r) for r in sim.reqs if r.arrival > sim.t_stop][:12]
+    assert any((snap.admits(r) != plain.admits(r)).any() for r in burst)

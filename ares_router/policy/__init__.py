@@ -17,7 +17,14 @@ Shape (after Llumnix's global scheduler), one module per concern:
 - `registry`   named policies (`POLICIES`: a dispatcher and a rebalancer), `place` and `plan_rebalance`.
 """
 
-from ares_router.policy.admission import CLIP_MAX_NEW_TOKENS, DEFAULT_RESERVE_TOKENS, Admission
+from ares_router.policy.admission import (
+    ADMISSION_MODES,
+    CLIP_MAX_NEW_TOKENS,
+    DEFAULT_RESERVE_TOKENS,
+    Admission,
+    KVForecast,
+    planned_remaining,
+)
 from ares_router.policy.assemble import (
     NO_OWN_ROWS,
     DecodeLoad,
@@ -55,6 +62,7 @@ from ares_router.policy.snapshot import (
 )
 
 __all__ = [
+    "ADMISSION_MODES",
     "CLIP_MAX_NEW_TOKENS",
     "DEFAULT_RESERVE_TOKENS",
     "DISPATCHERS",
@@ -66,6 +74,7 @@ __all__ = [
     "DecodeLoad",
     "HalfGapChooser",
     "InstanceState",
+    "KVForecast",
     "LeastKVDispatch",
     "LeastLoadedTargets",
     "LoadModel",
@@ -90,5 +99,6 @@ __all__ = [
     "holds",
     "new_request",
     "place",
+    "planned_remaining",
     "plan_rebalance",
 ]

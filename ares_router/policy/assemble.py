@@ -201,7 +201,13 @@ def assemble_instance(
         max_new = np.concatenate([rep_max, own.running_max_new])
     else:
         max_new = rep_max if n_rep else own.running_max_new if n_own else _EMPTY
-    if n_rep and max_new_of is not None and missing.size < n_rep:
+    if n_rep and max_new_of is not None and load.admission == "predictive":
+        # a predictive server plans every request within its max_tokens: the router's view needs them all
+        rows = np.flatnonzero(np.isnan(max_new[:n_rep]))
+        if rows.size:
+            max_new = max_new.copy()
+            max_new[rows] = max_new_of(rows)
+    elif n_rep and max_new_of is not None and missing.size < n_rep:
         # SGLang's single-request term at its largest for these rows (a footprint prompt + min(max_new,
         # capacity - prompt - 2, CLIP) is at most min(prompt + CLIP, capacity - 2)): if even that stays within the
         # per-request reserve, max_tokens changes no decision here and need not be looked up.

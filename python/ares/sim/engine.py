@@ -53,11 +53,13 @@ import numpy as np
 from ares.workloads import Workload
 from ares_router.estimate import OutputEstimator
 from ares_router.policy import (
+    ADMISSION_MODES,
     NO_OWN_ROWS,
     Admission,
     ClusterSnapshot,
     DecodeLoad,
     InstanceState,
+    KVForecast,
     LoadModel,
     OwnRows,
     assemble_instance,
@@ -66,6 +68,7 @@ from ares_router.policy import (
     holds,
     new_request,
     place,
+    planned_remaining,
 )
 
 from .cost_model import CostModel, get_cost_model
@@ -89,6 +92,11 @@ class SimConfig:
     poll_interval_s: float = 0.5
     rebalance_every: int = 2  # polls between rebalancing rounds
     reserve_tokens: int = 512  # SGLang's --num-reserved-decode-tokens, read by its admission rule (`Admission`)
+    # The decode servers' admission rule (`--ares-admission`): "sglang" (SGLang's) or "predictive" (the forecast KV
+    # peak of the running set plus the new request within the pool, `ares_router.policy.admission.KVForecast`;
+    # each running request at its head's P90 capped by max_tokens, admitted-not-running ones at the estimator's
+    # prior). Retracted requests come back by SGLang's resume rule either way, as on the real server.
+    admission: str = "sglang"
     retract_steps: int = 20  # SGLang's retract_decode_steps: retract until this many steps fit
     retraction: str = "backup"  # "backup" (KV to host and back, as 0.5.23's PD decode) or "recompute"
     link_contention: bool = True  # KV transfers share each instance's NIC (False: every transfer has its own link)
@@ -140,7 +148,7 @@ class _Decode:
     __slots__ = (
         "idx", "cap", "running", "heap", "waiting", "incoming", "outgoing", "n", "K", "held",
         "steps", "busy", "version", "t0", "extra", "alpha", "quad", "seg_k", "nseg", "fresh", "n_meas",
-        "mx_seg", "mx_val", "t_end", "prealloc", "retracted", "n_pre",
+        "mx_seg", "mx_val", "t_end", "prealloc", "retracted", "n_pre", "pre",
     )  # fmt: skip
 
     def __init__(self, idx: int, cap: int) -> None:
@@ -149,6 +157,7 @@ class _Decode:
         self.heap: list[tuple[int, int, int]] = []  # (finish step, epoch, request)
         self.prealloc: deque[_Req] = deque()  # dispatched here, no KV yet (SGLang's prealloc queue)
         self.n_pre = 0  # KV preallocated, not running yet: in prefill, KV transfer, or `waiting`
+        self.pre: dict[int, _Req] = {}  # those requests (predictive admission's rows)
         self.waiting: deque[_Req] = deque()  # KV arrived: join the batch at the next step boundary
         self.retracted: deque[_Req] = deque()  # retracted, waiting to come back (SGLang's retracted queue)
         self.incoming: list[tuple[_Req, int]] = []
@@ -230,6 +239,9 @@ class ClusterSim:
     def __init__(self, workload: Workload, config: SimConfig) -> None:
         if config.retraction not in RETRACTIONS:
             raise ValueError(f"retraction must be one of {RETRACTIONS}, not {config.retraction!r}")
+        if config.admission not in ADMISSION_MODES:
+            raise ValueError(f"admission must be one of {ADMISSION_MODES}, not {config.admission!r}")
+        self.predictive = config.admission == "predictive"
         self.wl = workload
         self.cfg = config
         self.cost = config.cost
@@ -368,12 +380,16 @@ class ClusterSim:
             return
         held = list(self.held)
         prompt = np.fromiter((r.prompt for r in held), dtype=np.float64, count=len(held))
-        cand = np.flatnonzero(snap.admission.least_required(prompt) <= snap.allocatable(healthy).max())
+        if snap.forecasts:  # predictive servers: SGLang's least requirement says nothing there
+            cand = np.arange(len(held))
+        else:
+            cand = np.flatnonzero(snap.admission.least_required(prompt) <= snap.allocatable(healthy).max())
         if cand.size == 0:
             return
         prompt = prompt[cand, None]
         max_new = self.col_max_new[[held[k].i for k in cand]][:, None]
-        ok = snap.admits_each(prompt, max_new, healthy)  # [candidate, healthy]
+        planned = self._planned_new(prompt, max_new) if snap.forecasts else None
+        ok = snap.admits_each(prompt, max_new, healthy, planned)  # [candidate, healthy]
         column = {int(j): c for c, j in enumerate(healthy)}
         sent = np.zeros(len(held), dtype=bool)
         for pos, k in enumerate(cand):
@@ -382,7 +398,9 @@ class ClusterSim:
             c = column[self._send(t, held[k])]
             sent[k] = True
             later = slice(pos + 1, None)
-            ok[later, c] = self.snapshot.admits_each(prompt[later], max_new[later], healthy[c : c + 1])[:, 0]
+            ok[later, c] = self.snapshot.admits_each(
+                prompt[later], max_new[later], healthy[c : c + 1], None if planned is None else planned[later]
+            )[:, 0]
         if sent.any():
             self.held = deque(r for r, s in zip(held, sent, strict=True) if not s)
 
@@ -404,6 +422,10 @@ class ClusterSim:
         self.dispatched += 1
         return idx
 
+    def _planned_new(self, prompt: np.ndarray, max_new: np.ndarray) -> np.ndarray:
+        """The output a router plans for requests not placed yet: the shared estimator's guess (`_new`)."""
+        return self.estimator.total_array(prompt, max_new)
+
     def _new(self, req: _Req):
         """`req` as the router sees it arriving: prompt, max_tokens and the shared estimator's guess."""
         m = self.col_max_new[req.i]
@@ -418,11 +440,12 @@ class ClusterSim:
         cost = self.cost
         while inst.prealloc:
             req = inst.prealloc[0]
-            if not self._admits(inst, req.prompt, self.col_max_new[req.i]):
+            if not self._admits(inst, req.prompt, self.col_max_new[req.i], planned=self._prior(req)):
                 break
             inst.prealloc.popleft()
             inst.held += req.prompt
             inst.n_pre += 1
+            inst.pre[req.i] = req
             busy_until, p = heapq.heappop(self.prefill)
             end = max(t, busy_until) + cost.prefill_time(req.prompt)
             heapq.heappush(self.prefill, (end, p))
@@ -460,10 +483,47 @@ class ClusterSim:
         running_tokens = kv + inst.n  # prompt + output ids: the KV written plus each one's latest token
         return inst.cap - kv - inst.held, active, running_tokens, self._single_need(inst, running_tokens, active)
 
-    def _admits(self, inst: _Decode, prompt: float, max_new: float, k: int = 0) -> bool:
-        """SGLang's decode admission (`Admission`, the policies' rule) on `inst`, `k` steps into its segment."""
+    def _admits(self, inst: _Decode, prompt: float, max_new: float, k: int = 0, planned: float | None = None) -> bool:
+        """The server's decode admission on `inst`, `k` steps into its segment: SGLang's (`Admission`, the
+        policies' rule), or with `SimConfig.admission` "predictive" the forecast peak with the request, planned at
+        `planned` output tokens (None: SGLang's budget for it), within the pool (`_forecast`)."""
+        if self.predictive:
+            q = self.admission.max_new(prompt, max_new, float(inst.cap)) if planned is None else planned
+            return bool(self._forecast(inst, k).admits(float(inst.cap), prompt, q))
         free, active, running_tokens, single = self._admission_state(inst, k)
         return bool(self.admission.admits(free, active, running_tokens, single, prompt, max_new, inst.cap))
+
+    def _prior(self, req: _Req) -> float:
+        """The output a predictive server plans for a request its head has not seen: the estimator's guess (the
+        true length for the true-length policy's oracle servers)."""
+        if self.needs_truth:
+            return float(req.out - req.gen_now)
+        m = self.col_max_new[req.i]
+        return self.estimator.total(req.prompt, None if math.isnan(m) else int(m))
+
+    def _forecast(self, inst: _Decode, k: int = 0) -> KVForecast:
+        """What a predictive server forecasts of itself `k` steps into its segment (as `ares.engine.admission_hook`
+        does): running requests at KV length prompt + generated and planned remaining = the head's P90 (the error
+        model's, as `_reports` gives the router) capped by max_tokens left; preallocated ones at their prompt and
+        the prior; KV held for migrations flat."""
+        run = np.fromiter(inst.running.keys(), dtype=np.intp, count=inst.n)
+        gen = self.col_gen0[run] + (inst.steps + k - self.col_join[run])
+        out = self.col_out[run]
+        rem = np.maximum(out - gen, 0.0)
+        if self.needs_truth:
+            pred, upper = rem, np.full(run.size, np.nan)
+        else:
+            f = gen / out
+            em = self.cfg.error_model
+            pred = em.predict(rem, f, self.col_z[run])
+            upper = em.upper(pred, f)
+        planned = planned_remaining(pred, upper, self.col_max_new[run] - gen)
+        pre = list(inst.pre.values())
+        pre_prompt = np.array([r.prompt for r in pre], dtype=np.float64)
+        pre_planned = np.array([self._prior(r) for r in pre], dtype=np.float64)
+        lengths = np.concatenate([self.col_prompt[run] + gen, pre_prompt])
+        base = float(inst.held - pre_prompt.sum())  # KV held for migrations in flight
+        return KVForecast.of(lengths, np.concatenate([planned, pre_planned]), max(base, 0.0))
 
     # ------------------------------------------------------------------ decode instances
     def _wake(self, inst: _Decode, t: float) -> None:
@@ -629,6 +689,7 @@ class ClusterSim:
                 req = inst.waiting.popleft()
                 inst.held -= req.prompt
                 inst.n_pre -= 1
+                del inst.pre[req.i]
                 self._join(inst, req, req.prompt + req.gen_now - 1, req.gen_now, t)
         # 5. retraction when the next step does not fit
         if inst.n and inst.cap - inst.K - inst.held < inst.n:
@@ -666,7 +727,9 @@ class ClusterSim:
         k_fin = heap[0][0] - inst.steps
         k_oom = max(1, (inst.cap - inst.K - inst.held) // inst.n)
         k = max(1, min(k_fin, k_oom))
-        if inst.prealloc and not inst.retracted:  # a blocked head may fit once the batch has grown (`first_step`)
+        # A blocked head may fit once the batch has grown (`first_step`; SGLang's rule only: a forecast's peak
+        # sits at a finish, which ends the segment anyway)
+        if inst.prealloc and not inst.retracted and not self.predictive:
             req = inst.prealloc[0]
             k_adm = self.admission.first_step(
                 *self._admission_state(inst), req.prompt, self.col_max_new[req.i], inst.cap, inst.n
@@ -695,7 +758,17 @@ class ClusterSim:
         # The target admits it by SGLang's rule, as a request whose prompt is its KV and whose max_tokens is what
         # it may still generate (the policy's target filter asks the same).
         k = dst.steps_done(t - dst.t0) if dst.busy else 0
-        if not self._admits(dst, est, self.col_max_new[req.i] - (req.gen0 + done), k):
+        left = self.col_max_new[req.i] - (req.gen0 + done)
+        planned = None
+        if self.predictive:  # the target's head has not seen it yet: the prior's remaining length
+            m = self.col_max_new[req.i]
+            gen = req.gen0 + done
+            planned = (
+                float(req.out - gen)
+                if self.needs_truth
+                else self.estimator.remaining(req.prompt, None if math.isnan(m) else int(m), gen)
+            )
+        if not self._admits(dst, est, left, k, planned):
             self.migrations_rejected += 1
             return
         dst.held += est
@@ -759,6 +832,7 @@ class ClusterSim:
                     gen[a:b],
                     pred[a:b],
                     upper[a:b],
+                    admission=self.cfg.admission,
                 )
             )
         return loads
