@@ -23,6 +23,7 @@ class AresServerConfig:
     cpu_mode: bool = False  # the server runs with --device cpu: apply ares.cpu patches
     predictor: str | None = None  # --ares-predictor: head checkpoint path (without suffix)
     return_predictions: bool = False  # --ares-return-predictions: per-token predictions in each response's meta_info
+    admission: str = "sglang"  # --ares-admission: the decode admission rule ("sglang" | "predictive")
     # Set by the launcher process for its children: where the scheduler (TP rank 0) serves `/ares/state` reports.
     state_ipc: str | None = None
     migrate_ipc: str | None = None  # ... and where its migration agent takes commands
@@ -62,6 +63,16 @@ def add_ares_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Add meta_info.ares_predicted_remaining to every response: per output token, the remaining length the "
         "head predicted at the decode step that produced it (null for tokens without one, e.g. the prefill's).",
+    )
+    group.add_argument(
+        "--ares-admission",
+        choices=("sglang", "predictive"),
+        default="sglang",
+        help="Decode admission rule. sglang: SGLang's own (--num-reserved-decode-tokens per active request, and "
+        "the largest running request's max_new_tokens, clipped at 4096). predictive: admit while the forecast KV "
+        "peak of the running set plus the new request fits the pool, each request at its predicted remaining "
+        "length (the head's P90, capped by max_new_tokens; a prior until the head has seen it). SGLang's "
+        "retraction stays the safety net; /ares/state reports the mode, the forecast and the retractions.",
     )
 
 
@@ -122,7 +133,11 @@ def split_ares_args(argv: list[str]) -> tuple[AresServerConfig, list[str]]:
             f"--ares is only valid on a PD decode server (--disaggregation-mode decode); this server has "
             f"--disaggregation-mode {mode}"
         )
-    needs_ares = {"--ares-predictor": known.ares_predictor, "--ares-return-predictions": known.ares_return_predictions}
+    needs_ares = {
+        "--ares-predictor": known.ares_predictor,
+        "--ares-return-predictions": known.ares_return_predictions,
+        "--ares-admission predictive": known.ares_admission == "predictive",
+    }
     for flag, value in needs_ares.items():
         if value and not known.ares:
             raise ValueError(f"{flag} needs --ares")
@@ -131,6 +146,7 @@ def split_ares_args(argv: list[str]) -> tuple[AresServerConfig, list[str]]:
         cpu_mode=flag_value(rest, "--device") == "cpu",
         predictor=known.ares_predictor,
         return_predictions=known.ares_return_predictions,
+        admission=known.ares_admission,
     )
     hidden_mode = flag_value(rest, "--return-hidden-states-mode")
     if config.enabled and hidden_mode is None:

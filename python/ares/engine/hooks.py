@@ -21,6 +21,7 @@ from typing import Any
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from ares.config import AresServerConfig
+from ares.engine.admission_hook import admission_block, register_admission_hooks
 from ares.engine.aux_output import TRACE_KEY, HeadDeviceOutput
 from ares.engine.decode_head import DecodeHead
 from ares.engine.state_report import ReplyService, build_report, state_service
@@ -63,6 +64,7 @@ class _Engine:
         self.head: DecodeHead | None = None
         self.service: ReplyService | None = None
         self.migration: MigrationAgent | None = None  # TP rank 0 only (v1 migrates with TP = 1)
+        self.service_scheduler: Any = None  # the scheduler `/ares/state` reports on
 
     def decode_head(self) -> DecodeHead:
         if self.head is None:
@@ -116,14 +118,18 @@ def _after_init_dispatcher(_result: Any, scheduler: Any, *args: Any, **kwargs: A
         if _engine.config.migrate_ipc:
             _engine.migration = MigrationAgent(scheduler)
             migration_service(_engine.migration, _engine.config.migrate_ipc).start()
+        _engine.service_scheduler = scheduler
         _engine.service = state_service(scheduler, _engine.config.state_ipc, _migration_block).start()
 
 
 def _migration_block() -> dict[str, Any]:
-    """`/ares/state`'s migration block, when this server migrates."""
-    if _engine is None or _engine.migration is None:
+    """`/ares/state`'s extra blocks: admission (`admission_hook`), and migration when this server migrates."""
+    if _engine is None:
         return {}
-    return {"migration": _engine.migration.report()}
+    blocks = admission_block(_engine.service_scheduler) if _engine.service_scheduler is not None else {}
+    if _engine.migration is None:
+        return blocks
+    return {**blocks, "migration": _engine.migration.report()}
 
 
 def _after_process_decode_queue(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
@@ -186,7 +192,8 @@ def register_scheduler_hooks(config: AresServerConfig) -> list[str]:
     HookRegistry.register(PREALLOC_ADD, _around_prealloc_add, HookType.AROUND)
     HookRegistry.register(IS_FULLY_IDLE, _around_is_fully_idle, HookType.AROUND)
     HookRegistry.register(ABORT_REQUEST, _after_abort_request, HookType.AFTER)
+    targets = [*SCHEDULER_HOOK_TARGETS, *register_admission_hooks(config.admission)]
     if config.return_predictions:
         HookRegistry.register(STREAM_OUTPUT, _before_stream_output, HookType.BEFORE)
-        return [*SCHEDULER_HOOK_TARGETS, STREAM_OUTPUT]
-    return list(SCHEDULER_HOOK_TARGETS)
+        targets.append(STREAM_OUTPUT)
+    return targets
