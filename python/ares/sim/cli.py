@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ares_router.policy import POLICIES, LoadModel
+from ares_router.policy import ADMISSION_MODES, POLICIES, LoadModel
 
 from .bounds import POOLED_BOUND
 from .cost_model import PRESETS, get_cost_model
@@ -56,6 +56,14 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "recompute (prompt + generated tokens recomputed at resume)",
     )
     p.add_argument(
+        "--admission",
+        choices=ADMISSION_MODES,
+        default="sglang",
+        help="the decode servers' admission rule (their --ares-admission): sglang (SGLang's reserve and "
+        "single-request terms) or predictive (the forecast KV peak of the running set plus the new request "
+        "within the pool; retractions stay the safety net)",
+    )
+    p.add_argument(
         "--no-link-contention",
         action="store_true",
         help="give every KV transfer a link of its own (default: P->D transfers and migrations share each "
@@ -100,6 +108,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, str]:
         poll_interval_s=args.poll,
         reserve_tokens=args.reserve_tokens,
         retraction=args.retraction,
+        admission=getattr(args, "admission", "sglang"),
         link_contention=not args.no_link_contention,
         max_tokens=_max_tokens(args.max_tokens),
         record_kv_instances=64,
