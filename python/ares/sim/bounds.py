@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from .cost_model import CostModel
 from .engine import SimConfig
 
@@ -60,3 +62,95 @@ def pooled_config(cfg: SimConfig) -> SimConfig:
         # lengths are clipped to capacity - reserve - 1: keep one real instance's limit
         clip_capacity=(cfg.clip_capacity or cfg.cost.kv_capacity_tokens) - cfg.reserve_tokens + reserve,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+FLUID_BOUND = "fluid_bound"  # the provable bound's name beside the policies and the pooled bound
+
+
+def clipped_lengths(work, cfg: SimConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt, output) tokens of `work` as the simulator serves them on cluster `cfg` (`ClusterSim` clips both so
+    that one request fits one instance's pool beside the reserve)."""
+    cap = cfg.clip_capacity or cfg.cost.kv_capacity_tokens
+    limit = cap - cfg.reserve_tokens - 1
+    prompt = np.minimum(work.prompt_tokens, limit // 2 if limit > 2 else 1).astype(np.float64)
+    out = np.minimum(work.output_tokens, np.maximum(limit - prompt, 1)).astype(np.float64)
+    if isinstance(cfg.max_tokens, int):
+        out = np.minimum(out, max(cfg.max_tokens, 1))
+    return prompt, out
+
+
+def _sum_range(lo: np.ndarray, hi: np.ndarray, power: int) -> np.ndarray:
+    """sum of x**power over integers lo <= x <= hi (0 where hi < lo), power 0, 1 or 2, elementwise."""
+
+    def s(n: np.ndarray) -> np.ndarray:  # sum_{x=0}^{n} x**power, n >= -1
+        return (n + 1) if power == 0 else n * (n + 1) / 2 if power == 1 else n * (n + 1) * (2 * n + 1) / 6
+
+    hi = np.maximum(hi, lo - 1)
+    return s(hi) - s(lo - 1)
+
+
+def request_demands(prompt: np.ndarray, output: np.ndarray, cost: CostModel, thresholds: np.ndarray) -> dict:
+    """Per request, what any schedule must spend on it (see `fluid_bound`): `kv_time`, the KV token-seconds of its
+    decode steps, sum over x = p .. p + o - 2 of x (a + b + c x); and `above[j]`, the seconds of its decode steps
+    while its KV exceeds thresholds[j], sum over those x > thresholds[j] of (a + b + c x)."""
+    a1, c = cost.step_base_s + cost.step_per_request_s, cost.step_per_kv_token_s
+    lo, hi = prompt, prompt + output - 2  # KV before each decode step (the first token comes from prefill)
+    kv_time = a1 * _sum_range(lo, hi, 1) + c * _sum_range(lo, hi, 2)
+    above = []
+    for th in thresholds:
+        start = np.maximum(lo, np.floor(th) + 1)
+        above.append(a1 * _sum_range(start, hi, 0) + c * _sum_range(start, hi, 1))
+    return {"kv_time": kv_time, "above": np.array(above)}
+
+
+def _cheapest_mean(w: np.ndarray, q: float) -> float:
+    """The sum of the ceil(q n) smallest values of w, over n: what serving a fraction q of the requests costs at
+    least, per arriving request."""
+    k = max(1, math.ceil(q * w.size))
+    return float(np.sort(w)[:k].sum() / w.size)
+
+
+def fluid_bound(work, cfg: SimConfig, attainment: float = 0.9, k_max: int = 32) -> dict:
+    """A provable upper bound on goodput (the highest arrival rate at which a fraction `attainment` of requests
+    meet their SLOs) that respects every instance's KV pool, valid for any placement, admission, retraction and
+    migration policy on cluster `cfg` (D decode instances of C KV tokens, step time a + b n + c K).
+
+    Facts used, each true of the simulator and of a real SGLang decode server:
+    (1) a request with p prompt and o output tokens runs o - 1 decode steps (the first token is the prefill's); in
+        the step that has x = p + g - 1 of its KV tokens written (g = 1 .. o - 1), those x tokens sit in one
+        instance's pool for the whole step, and the step lasts at least a + b + c x (the instance's batch has
+        n >= 1 requests and K >= x tokens; stalls only add). Retraction and migration never skip a step: a
+        retracted request decodes its remaining steps later, with its KV back in a pool.
+    (2) an instance holds at most C KV tokens at any instant, and runs one step at a time.
+    So over any time window of length H' and for the requests S whose decode steps all fall in it:
+    (KV)  sum over S of w_i <= D C H', where w_i = sum over its steps of x (a + b + c x) (its KV-time, fact 1;
+          the left side is at most the integral of all instances' KV over the window, fact 2);
+    (k)   for k = 1 .. k_max, with threshold theta_k = C / (k + 1): at most k requests of more than theta_k tokens
+          fit one pool at once ((k + 1) theta_k = C), so at most k such steps run on an instance at any instant and
+          sum over S of u_ik <= k D H', where u_ik = the duration bound of i's steps with x > theta_k.
+    Let requests arrive at rate lambda for a time H, and let S be those that meet their SLOs, |S| >= q lambda H
+    (q = `attainment`). Every SLO bounds TTFT and TPOT, so S's steps lie in [0, H + L] with L the longest SLO-
+    meeting latency, independent of H. For each constraint, the sum over S is at least the sum of the cheapest
+    q lambda H demands; as H grows (the request mix is the workload's sample, and L / H -> 0),
+        lambda <= D C / m_q(w)   and   lambda <= k D / m_q(u_k)   for every k,
+    m_q(v) = (the sum of the ceil(q n) smallest of the sample's n values of v) / n. The bound is the smallest of
+    these rates. The pooled bound (one instance of D C tokens) may exceed it or fall below it (it has latency SLOs
+    and queues; this one counts resources only): where the pooled bound is higher, no policy can sustain it;
+    neither bound says a policy can reach it. Constraint (k) is what the pooled instance lacks: there two requests
+    of 0.6 C tokens each fit together. The step-time lower bound is the cost model's (a + b n + c K), so on a real
+    server the bound holds as far as that model does. Returns the bound and the rate of each constraint ("kv",
+    "k1", "k2", ...), req/s.
+    """
+    if not 0 < attainment <= 1:
+        raise ValueError(f"attainment must be in (0, 1], got {attainment}")
+    prompt, out = clipped_lengths(work, cfg)
+    d, cap = cfg.n_decode, float(cfg.cost.kv_capacity_tokens)
+    ks = np.arange(1, k_max + 1)
+    dem = request_demands(prompt, out, cfg.cost, cap / (ks + 1))
+    rates = {"kv": d * cap / _cheapest_mean(dem["kv_time"], attainment)}
+    for k, u in zip(ks, dem["above"], strict=True):
+        cost = _cheapest_mean(u, attainment)
+        rates[f"k{k}"] = math.inf if cost <= 0 else k * d / cost
+    binding = min(rates, key=rates.get)
+    return {"rate": rates[binding], "binding": binding, "constraints": rates, "attainment": attainment}
