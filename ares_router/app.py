@@ -18,6 +18,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import aiohttp
 import orjson
@@ -40,14 +41,13 @@ from ares_router.policy import MigrationCost, NoHealthyInstance, plan_rebalance
 from ares_router.poller import Poller, parse_models
 from ares_router.protocol import ENDPOINTS, GENERATE, APIError, ParsedRequest, check_model, parse_request
 from ares_router.rebalancer import RebalanceGate
+from ares_router.relay import SSE_DONE, HopFailed, StreamRelay, completion_tokens, joined_answer, last_event_tokens
 from ares_router.splice import Splicer, not_migratable
 from ares_router.state import Backend, RouterState
 
 log = logging.getLogger("ares_router")
 
 _RID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_SSE = b"data:"
-_SSE_DONE = b"data: [DONE]"
 # What a client going away looks like while the router waits on a backend or writes to the client.
 _CLIENT_GONE = (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientConnectionResetError)
 # Events of an OpenAI stream that carry no token: SGLang's chat stream opens with a role-only delta and closes with
@@ -62,62 +62,6 @@ MODELS_MISS_REFRESH_S = 1.0  # at most one model-list refresh per second for req
 _KEY = getattr(web, "RequestKey", None)
 RID = _KEY("rid", str) if _KEY else "rid"
 RID_IS_OURS = _KEY("rid_is_ours", bool) if _KEY else "rid_is_ours"
-
-
-def _count_events(chunk: bytes) -> int:
-    """Server-sent events in `chunk` that carry output (one per decode step with SGLang's stream_interval=1)."""
-    return chunk.count(_SSE) - chunk.count(_SSE_DONE)
-
-
-def _completion_tokens(obj: object) -> int | None:
-    """Output tokens an SGLang answer (or one stream event) states: OpenAI `usage.completion_tokens`, or
-    `/generate`'s `meta_info.completion_tokens`."""
-    if not isinstance(obj, dict):
-        return None
-    for key in ("usage", "meta_info"):
-        part = obj.get(key)
-        if isinstance(part, dict) and isinstance(part.get("completion_tokens"), int):
-            return part["completion_tokens"]
-    return None
-
-
-def _last_event_tokens(tail: bytes) -> int | None:
-    """`_completion_tokens` of the last JSON event in the end of a stream (`[DONE]` skipped)."""
-    for event in reversed(tail.split(b"\n\n")):
-        event = event.strip()
-        if not event.startswith(_SSE) or event == _SSE_DONE:
-            continue
-        try:
-            return _completion_tokens(orjson.loads(event[len(_SSE) :]))
-        except orjson.JSONDecodeError:
-            return None  # cut off at a chunk boundary: no exact count
-    return None
-
-
-async def _sse_events(first: bytes, response: aiohttp.ClientResponse):
-    """Complete server-sent events (each with its blank-line end) of a stream whose first bytes are `first`."""
-    buf = first
-    while True:
-        while (i := buf.find(b"\n\n")) >= 0:
-            yield buf[: i + 2]
-            buf = buf[i + 2 :]
-        chunk = await response.content.readany()
-        if not chunk:
-            if buf.strip():
-                yield buf
-            return
-        buf += chunk
-
-
-def _event_json(event: bytes) -> dict | None:
-    """The JSON object of a `data:` event, None for `[DONE]` and anything else."""
-    if not event.startswith(_SSE) or event.startswith(_SSE_DONE):
-        return None
-    try:
-        obj = orjson.loads(event[len(_SSE) :])
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def _json_response(data: object, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -151,9 +95,9 @@ class Router:
         )
         self.poller.on_round = self._on_poll_round
         self.client: PDClient | None = None
-        self.inflight: dict[str, InFlight] = {}  # backend rid -> what migrating it needs
-        self.client_rids: dict[str, str] = {}  # the client's request id -> backend rid
-        self.migrations: dict[str, Migration] = {}  # backend rid -> its latest migration
+        self.inflight: dict[str, InFlight] = {}  # the request's first backend rid -> what migrating it needs
+        self.hop_rids: dict[str, str] = {}  # every backend rid of a relayed request (one per hop) -> its first
+        self.client_rids: dict[str, str] = {}  # the client's request id -> first backend rid
         self.migration_log: list[dict] = []  # the last records, newest last
         self.gate = RebalanceGate(config.rebalance_limits)
         self._rebalancer: asyncio.Task | None = None
@@ -360,7 +304,9 @@ class Router:
                 backend_rid,
             )
             headers = {"X-Request-Id": rid, PIN_HEADER: decode.name, "X-Ares-Prefill": prefill.name}
-            self.inflight[backend_rid] = InFlight(backend_rid, parsed.endpoint, body, parsed.stream, prefill, decode)
+            flight = InFlight.create(backend_rid, parsed.endpoint, body, parsed.stream, prefill, decode)
+            self.inflight[backend_rid] = flight
+            self.hop_rids[backend_rid] = backend_rid
             self.client_rids[rid] = backend_rid
             try:
                 try:
@@ -383,23 +329,24 @@ class Router:
                 if start.status >= 400:  # the decode rejected it: the prefill must not wait for it to pull the KV
                     self.client.abort(backend_rid, [prefill])
                 if not parsed.stream or start.response is None:
-                    if start.status == 200 and backend_rid in self.migrations:
-                        return await self._spliced_answer(parsed.endpoint, backend_rid, start, headers)
+                    if start.status == 200 and flight.moves:
+                        status, answer = await joined_answer(flight, Splicer.for_endpoint(parsed.endpoint), start.first)
+                        return web.Response(body=answer, status=status, headers=_ctype(start, headers))
                     if start.status == 200:
                         self._record_head_error(backend_rid, decode, functools.partial(_answer_tokens, start.first))
                     return web.Response(body=start.first, status=start.status, headers=_ctype(start, headers))
-                return await self._relay_stream(request, parsed, start, backend_rid, [prefill, decode], headers, t0)
+                return await self._relay_stream(request, parsed, start, flight, headers, t0)
             except _CLIENT_GONE:
-                # Where it runs now: a migration may have moved it (or be moving it: then both decode servers).
-                servers = self._servers_of(backend_rid, [prefill, decode])
-                log.info("rid=%s client disconnected; aborting on %s", rid, ", ".join(b.name for b in servers))
+                # Wherever it runs now: a move may have taken it elsewhere (or be moving it: then both servers).
+                log.info("rid=%s client disconnected; aborting it everywhere", rid)
                 self.metrics.aborts.labels("client_disconnect").inc()
-                self.client.abort(backend_rid, servers)
+                self._abort_everywhere(flight)
                 raise
             finally:
-                self.state.finish(backend_rid)
+                self.state.finish(flight.backend_rid)
                 self.inflight.pop(backend_rid, None)
-                self.migrations.pop(backend_rid, None)
+                for hop in flight.hops:
+                    self.hop_rids.pop(hop.rid, None)
                 self.gate.forget([backend_rid])
                 if self.client_rids.get(rid) == backend_rid:
                     del self.client_rids[rid]
@@ -432,97 +379,48 @@ class Router:
         request: web.Request,
         parsed: ParsedRequest,
         start: DecodeStart,
-        backend_rid: str,
-        backends: list[Backend],
+        flight: InFlight,
         headers: dict,
         t0: float,
     ) -> web.StreamResponse:
-        """Relay the decode stream unchanged, counting output events for the snapshot."""
+        """Relay the request's stream to the client across every server it runs on (`relay.StreamRelay`),
+        counting output events for the snapshot."""
         assert start.response is not None and self.client is not None
-        tracked = self.state.requests[backend_rid]
+        tracked = self.state.requests[flight.rid]
         tracked.started = True
         resp = web.StreamResponse(status=start.status, headers=_ctype(start, {**headers, "Cache-Control": "no-cache"}))
-        prev, last = b"", start.first  # the stream's end, for its final usage/meta_info (no copy per chunk)
-        target_response: aiohttp.ClientResponse | None = None
-        migrated = False
+        migratable = not_migratable(parsed.endpoint, parsed.body) is None
+        relay = StreamRelay(flight, resp, tracked, Splicer.for_endpoint(parsed.endpoint) if migratable else None)
         try:
             await resp.prepare(request)
             self.metrics.ttft.labels(parsed.endpoint).observe(time.perf_counter() - t0)
             try:
-                if not_migratable(parsed.endpoint, parsed.body) is None:
-                    # Event by event, so that a migration can end A's part and continue with B's at a token boundary.
-                    splicer = Splicer.for_endpoint(parsed.endpoint)
-                    async for event in _sse_events(start.first, start.response):
-                        if migrated:
-                            continue  # A's events after its end (usage, [DONE]): B's end the client's stream
-                        m = self.migrations.get(backend_rid)
-                        obj = _event_json(event) if m is not None else None
-                        if obj is not None and splicer.is_source_end(obj, m.state == "committed"):
-                            migrated = True
-                            end = splicer.source_end(obj)
-                            if end is None:
-                                continue
-                            event = b"data: " + orjson.dumps(end) + b"\n\n"
-                        tracked.generated += _count_events(event)
-                        prev, last = last, event
-                        await resp.write(event)
-                    if migrated:
-                        target_response = await self.migrations[backend_rid].target_response
-                        async for event in _sse_events(b"", target_response):
-                            obj = _event_json(event)
-                            if obj is not None:
-                                obj = splicer.target(obj)
-                                if obj is None:
-                                    continue
-                                event = b"data: " + orjson.dumps(obj) + b"\n\n"
-                            tracked.generated += _count_events(event)
-                            prev, last = last, event
-                            await resp.write(event)
-                else:
-                    tracked.generated += _count_events(start.first)
-                    await resp.write(start.first)
-                    async for chunk in start.response.content.iter_any():
-                        tracked.generated += _count_events(chunk)
-                        prev, last = last, chunk
-                        await resp.write(chunk)
+                await relay.run(start.first, start.response)
             except (
                 aiohttp.ClientPayloadError,
                 aiohttp.ServerDisconnectedError,
                 aiohttp.ClientOSError,  # the decode server's connection reset (it died)
                 asyncio.TimeoutError,
+                HopFailed,
             ) as e:
-                # Tokens already went out: no retry possible. Say so in-band (SGLang's shape), clean up both servers.
+                # Tokens already went out: no retry possible. Say so in-band (SGLang's shape), clean up everywhere.
                 log.warning("rid=%s decode stream broke: %r", request[RID], e)
-                self.client.abort(backend_rid, self._servers_of(backend_rid, backends))
+                self._abort_everywhere(flight)
                 self.metrics.aborts.labels("backend_stream_error").inc()
-                if _SSE_DONE not in last:  # unless the stream had in fact ended
-                    err = APIError(502, f"decode server stream failed: {type(e).__name__}")
-                    await resp.write(err.stream_event(parsed.endpoint))
+                if SSE_DONE not in relay.last:  # unless the stream had in fact ended
+                    message = str(e) if isinstance(e, HopFailed) else f"decode server stream failed: {type(e).__name__}"
+                    await resp.write(APIError(502, message).stream_event(parsed.endpoint))
             else:
-                decode = self.state.decodes[tracked.decode]
+                tail, events = relay.prev + relay.last, tracked.generated
                 self._record_head_error(
-                    backend_rid, decode, lambda: _stream_tokens(prev + last, tracked.generated, parsed.endpoint)
+                    flight.backend_rid,
+                    flight.decode,
+                    lambda: _stream_tokens(tail, events, parsed.endpoint),
                 )
         finally:
-            start.response.close()
-            if target_response is not None:
-                target_response.close()
+            relay.close()
         await resp.write_eof()
         return resp
-
-    async def _spliced_answer(self, endpoint: str, backend_rid: str, start: DecodeStart, headers: dict) -> web.Response:
-        """A non-streaming answer of a request that may have moved: A's part continued with B's whole answer."""
-        m = self.migrations[backend_rid]
-        a = orjson.loads(start.first)
-        splicer = Splicer.for_endpoint(endpoint)
-        if m.target_response is None or not splicer.is_source_end(a, m.state == "committed"):
-            return web.Response(body=start.first, status=start.status, headers=_ctype(start, headers))
-        async with await m.target_response as b_resp:
-            b_body = await b_resp.read()
-            if b_resp.status != 200:
-                return web.Response(body=b_body, status=b_resp.status, content_type="application/json")
-        out = splicer.answer(a, orjson.loads(b_body))
-        return web.Response(body=orjson.dumps(out), status=200, headers=_ctype(start, headers))
 
     # -- migration ------------------------------------------------------------------------------------------------
     async def migrate(self, request: web.Request) -> web.Response:
@@ -534,8 +432,7 @@ class Router:
             rid, to = str(body["rid"]), body["to"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             raise APIError(400, 'body must be JSON {"rid": <request id>, "to": <decode name, index or URL>}') from None
-        backend_rid = rid if rid in self.inflight else self.client_rids.get(rid, rid)
-        flight = self.inflight.get(backend_rid)
+        flight = self._flight_of(rid)
         if flight is None:
             raise APIError(404, f"no request {rid!r} is running through this router")
         target = self._decode_named(to)
@@ -544,21 +441,32 @@ class Router:
             raise APIError(409, f"request {rid!r} cannot migrate: {why}")
         if target is flight.decode:
             raise APIError(409, f"request {rid!r} already runs on {target.name}")
-        current = self.migrations.get(backend_rid)
-        if current is not None and current.state not in ("committed", "failed"):
+        current = flight.pending()
+        if current is not None:
             raise APIError(409, f"request {rid!r} is already migrating ({current.mid})")
         m = await self._migrate(flight, target)
         return _json_response(m.record(), status=200 if m.state == "committed" else 409)
 
+    def _flight_of(self, rid: str) -> InFlight | None:
+        """The relayed request `rid` names: a backend rid of any of its hops, or the client's request id."""
+        first = self.hop_rids.get(rid) or self.client_rids.get(rid)
+        return None if first is None else self.inflight.get(first)
+
     async def _migrate(self, flight: InFlight, target: Backend) -> Migration:
-        """Run one migration of `flight` to `target` and record it."""
+        """Run one migration of `flight` to `target` and record it (in the request's moves from its start, so
+        the relay can find the move that ends the hop it reads)."""
         assert self.client is not None
         m = Migration(new_mid(), flight.rid, flight.decode.name, target.name)
-        self.migrations[flight.rid] = m
-        await run_migration(self.client.session, flight, target, self.migration_limits, m)
-        if m.state == "committed":
-            flight.decode = target
-            self.state.move(flight.rid, target.index)
+        flight.moves.append(m)
+        old_rid = flight.backend_rid
+
+        def committed(m: Migration) -> None:
+            # The request now runs on the target under its new rid: the snapshot and the policy's proposals name
+            # it by that rid from here on.
+            self.hop_rids[m.new_rid] = flight.rid
+            self.state.move(old_rid, target.index, new_rid=m.new_rid)
+
+        await run_migration(self.client.session, flight, target, self.migration_limits, m, on_commit=committed)
         record = m.record()
         log.info("migration %s", " ".join(f"{k}={v}" for k, v in record.items()))
         self.migration_log = [*self.migration_log[-255:], record]
@@ -573,6 +481,11 @@ class Router:
                 proposed = plan_rebalance(self.state.snapshot, self.config.rebalance_policy or self.state.policy)
                 decodes = self.state.decodes
                 eligible = [rid for rid, f in self.inflight.items() if not_migratable(f.endpoint, f.body) is None]
+                # The policy names a request by its rid on the server it runs on now; the gate keeps its history
+                # (moves, cooldown) under the request's first rid, which does not change with its moves.
+                proposed = [
+                    replace(pm, request_id=self.hop_rids.get(str(pm.request_id), pm.request_id)) for pm in proposed
+                ]
                 for pm in self.gate.choose(proposed, eligible, time.monotonic()):
                     flight = self.inflight.get(str(pm.request_id))
                     if flight is None or flight.decode.index != pm.source:
@@ -594,15 +507,13 @@ class Router:
             committed = False
         self.gate.done(pm, committed, time.monotonic())
 
-    def _servers_of(self, backend_rid: str, dispatched: list[Backend]) -> list[Backend]:
-        """The servers that may hold `backend_rid` now: those it was sent to, plus a migration's target."""
-        out = list(dispatched)
-        flight, m = self.inflight.get(backend_rid), self.migrations.get(backend_rid)
-        if flight is not None and flight.decode not in out:
-            out.append(flight.decode)
-        if m is not None and m.state != "failed":
-            out += [d for d in self.state.decodes if d.name == m.target and d not in out]
-        return out
+    def _abort_everywhere(self, flight: InFlight) -> None:
+        """Abort the request on every server that may hold it: the prefill, each hop's server under that hop's rid
+        (a server it left ignores it), a move's target under the rid it has there."""
+        assert self.client is not None
+        self.client.abort(flight.rid, [flight.prefill])
+        for rid, server in flight.placements():
+            self.client.abort(rid, [server])
 
     def _decode_named(self, to: object) -> Backend:
         for d in self.state.decodes:
@@ -702,7 +613,7 @@ def _relay_answer(answer: BackendAnswer, headers: dict) -> web.Response:
 def _answer_tokens(body: bytes) -> tuple[int, str] | None:
     """Output tokens of a whole (non-streamed) answer."""
     try:
-        tokens = _completion_tokens(orjson.loads(body))
+        tokens = completion_tokens(orjson.loads(body))
     except orjson.JSONDecodeError:
         return None
     return None if tokens is None else (tokens, "usage")
@@ -711,7 +622,7 @@ def _answer_tokens(body: bytes) -> tuple[int, str] | None:
 def _stream_tokens(tail: bytes, events: int, endpoint: str) -> tuple[int, str] | None:
     """Output tokens of a finished stream: stated in its last event when it carries usage/meta_info, else counted
     from the relayed events (minus the events that carry no token)."""
-    tokens = _last_event_tokens(tail)
+    tokens = last_event_tokens(tail)
     if tokens is not None:
         return tokens, "usage"
     return max(0, events - _NON_TOKEN_EVENTS.get(endpoint, 0)), "events"

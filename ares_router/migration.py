@@ -15,6 +15,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +23,12 @@ import aiohttp
 import orjson
 
 from ares_router.backends import JSON_HEADERS, bootstrap_fields
-from ares_router.splice import GENERATE
+from ares_router.protocol import GENERATE, MID_PARAM, MIGRATE_CMD_PATH
 from ares_router.state import Backend
 
 log = logging.getLogger("ares_router.migration")
 
-CMD_PATH = "/ares/migrate/cmd"
+FINALIZE_TRIES = 3  # A ends its stream only when told; a lost `out_finalize` would leave the client waiting on A
 
 
 @dataclass(frozen=True)
@@ -41,23 +42,11 @@ class MigrationLimits:
 
 
 @dataclass
-class InFlight:
-    """What the router keeps about a request it relays, for migrating it: its body and where it runs."""
-
-    rid: str
-    endpoint: str
-    body: dict
-    stream: bool
-    prefill: Backend
-    decode: Backend
-
-
-@dataclass
 class Migration:
     """One migration's record (also what `POST /ares/migrate` answers)."""
 
     mid: str
-    rid: str
+    rid: str  # the request's first backend rid
     source: str
     target: str
     state: str = "starting"  # starting | precopy | paused | committed | failed
@@ -65,18 +54,86 @@ class Migration:
     stages: int = 0
     kv_tokens: int = 0
     bytes: int = 0
-    n_output: int = 0  # tokens A produced (B continues with token n_output + 1)
+    n_output: int = 0  # tokens the request had at the switch (the target continues with token n_output + 1)
     t_start: float = field(default_factory=time.monotonic)
     total_s: float | None = None
     pause_s: float | None = None  # from A's pause to B's commit (no token produced meanwhile)
-    committed: asyncio.Event = field(default_factory=asyncio.Event)
+    from_hop: int = 0  # the hop of the request this move ends (`InFlight.hops` index of the source)
+    new_rid: str = field(default_factory=lambda: uuid.uuid4().hex)  # the request's rid on the target
+    target_backend: Backend | None = field(default=None, repr=False)
     target_response: asyncio.Task | None = None  # R's request on B: its `aiohttp.ClientResponse`
 
     def record(self) -> dict:
+        """The record as JSON-able fields (`/ares/migrate`'s answer, `/ares/migrations`, the log line)."""
         keys = ("mid", "rid", "source", "target", "state", "reason", "stages", "kv_tokens", "bytes", "n_output")
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
         out["total_ms"] = None if self.total_s is None else round(self.total_s * 1e3, 2)
         out["pause_ms"] = None if self.pause_s is None else round(self.pause_s * 1e3, 2)
+        return out
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One stretch of a request's life on one decode server, under the backend rid it has there. Every move gives
+    the request a fresh rid on its target (same length, so SGLang's prefix-matching abort still tells them
+    apart): a server the request left may still hold a delayed abort of the old rid (SGLang's tokenizer manager
+    aborts a finished rid again ~2 s later), which must not hit the request if it comes back."""
+
+    rid: str
+    decode: Backend
+
+
+@dataclass
+class InFlight:
+    """What the router keeps about a request it relays, for migrating it: its body, where it ran and runs, and its
+    moves (the relay follows them hop by hop)."""
+
+    rid: str  # the backend rid of the first hop: the request's id towards the client and the router's key for it
+    endpoint: str
+    body: dict
+    stream: bool
+    prefill: Backend
+    hops: list[Hop]
+    moves: list[Migration] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, rid: str, endpoint: str, body: dict, stream: bool, prefill: Backend, decode: Backend) -> InFlight:
+        """A request just dispatched to `decode` under `rid`."""
+        return cls(rid, endpoint, body, stream, prefill, [Hop(rid, decode)])
+
+    @property
+    def decode(self) -> Backend:
+        """The decode server the request runs on now (the latest committed move's target)."""
+        return self.hops[-1].decode
+
+    @property
+    def backend_rid(self) -> str:
+        """The request's rid on the server it runs on now."""
+        return self.hops[-1].rid
+
+    def pending(self, hop: int | None = None) -> Migration | None:
+        """The move of the request from hop `hop` (default: the current one) that has not failed, if any: a move
+        in progress, or (for an earlier hop) the one that ended it."""
+        hop = len(self.hops) - 1 if hop is None else hop
+        for m in reversed(self.moves):
+            if m.from_hop == hop and m.state != "failed":
+                return m
+        return None
+
+    def committed_from(self, hop: int, mid: str | None = None) -> Migration | None:
+        """The committed move that ended hop `hop` (and has id `mid`, when given)."""
+        m = self.pending(hop)
+        if m is None or m.state != "committed" or (mid is not None and m.mid != mid):
+            return None
+        return m
+
+    def placements(self) -> list[tuple[str, Backend]]:
+        """Every (rid, decode server) pair that may hold the request now: its hops (a server it left may still be
+        ending it) and a move's target that has not committed yet."""
+        out = [(h.rid, h.decode) for h in self.hops]
+        m = self.pending()
+        if m is not None and m.state != "committed":
+            out.append((m.new_rid, m.target_backend))
         return out
 
 
@@ -92,7 +149,7 @@ async def command(session: aiohttp.ClientSession, server: Backend, msg: dict, ti
     """One migration command to a decode server; its answer, or MigrationFailed naming the server and reason."""
     try:
         async with session.post(
-            server.url + CMD_PATH, data=orjson.dumps(msg), headers=JSON_HEADERS,
+            server.url + MIGRATE_CMD_PATH, data=orjson.dumps(msg), headers=JSON_HEADERS,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:  # fmt: skip
             body = await resp.read()
@@ -109,27 +166,36 @@ async def command(session: aiohttp.ClientSession, server: Backend, msg: dict, ti
 
 
 async def run_migration(
-    session: aiohttp.ClientSession, flight: InFlight, target: Backend, limits: MigrationLimits, m: Migration
+    session: aiohttp.ClientSession,
+    flight: InFlight,
+    target: Backend,
+    limits: MigrationLimits,
+    m: Migration,
+    on_commit: Callable[[Migration], None] | None = None,
 ) -> None:
-    """Move `flight` from its decode server to `target`; on return `m.state` is `committed` or `failed`."""
-    source = flight.decode
+    """Move `flight` from its decode server to `target`; on return `m.state` is `committed` or `failed`. At B's
+    commit (before A is told to end its stream) the request gains its new hop and `on_commit` runs: from then on
+    it runs on B, whatever happens to A's stream."""
+    source, source_rid = flight.decode, flight.backend_rid
     mid = m.mid
+    m.from_hop, m.target_backend = len(flight.hops) - 1, target
     paused = False
     try:
         begin = await command(
-            session, source, {"cmd": "out_begin", "mid": mid, "rid": flight.rid, "endpoint": flight.endpoint}
+            session, source, {"cmd": "out_begin", "mid": mid, "rid": source_rid, "endpoint": flight.endpoint}
         )
         layout = begin["layout"]
         m.state = "precopy"
-        # R's request on B: the client's body, the same backend rid, the migration id; bootstrap fields name the
-        # original prefill with a fresh room, so should B ever not attach it, it fails instead of decoding garbage.
-        body = {**flight.body, **bootstrap_fields(flight.prefill, _rng), "rid": flight.rid}
+        # R's request on B: the client's body under the request's new rid, and the migration id; bootstrap fields
+        # name the original prefill with a fresh room, so should B ever not attach it, it fails instead of decoding
+        # garbage.
+        body = {**flight.body, **bootstrap_fields(flight.prefill, _rng), "rid": m.new_rid}
         if flight.endpoint == GENERATE:
             params = dict(body.get("sampling_params") or {})
-            params["custom_params"] = {**(params.get("custom_params") or {}), "ares_mid": mid}
+            params["custom_params"] = {**(params.get("custom_params") or {}), MID_PARAM: mid}
             body["sampling_params"] = params
         else:  # the OpenAI requests' own `custom_params` end up in the sampling params
-            body["custom_params"] = {**(body.get("custom_params") or {}), "ares_mid": mid}
+            body["custom_params"] = {**(body.get("custom_params") or {}), MID_PARAM: mid}
         m.target_response = asyncio.create_task(
             session.post(target.url + flight.endpoint, data=orjson.dumps(body), headers=JSON_HEADERS)
         )
@@ -173,10 +239,13 @@ async def run_migration(
         m.bytes += committed["last_stage"]["bytes"]
         m.stages += 1
         m.kv_tokens, m.n_output = final["written"], len(final["output_ids"])
+        # Before A's stream ends (A ends it only when told, below): the relay must find the move committed and the
+        # request's new hop in place when it reads A's last event.
         m.state = "committed"
-        m.committed.set()  # before A's stream ends: the relay must find the migration committed
+        flight.hops.append(Hop(m.new_rid, target))
+        if on_commit is not None:
+            on_commit(m)
         m.pause_s = time.monotonic() - t_pause
-        await command(session, source, {"cmd": "out_finalize", "mid": mid})
     except MigrationFailed as e:
         m.state, m.reason = "failed", e.reason
         log.warning("migration %s of %s %s -> %s failed: %s", mid, flight.rid, source.name, target.name, e.reason)
@@ -188,6 +257,24 @@ async def run_migration(
         raise
     finally:
         m.total_s = time.monotonic() - m.t_start
+    if m.state == "committed":
+        await _finalize(session, source, m)
+
+
+async def _finalize(session: aiohttp.ClientSession, source: Backend, m: Migration) -> None:
+    """After B's commit: A ends its stream (with the migrated finish) and frees the request. The move stays
+    committed whatever happens here (B runs the request now); a finalize that keeps failing is logged, and A's
+    stream then ends when A does."""
+    for attempt in range(FINALIZE_TRIES):
+        try:
+            await command(session, source, {"cmd": "out_finalize", "mid": m.mid}, timeout_s=30.0)
+            return
+        except MigrationFailed as e:
+            if "unknown_migration" in e.reason:
+                return  # already finalized (an earlier try whose answer was lost)
+            log.warning("migration %s: out_finalize try %d failed: %s", m.mid, attempt + 1, e.reason)
+            m.reason = f"finalize: {e.reason}"
+            await asyncio.sleep(0.2 * (attempt + 1))
 
 
 async def _undo(session: aiohttp.ClientSession, source: Backend, target: Backend, m: Migration, paused: bool) -> None:

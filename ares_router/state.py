@@ -249,13 +249,18 @@ class RouterState:
             b.dispatched += 1
         return t
 
-    def move(self, rid: str, decode: int) -> None:
-        """A migrated request now runs on `decode` (its tokens so far stay counted)."""
+    def move(self, rid: str, decode: int, new_rid: str | None = None) -> None:
+        """A migrated request now runs on `decode`, under `new_rid` there when given (the rid its new server
+        reports it by); its tokens so far stay counted."""
         t = self.requests.get(rid)
-        if t is None or t.decode == decode:
+        if t is None:
             return
         self.decodes[t.decode].tracked.pop(rid, None)
         self.decodes[t.decode].inflight -= 1
+        if new_rid is not None:
+            del self.requests[rid]
+            t.rid = rid = new_rid
+            self.requests[rid] = t
         t.decode = decode
         self.decodes[decode].tracked[rid] = t
         self.decodes[decode].inflight += 1

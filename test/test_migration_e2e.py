@@ -254,6 +254,198 @@ def test_non_streaming_completion_moves_and_the_answer_is_assembled(cluster, mod
     assert_idle(cluster)
 
 
+class Mover:
+    """Moves one request along `route` (decode names, one move after the other) from a thread, while the caller
+    reads the request's answer: the first move once the client saw `first_at` tokens, each next one once
+    `gap` more tokens arrived after the previous move's answer (`gap` 0: at once)."""
+
+    def __init__(self, router: str, route: list[str], first_at: int, gap: int):
+        self.router, self.route, self.first_at, self.gap = router, route, first_at, gap
+        self.tokens = 0
+        self.rid: str | None = None
+        self.answers: list[tuple[int, dict]] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run)
+        self._started = False
+
+    def seen(self, rid: str, tokens: int) -> None:
+        """The reader saw `tokens` output tokens of request `rid` so far."""
+        with self._cond:
+            self.rid, self.tokens = rid, tokens
+            self._cond.notify_all()
+        if not self._started and tokens >= self.first_at:
+            self._started = True
+            self._thread.start()
+
+    def _wait_tokens(self, n: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.tokens >= n, timeout=120)
+
+    def _run(self) -> None:
+        for k, to in enumerate(self.route):
+            if k and self.gap:
+                self._wait_tokens(self.tokens + self.gap)
+            self.answers.append(migrate(self.router, self.rid, to))
+            if self.answers[-1][0] != 200:
+                return
+
+    def join(self) -> list[tuple[int, dict]]:
+        if self._started:
+            self._thread.join()
+        return self.answers
+
+
+def _route(source: str, *steps: int) -> list[str]:
+    """Decode names `source` + each step (mod 3): (1, 2, 0) from decode0 is decode1, decode2, decode0."""
+    i = int(source[-1])
+    return [f"decode{(i + step) % 3}" for step in steps]
+
+
+def _check_moves(answers: list[tuple[int, dict]], source: str, route: list[str]) -> None:
+    """Every move committed, each from where the one before took the request."""
+    assert [status for status, _ in answers] == [200] * len(route), answers
+    hops = [source, *route]
+    for k, (_, rec) in enumerate(answers):
+        assert rec["state"] == "committed" and (rec["source"], rec["target"]) == (hops[k], hops[k + 1]), rec
+
+
+def _stream_with_moves(cluster, payload: dict, endpoint: str, steps: tuple[int, ...], first_at: int, gap: int):
+    """Stream `payload` to `endpoint`; move it along `steps` (see `_route`) as it streams. Returns the events,
+    the moves' answers, the source and the route."""
+    events: list[dict] = []
+    mover: Mover | None = None
+    pieces = 0
+    source = route = None
+    for event in stream_events(cluster.router_url + endpoint, payload):
+        events.append(event)
+        if endpoint == "/generate":
+            rid, tokens = event["meta_info"]["id"], event["meta_info"]["completion_tokens"]
+        else:
+            pieces += bool(_openai_text(event))
+            rid, tokens = event["id"], pieces
+        if mover is None and tokens >= 1:
+            source = wait_for(lambda r=rid: where(cluster, r), 30, "the request to show on its server")
+            route = _route(source, *steps)
+            mover = Mover(cluster.router_url, route, first_at, gap)
+        if mover is not None:
+            mover.seen(rid, tokens)
+    assert mover is not None, "the request ended before it could be moved"
+    return events, mover.join(), source, route
+
+
+def _no_internal_message(events: list[dict]) -> None:
+    assert "ares_migrated" not in json.dumps(events)
+
+
+@pytest.mark.parametrize(
+    "steps, gap",
+    [((1, 2), 8), ((1, 2, 0), 8), ((1, 0), 2)],
+    ids=["A-B-C", "A-B-C-A", "A-B-A-at-once"],
+)
+def test_generate_stream_moves_again_and_again_with_the_exact_answer(cluster, prompt, steps, gap):
+    """Two and three moves of one streaming `/generate` request, back to its first server too (right after it left
+    it, the third case: within SGLang's delayed abort of the rid it had there): the client gets one stream with
+    the unmigrated greedy answer token for token, one id, one finish (the last server's), no internal message."""
+    n = 400
+    ref = generate(cluster.router_url, body(prompt, n))
+    events, answers, source, route = _stream_with_moves(cluster, body(prompt, n), "/generate", steps, 10, gap)
+    _check_moves(answers, source, route)
+    assert answers[-1][1]["n_output"] < n  # the last server produced the rest
+    ref["meta_info"]["id"] = events[0]["meta_info"]["id"]
+    check_same_output(events, ref)
+    assert len({e["meta_info"]["id"] for e in events}) == 1
+    _no_internal_message(events)
+    assert_idle(cluster)
+
+
+def _run_moving(cluster, fn, route_steps: tuple[int, ...], min_tokens: int = 8):
+    """Run `fn()` (a non-streamed request) in a thread; move the request along `route_steps` once it runs, each next
+    move once it produced `min_tokens` more tokens on the server it moved to. Returns fn's result and the answers."""
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(fn)
+        source = wait_for(lambda: running(cluster, min_tokens), 60, "the request to run on a decode server")
+        route = _route(source, *route_steps)
+        answers = []
+        for to in route:
+            answers.append(migrate(cluster.router_url, "mig-hops", to))
+            if answers[-1][0] != 200 or len(answers) == len(route):
+                break
+            done = answers[-1][1]["n_output"] + min_tokens
+            wait_for(lambda to=to, done=done: _generated_on(cluster, to) >= done, 60, f"tokens on {to}", 0.05)
+        return fut.result(), answers, source, route
+
+
+def _generated_on(cluster, name: str) -> int:
+    requests = get_json(cluster.decode_urls[int(name[-1])] + "/ares/state")["requests"]
+    return max((r["generated_tokens"] for r in requests), default=0)
+
+
+def test_generate_answer_moved_twice_back_to_its_origin_is_joined(cluster, prompt):
+    n = 300
+    ref = generate(cluster.router_url, body(prompt, n))
+    out, answers, source, route = _run_moving(
+        cluster, lambda: generate(cluster.router_url, {**body(prompt, n), "rid": "mig-hops"}), (1, 0)
+    )
+    _check_moves(answers, source, route)
+    assert out["output_ids"] == ref["output_ids"] and out["text"] == ref["text"]
+    assert out["meta_info"]["completion_tokens"] == n and out["meta_info"]["finish_reason"]["type"] == "length"
+    assert "ares_migrated" not in json.dumps(out)
+    assert_idle(cluster)
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
+def test_openai_streams_move_three_times_with_the_exact_answer(cluster, model, endpoint):
+    """A -> B -> C -> A on the OpenAI streams: the text of an unmigrated run, one id and `created`, one role chunk
+    (chat), one finish, the last server's usage counting every token."""
+    n = 300
+    if endpoint == "/v1/chat/completions":
+        payload = chat_body(model, n)
+    else:
+        payload = {"model": model, "prompt": "Once upon a time", "max_tokens": n, "temperature": 0,
+                   "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    ref = list(stream_events(cluster.router_url + endpoint, payload))
+    events, answers, source, route = _stream_with_moves(cluster, payload, endpoint, (1, 2, 0), 10, 8)
+    _check_moves(answers, source, route)
+    assert "".join(map(_openai_text, events)) == "".join(map(_openai_text, ref))
+    assert len({e["id"] for e in events}) == 1 and len({e["created"] for e in events}) == 1
+    if endpoint == "/v1/chat/completions":
+        roles = [e for e in events if e["choices"] and (e["choices"][0]["delta"] or {}).get("role")]
+        assert len(roles) == 1 and roles[0] is events[0]
+    finishes = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert finishes == ["length"]
+    usage = events[-1]["usage"]
+    assert usage["completion_tokens"] == n and usage["prompt_tokens"] == ref[-1]["usage"]["prompt_tokens"]
+    _no_internal_message(events)
+    assert_idle(cluster)
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
+def test_openai_answers_moved_twice_are_joined(cluster, model, endpoint):
+    n = 200
+    if endpoint == "/v1/chat/completions":
+        payload = {k: v for k, v in chat_body(model, n).items() if k != "stream_options"}
+    else:
+        payload = {"model": model, "prompt": "Once upon a time", "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    status, _, raw = request(cluster.router_url + endpoint, payload, timeout=600)
+    assert status == 200, raw[:300]
+    ref = json.loads(raw)
+    (out_status, _, raw), answers, source, route = _run_moving(
+        cluster, lambda: request(cluster.router_url + endpoint, {**payload, "rid": "mig-hops"}, None, 600), (1, 2)
+    )
+    _check_moves(answers, source, route)
+    assert out_status == 200, raw[:300]
+    out = json.loads(raw)
+    assert _answer_text(out) == _answer_text(ref) and out["usage"] == ref["usage"]
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert b"ares_migrated" not in raw
+    assert_idle(cluster)
+
+
+def _answer_text(answer: dict) -> str:
+    choice = answer["choices"][0]
+    return (choice.get("message") or {}).get("content") or choice.get("text") or ""
+
+
 def test_bad_migration_requests_get_clear_errors(cluster, prompt):
     assert request(cluster.router_url + "/ares/migrate", b"not json")[0] == 400
     status, _, raw = request(cluster.router_url + "/ares/migrate", {"rid": "nobody", "to": "decode1"})

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from ares.migration.pages import page_pairs, page_runs, read_batch, split_batches, stage_end
 from ares_router.link_profile import fit_profile, get_link_profile
-from ares_router.migration import Migration
+from ares_router.migration import Hop, InFlight, Migration
 from ares_router.policy import Migration as PolicyMigration
 from ares_router.poller import parse_ares_state
 from ares_router.rebalancer import RebalanceGate, RebalanceLimits
 from ares_router.splice import Splicer, not_migratable
-from ares_router.state import RouterState
+from ares_router.state import Backend, RouterState
 
 
 def test_stage_sends_complete_pages_only():
@@ -50,52 +51,76 @@ def test_reads_are_split_to_fit_the_transport_queue():
     assert split_batches([], [], []) == []
 
 
-def test_splicer_continues_b_after_a():
-    a_end = {
-        "text": "Hello wor",
-        "output_ids": [1, 2, 3],
-        "meta_info": {
-            "id": "r",
-            "completion_tokens": 3,
-            "finish_reason": {"type": "abort", "message": "ares_migrated:m"},
-        },
+def _gen(text: str, ids: list[int], rid: str, tokens: int, finish: dict | None) -> dict:
+    return {
+        "text": text,
+        "output_ids": ids,
+        "meta_info": {"id": rid, "completion_tokens": tokens, "finish_reason": finish},
     }
+
+
+def _moved(mid: str) -> dict:
+    return {"type": "abort", "message": f"ares_migrated:{mid}"}
+
+
+def test_generate_splice_follows_every_hop():
+    """A -> B -> C: each hop's cumulative text and ids come after those of every hop before, under A's id; the
+    internal end messages never reach the client; the counts and finish are the last server's."""
     s = Splicer.for_endpoint("/generate")
-    assert s.is_source_end(a_end, committed=True)
-    assert not s.is_source_end({"meta_info": {"finish_reason": {"type": "abort", "message": "Aborted"}}}, True)
-    assert not s.is_source_end({"meta_info": {"finish_reason": None}}, True)
-    relayed = s.source_end(a_end)
+    a1 = _gen("Hel", [1], "ra", 1, None)
+    assert not s.ends_hop(a1) and s.event(a1, b"raw") == b"raw"  # hop 0 passes as received
+    a_end = _gen("Hello wo", [1, 2, 3], "ra", 3, _moved("m1"))
+    assert s.ends_hop(a_end) and s.migration_id(a_end) == "m1" and s.is_internal(a_end)
+    assert not s.ends_hop(_gen("", [], "ra", 3, {"type": "abort", "message": "Aborted"}))
+    relayed = orjson.loads(s.end_hop(a_end))
     assert relayed["meta_info"]["finish_reason"] is None and relayed["output_ids"] == [1, 2, 3]
     assert a_end["meta_info"]["finish_reason"] is not None  # the input is not changed
-    b = {
-        "text": "ld!",
-        "output_ids": [4, 5],
-        "meta_info": {"completion_tokens": 5, "finish_reason": {"type": "length"}},
-    }
-    out = s.target(b)
-    assert out["text"] == "Hello world!" and out["output_ids"] == [1, 2, 3, 4, 5]
-    assert out["meta_info"] == b["meta_info"]
+    assert s.hop == 1
+    b1 = orjson.loads(s.event(_gen('rld "q"\n', [4], "rb", 4, None), b""))
+    assert b1 == _gen('Hello world "q"\n', [1, 2, 3, 4], "ra", 4, None)  # escaped text spliced as JSON
+    b_end = _gen('rld "q"\n!', [4, 5], "rb", 5, _moved("m2"))
+    assert s.migration_id(b_end) == "m2"
+    assert orjson.loads(s.end_hop(b_end))["text"] == 'Hello world "q"\n!'
+    c = orjson.loads(s.event(_gen(" ok", [6], "rc", 6, {"type": "length"}), b""))
+    assert c == _gen('Hello world "q"\n! ok', [1, 2, 3, 4, 5, 6], "ra", 6, {"type": "length"})
+    empty = orjson.loads(s.event(_gen("", [], "rc", 5, None), b""))  # the prebuilt step's empty chunk
+    assert empty["output_ids"] == [1, 2, 3, 4, 5] and empty["text"] == 'Hello world "q"\n!'
 
 
-def _chat_chunk(delta: dict, finish: str | None = None, created: int = 100, usage: dict | None = None) -> dict:
+def test_generate_answers_are_joined_across_every_hop():
+    parts = [
+        _gen("Hel", [1], "ra", 1, _moved("m1")),
+        _gen("lo ", [2], "rb", 2, _moved("m2")),
+        _gen("you", [3], "rc", 3, {"type": "length"}),
+    ]
+    out = Splicer.for_endpoint("/generate").answer(parts)
+    assert out == _gen("Hello you", [1, 2, 3], "ra", 3, {"type": "length"})
+
+
+def _chat_chunk(
+    delta: dict, finish: str | None = None, created: int = 100, usage: dict | None = None, rid: str = "r"
+) -> dict:
     return {
-        "id": "r", "object": "chat.completion.chunk", "created": created, "model": "m",
+        "id": rid, "object": "chat.completion.chunk", "created": created, "model": "m",
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": usage,
     }  # fmt: skip
 
 
-def test_chat_stream_splice_drops_a_finish_and_b_role_chunk():
+def test_chat_stream_splice_drops_each_hop_end_and_later_role_chunks():
     s = Splicer.for_endpoint("/v1/chat/completions")
     a_finish = _chat_chunk({}, "abort")
-    assert not s.is_source_end(a_finish, committed=False)  # a client abort is not the migration's end
-    assert s.is_source_end(a_finish, committed=True)
-    assert not s.is_source_end(_chat_chunk({"content": "x"}), committed=True)
-    assert s.source_end(a_finish) is None  # nothing of it reaches the client
-    assert s.target(_chat_chunk({"role": "assistant", "content": ""}, created=200)) is None
-    b = s.target(_chat_chunk({"content": " world"}, created=200))
-    assert b["choices"][0]["delta"] == {"content": " world"} and b["created"] == 100
-    b_end = s.target(_chat_chunk({}, "length", created=200, usage={"completion_tokens": 9}))
-    assert b_end["choices"][0]["finish_reason"] == "length" and b_end["usage"] == {"completion_tokens": 9}
+    assert s.ends_hop(a_finish) and s.migration_id(a_finish) is None and not s.is_internal(a_finish)
+    assert not s.ends_hop(_chat_chunk({"content": "x"}))
+    assert s.end_hop(a_finish) is None and s.hop == 1  # nothing of it reaches the client
+    assert s.event(_chat_chunk({"role": "assistant", "content": ""}, created=200, rid="b"), b"") is None
+    b = orjson.loads(s.event(_chat_chunk({"content": " world"}, created=200, rid="b"), b""))
+    assert b["choices"][0]["delta"] == {"content": " world"} and (b["created"], b["id"]) == (100, "r")
+    b_last = orjson.loads(s.end_hop(_chat_chunk({"content": "!"}, "abort", created=200, rid="b")))
+    assert b_last["choices"][0] == {"index": 0, "delta": {"content": "!"}, "finish_reason": None}
+    assert s.event(_chat_chunk({"role": "assistant"}, created=300, rid="c"), b"") is None
+    c_end = orjson.loads(s.event(_chat_chunk({}, "length", created=300, usage={"completion_tokens": 9}, rid="c"), b""))
+    assert c_end["choices"][0]["finish_reason"] == "length" and c_end["usage"] == {"completion_tokens": 9}
+    assert (c_end["id"], c_end["created"]) == ("r", 100)
 
 
 def test_chat_and_completion_answers_are_joined():
@@ -103,20 +128,55 @@ def test_chat_and_completion_answers_are_joined():
     a_choice = {"message": {"role": "assistant", "content": "Hel"}, "finish_reason": "abort"}
     a = {"id": "r", "created": 1, "choices": [a_choice]}
     b = {
-        "id": "r", "created": 2, "usage": {"completion_tokens": 5},
-        "choices": [{"message": {"role": "assistant", "content": "lo"}, "finish_reason": "stop"}],
+        "id": "s",
+        "created": 2,
+        "choices": [{"message": {"role": "assistant", "content": "lo"}, "finish_reason": "abort"}],
+    }
+    c = {
+        "id": "t", "created": 3, "usage": {"completion_tokens": 5},
+        "choices": [{"message": {"role": "assistant", "content": " you"}, "finish_reason": "stop"}],
     }  # fmt: skip
-    assert chat.is_source_end(a, committed=True)
-    out = chat.answer(a, b)
-    assert out["choices"][0]["message"]["content"] == "Hello" and out["choices"][0]["finish_reason"] == "stop"
-    assert out["created"] == 1 and out["usage"] == {"completion_tokens": 5}
+    assert chat.ends_hop(a)
+    out = chat.answer([a, b, c])
+    assert out["choices"][0]["message"]["content"] == "Hello you" and out["choices"][0]["finish_reason"] == "stop"
+    assert (out["id"], out["created"]) == ("r", 1) and out["usage"] == {"completion_tokens": 5}
     comp = Splicer.for_endpoint("/v1/completions")
     a_ev = {"id": "r", "created": 1, "choices": [{"index": 0, "text": "lo", "finish_reason": "abort"}]}
-    relayed = comp.source_end(a_ev)  # the last token's text stays, its finish goes
+    relayed = orjson.loads(comp.end_hop(a_ev))  # the last token's text stays, its finish goes
     assert relayed["choices"][0] == {"index": 0, "text": "lo", "finish_reason": None, "matched_stop": None}
     ca = {"id": "r", "created": 1, "choices": [{"text": "Hel", "finish_reason": "abort"}]}
-    cb = {"id": "r", "created": 3, "choices": [{"text": "lo", "finish_reason": "length"}]}
-    assert Splicer.for_endpoint("/v1/completions").answer(ca, cb)["choices"][0]["text"] == "Hello"
+    cb = {"id": "x", "created": 3, "choices": [{"text": "lo", "finish_reason": "length"}]}
+    joined = Splicer.for_endpoint("/v1/completions").answer([ca, cb])
+    assert joined["choices"][0]["text"] == "Hello" and joined["id"] == "r"
+
+
+def test_inflight_finds_the_move_that_ended_each_hop():
+    d0, d1, d2 = (Backend("decode", i, f"http://d{i}") for i in range(3))
+    flight = InFlight.create("r0", "/generate", {}, True, Backend("prefill", 0, "http://p"), d0)
+    m1 = Migration("m1", "r0", "decode0", "decode1", state="failed", from_hop=0, new_rid="x")
+    m2 = Migration("m2", "r0", "decode0", "decode1", state="precopy", from_hop=0, new_rid="r1", target_backend=d1)
+    flight.moves += [m1, m2]
+    assert flight.pending() is m2 and flight.committed_from(0) is None
+    assert flight.placements() == [("r0", d0), ("r1", d1)]  # a move in progress: both may hold it
+    m2.state = "committed"
+    flight.hops.append(Hop("r1", d1))
+    assert flight.committed_from(0) is m2 and flight.committed_from(0, "m1") is None and flight.pending() is None
+    assert (flight.decode, flight.backend_rid) == (d1, "r1")
+    m3 = Migration("m3", "r0", "decode1", "decode2", state="committed", from_hop=1, new_rid="r2", target_backend=d2)
+    flight.moves.append(m3)
+    flight.hops.append(Hop("r2", d2))
+    assert flight.committed_from(1, "m3") is m3 and flight.committed_from(0) is m2
+
+
+def test_state_move_renames_the_tracked_request():
+    state = RouterState.create([("http://p", 1)], ["http://d0", "http://d1"], "round_robin")
+    state.start("r0", 0, 0, 10, 20)
+    state.move("r0", 1, new_rid="r1")
+    assert set(state.requests) == {"r1"} and state.requests["r1"].rid == "r1"
+    assert "r1" in state.decodes[1].tracked and not state.decodes[0].tracked
+    assert (state.decodes[0].inflight, state.decodes[1].inflight) == (0, 1)
+    state.finish("r1")
+    assert not state.requests and state.decodes[1].inflight == 0
 
 
 def test_requests_whose_state_lives_in_the_http_handler_do_not_migrate():
