@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from provenance import record
-from sim_map import cell_spec, code_hash
+from sim_map import cell_spec, code_hash, native_hour
 
-from ares.sim.bounds import POOLED_BOUND
+from ares.sim.bounds import POOLED_BOUND, fluid_bound
 from ares.sim.cli import DEFAULT_ACCURACY, add_sim_arguments, spec_from_args
 from ares.sim.sweep import capacity_rate, find_goodput, mean_ci95, paired_ratio, run_point
 
@@ -96,6 +96,8 @@ def main() -> int:
         ref_rate = ref["goodput"][head]["rate"] or ref["goodput"][head]["lo"]
         cell: dict = {"concurrency": c, "kv_capacity_tokens": spec.config.cost.kv_capacity_tokens,
                       "bound_goodput": ref["goodput"], "reference_rps": ref_rate, "at_load": {}}  # fmt: skip
+        # the provable bound (`bounds.fluid_bound`) on the hour of the workload the cell's runs are drawn like
+        cell["fluid_bound"] = fluid_bound(native_hour(spec.workload, spec.seed), spec.config, attainment=0.9)
         for x in loads:
             rows: dict[str, dict[str, list[dict]]] = {}
             for pol in [*policies, POOLED_BOUND]:
@@ -178,8 +180,13 @@ def markdown(doc: dict) -> str:
         "",
     ]
     for cell in doc["cells"]:
+        fb = cell.get("fluid_bound")
         lines += [f"## C = {cell['concurrency']:g} (KV {cell['kv_capacity_tokens']} tokens per instance), "
-                  f"reference {cell['reference_rps']:.3f} req/s", ""]  # fmt: skip
+                  f"reference {cell['reference_rps']:.3f} req/s", "",
+                  "Bounds on goodput at 90% attainment, req/s: pooled (simulated, SGLang's rule, seed "
+                  f"{doc['seeds'][0]}): " + ", ".join(f"{s} {g['label']}" for s, g in cell["bound_goodput"].items())
+                  + ("" if fb is None else f"; fluid (provable, per-instance pools): {fb['rate']:.3f} "
+                     f"(binding: {fb['binding']}; KV-time alone {fb['constraints']['kv']:.3f})"), ""]  # fmt: skip
         for x, block in cell["at_load"].items():
             lines += [f"### load {x} x reference", "",
                       "| policy | admission | attainment | good req/s | P99 TPOT ms | retractions | finished |",

@@ -23,9 +23,21 @@ def _work(prompts, outs) -> Workload:
 def test_small_requests_are_bound_by_kv_time():
     # p = 100, o = 11: 10 decode steps with x = 100 .. 109 KV tokens, 10 ms each: 10.45 token-seconds. One
     # instance of 1000 tokens: lambda <= 1000 / 10.45 = 95.7 req/s; no step is above C / 2.
+    # (With b = c = 0 the instance-time constraint says the same: 1045 KV-token-steps need 1.045 full steps.)
     b = fluid_bound(_work([100] * 4, [11] * 4), SimConfig(n_decode=1, cost=FLAT, reserve_tokens=0), attainment=1.0)
-    assert b["constraints"]["kv"] == pytest.approx(1000 / 10.45)
-    assert b["binding"] == "kv" and b["constraints"]["k1"] == np.inf
+    assert b["constraints"]["kv"] == pytest.approx(1000 / 10.45) and b["rate"] == pytest.approx(1000 / 10.45)
+    assert b["constraints"]["time"] == pytest.approx(1000 / 10.45) and b["constraints"]["k1"] == np.inf
+
+
+def test_instance_time_binds_when_steps_cost_per_token():
+    # a = 10 ms, b = 1 ms per request, c = 10 us per KV token. p = 100, o = 11: 10 steps, X = 1045 KV-token-steps.
+    # Time: 0.01 x 1045 / 1000 + 0.001 x 10 + 1e-5 x 1045 = 0.0309 s per request: lambda <= 32.36. KV-time:
+    # sum of x (0.011 + 1e-5 x) = 0.011 x 1045 + 1e-5 x 109285 = 12.588 token-s: lambda <= 79.4.
+    cost = CostModel("lin", 0.01, 0.001, 1e-5, 0.0, 0.0, 1000, 1.0, 1e30, 0.0)
+    b = fluid_bound(_work([100] * 4, [11] * 4), SimConfig(n_decode=1, cost=cost, reserve_tokens=0), attainment=1.0)
+    assert b["constraints"]["time"] == pytest.approx(1 / 0.0309)
+    assert b["constraints"]["kv"] == pytest.approx(1000 / 12.58785)
+    assert b["binding"] == "time"
 
 
 def test_per_instance_capacity_binds_where_the_pool_would_pack():
@@ -36,7 +48,7 @@ def test_per_instance_capacity_binds_where_the_pool_would_pack():
         b = fluid_bound(_work([400] * 4, [11] * 4), SimConfig(n_decode=d, cost=FLAT, reserve_tokens=0), 1.0)
         assert b["constraints"]["k2"] == pytest.approx(2 * d / 0.1)
         assert b["constraints"]["kv"] == pytest.approx(d * 1000 / 40.45)
-        assert b["binding"] == "k2" and b["rate"] == pytest.approx(20 * d)
+        assert b["rate"] == pytest.approx(20 * d) and b["constraints"]["time_k2"] == pytest.approx(20 * d)
 
 
 def test_attainment_counts_only_the_cheapest_requests():
@@ -71,5 +83,9 @@ def test_simulated_schedules_respect_the_bounds_resource_facts(policy):
     span = res.end_time
     assert dem["kv_time"].sum() <= 2 * cost.kv_capacity_tokens * span
     assert np.all(dem["above"].sum(axis=1) <= ks * 2 * span)
+    a, b, c, cap = cost.step_base_s, cost.step_per_request_s, cost.step_per_kv_token_s, cost.kv_capacity_tokens
+    linear = b * dem["steps"].sum() + c * dem["kv_steps"].sum()
+    assert a * dem["kv_steps"].sum() / cap + linear <= 2 * span
+    assert np.all(a * dem["above_steps"].sum(axis=1) / ks + linear <= 2 * span)
     # and the bound's rate is a rate: finished requests per second over the run stay under it at full attainment
     assert done.sum() / span <= fluid_bound(work, cfg, attainment=1.0)["rate"]

@@ -97,11 +97,18 @@ def request_demands(prompt: np.ndarray, output: np.ndarray, cost: CostModel, thr
     a1, c = cost.step_base_s + cost.step_per_request_s, cost.step_per_kv_token_s
     lo, hi = prompt, prompt + output - 2  # KV before each decode step (the first token comes from prefill)
     kv_time = a1 * _sum_range(lo, hi, 1) + c * _sum_range(lo, hi, 2)
-    above = []
+    above, above_steps = [], []
     for th in thresholds:
         start = np.maximum(lo, np.floor(th) + 1)
         above.append(a1 * _sum_range(start, hi, 0) + c * _sum_range(start, hi, 1))
-    return {"kv_time": kv_time, "above": np.array(above)}
+        above_steps.append(_sum_range(start, hi, 0))
+    return {
+        "kv_time": kv_time,
+        "above": np.array(above),
+        "steps": np.maximum(output - 1, 0),
+        "kv_steps": _sum_range(lo, hi, 1),
+        "above_steps": np.array(above_steps),
+    }
 
 
 def _cheapest_mean(w: np.ndarray, q: float) -> float:
@@ -109,6 +116,10 @@ def _cheapest_mean(w: np.ndarray, q: float) -> float:
     least, per arriving request."""
     k = max(1, math.ceil(q * w.size))
     return float(np.sort(w)[:k].sum() / w.size)
+
+
+def _rate(capacity: float, cost_per_request: float) -> float:
+    return math.inf if cost_per_request <= 0 else capacity / cost_per_request
 
 
 def fluid_bound(work, cfg: SimConfig, attainment: float = 0.9, k_max: int = 32) -> dict:
@@ -128,19 +139,26 @@ def fluid_bound(work, cfg: SimConfig, attainment: float = 0.9, k_max: int = 32) 
           the left side is at most the integral of all instances' KV over the window, fact 2);
     (k)   for k = 1 .. k_max, with threshold theta_k = C / (k + 1): at most k requests of more than theta_k tokens
           fit one pool at once ((k + 1) theta_k = C), so at most k such steps run on an instance at any instant and
-          sum over S of u_ik <= k D H', where u_ik = the duration bound of i's steps with x > theta_k.
-    Let requests arrive at rate lambda for a time H, and let S be those that meet their SLOs, |S| >= q lambda H
+          sum over S of u_ik <= k D H', where u_ik = the duration bound of i's steps with x > theta_k;
+    (T)   the instances' busy time is at most D H', and a step with n requests and K tokens lasts a + b n + c K:
+          summed over steps, a (number of steps) + b (tokens) + c (KV-token-steps). One step holds at most C
+          tokens and at most k requests above theta_k, so the number of steps is at least (KV-token-steps) / C and
+          at least (steps above theta_k) / k: sum over S of (a X_i / C + b (o_i - 1) + c X_i) <= D H', X_i = sum
+          of i's x, and the same with a X_i / C replaced by a (i's steps above theta_k) / k ("time_k<k>").
+    Let requests arrive at rate lambda for a time H and let S be those that meet their SLOs, |S| >= q lambda H
     (q = `attainment`). Every SLO bounds TTFT and TPOT, so S's steps lie in [0, H + L] with L the longest SLO-
     meeting latency, independent of H. For each constraint, the sum over S is at least the sum of the cheapest
     q lambda H demands; as H grows (the request mix is the workload's sample, and L / H -> 0),
-        lambda <= D C / m_q(w)   and   lambda <= k D / m_q(u_k)   for every k,
+        lambda <= D C / m_q(w),   lambda <= k D / m_q(u_k) for every k,   and the same for (T),
     m_q(v) = (the sum of the ceil(q n) smallest of the sample's n values of v) / n. The bound is the smallest of
     these rates. The pooled bound (one instance of D C tokens) may exceed it or fall below it (it has latency SLOs
     and queues; this one counts resources only): where the pooled bound is higher, no policy can sustain it;
     neither bound says a policy can reach it. Constraint (k) is what the pooled instance lacks: there two requests
     of 0.6 C tokens each fit together. The step-time lower bound is the cost model's (a + b n + c K), so on a real
-    server the bound holds as far as that model does. Returns the bound and the rate of each constraint ("kv",
-    "k1", "k2", ...), req/s.
+    server the bound holds as far as that model does. With q < 1 a schedule may give up the most expensive
+    requests, which on heavy-tailed outputs carry most of the work: the bound is then far looser (it is a bound on
+    any policy, including one that starves the longest tenth). Returns the bound and the rate of each constraint
+    ("kv", "k1", ..., "time", "time_k1", ...), req/s.
     """
     if not 0 < attainment <= 1:
         raise ValueError(f"attainment must be in (0, 1], got {attainment}")
@@ -150,7 +168,14 @@ def fluid_bound(work, cfg: SimConfig, attainment: float = 0.9, k_max: int = 32) 
     dem = request_demands(prompt, out, cfg.cost, cap / (ks + 1))
     rates = {"kv": d * cap / _cheapest_mean(dem["kv_time"], attainment)}
     for k, u in zip(ks, dem["above"], strict=True):
-        cost = _cheapest_mean(u, attainment)
-        rates[f"k{k}"] = math.inf if cost <= 0 else k * d / cost
+        rates[f"k{k}"] = _rate(k * d, _cheapest_mean(u, attainment))
+    # (T) instance time: every step costs a + b n + c K, so the steps' time sums to a x (steps) + b x (tokens) +
+    # c x (KV-token-steps); an instance's step holds at most C KV tokens and at most k tokens-above-C/(k+1)
+    # requests, so the number of steps is at least (KV-token-steps) / C and at least (steps above C/(k+1)) / k.
+    a, b, c = cfg.cost.step_base_s, cfg.cost.step_per_request_s, cfg.cost.step_per_kv_token_s
+    linear = b * dem["steps"] + c * dem["kv_steps"]
+    rates["time"] = _rate(d, _cheapest_mean(a * dem["kv_steps"] / cap + linear, attainment))
+    for k, n_above in zip(ks, dem["above_steps"], strict=True):
+        rates[f"time_k{k}"] = _rate(d, _cheapest_mean(a * n_above / k + linear, attainment))
     binding = min(rates, key=rates.get)
     return {"rate": rates[binding], "binding": binding, "constraints": rates, "attainment": attainment}
