@@ -1,7 +1,8 @@
 """ARES router overhead: added latency on loopback, and policy decision time at scale.
 
-1. Added latency. A loopback backend process answers SGLang's endpoints instantly (prefill and decode roles on two
-   ports; the decode role returns a fixed OpenAI chat completion, streamed as `--stream-chunks` SSE events or whole).
+1. Added latency. A loopback backend process (`router_loopback.py`) answers SGLang's endpoints instantly (prefill
+   and decode roles on two ports; the decode role returns a fixed OpenAI chat completion, streamed as
+   `--stream-chunks` SSE events or whole).
    The real router (`python -m ares_router`, its own process) sits in front of it. One client sends requests one at
    a time, alternating direct-to-decode and through-the-router, in the same run; the difference is what the router
    adds (validation, policy, bootstrap, the concurrent prefill request, relaying). Backend time is ~0 by design, so
@@ -30,97 +31,17 @@ from pathlib import Path
 
 import numpy as np
 from provenance import record
+from router_loopback import HOST, start_backend, stop, wait_http
 
-from ares.cluster.launcher import free_ports, stop_groups
+from ares.cluster.launcher import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmark" / "results"
-HOST = "127.0.0.1"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loopback backend (runs in its own process: `router_overhead.py --loopback-backend PREFILL_PORT DECODE_PORT`)
-# ---------------------------------------------------------------------------------------------------------------
-def _completion_chunk(i: int) -> bytes:
-    delta = {"content": f"tok{i} "}
-    chunk = {"id": "x", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": delta}]}
-    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
-
-
-async def _loopback_backend(prefill_port: int, decode_port: int, chunks: int) -> None:
-    from aiohttp import web
-
-    usage = {"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks}
-    message = {"role": "assistant", "content": " ".join(f"tok{i}" for i in range(chunks))}
-    whole = json.dumps(
-        {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": message}], "usage": usage}
-    ).encode()
-    streams = {  # a PD prefill server answers with its single token; the decode server streams the rest
-        prefill_port: [_completion_chunk(0), b"data: [DONE]\n\n"],
-        decode_port: [_completion_chunk(i) for i in range(chunks)] + [b"data: [DONE]\n\n"],
-    }
-    loads = json.dumps(
-        {"loads": [{"num_running_reqs": 0, "num_used_tokens": 0, "max_total_num_tokens": 100000}]}
-    ).encode()
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        if not body.get("stream"):
-            return web.Response(body=whole, content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for part in streams[request.transport.get_extra_info("sockname")[1]]:
-            await resp.write(part)
-        await resp.write_eof()
-        return resp
-
-    async def ok_json(request: web.Request) -> web.Response:
-        return web.Response(body=loads, content_type="application/json")
-
-    async def not_found(request: web.Request) -> web.Response:
-        return web.Response(status=404)
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
-
-    runners = []
-    for port in (prefill_port, decode_port):
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        app.router.add_get("/v1/loads", ok_json)
-        app.router.add_get("/ares/state", not_found)
-        app.router.add_get("/health", ok_json)
-        app.router.add_get("/v1/models", models)
-        app.router.add_post("/abort_request", ok_json)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, HOST, port).start()
-        runners.append(runner)
-    await asyncio.Event().wait()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Added latency
 # ---------------------------------------------------------------------------------------------------------------
-def _wait_http(url: str, timeout_s: float = 60.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} not healthy after {timeout_s}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    stop_groups([(proc.pid, None)], grace_s=10)
-    proc.wait()
-
-
 async def _measure(router: str, decode: str, n: int, warmup: int, stream: bool) -> dict[str, np.ndarray]:
     import aiohttp
 
@@ -154,15 +75,10 @@ def added_latency(args: argparse.Namespace) -> dict:
     """Start the loopback backend and a router; measure direct vs routed latency, non-streaming and streaming."""
     pp, dp, rp = free_ports(3)
     logs = Path(tempfile.mkdtemp(prefix="ares-router-overhead-"))  # process logs, kept for a look after the run
-    backend = subprocess.Popen(
-        [sys.executable, __file__, "--loopback-backend", str(pp), str(dp), "--stream-chunks", str(args.stream_chunks)],
-        start_new_session=True,
-        stdout=open(logs / "backend.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )
+    backend = start_backend(pp, dp, args.stream_chunks, 0.1, logs / "backend.log")
     router = None
     try:
-        _wait_http(f"http://{HOST}:{dp}/health")
+        wait_http(f"http://{HOST}:{dp}/health")
         router_argv = [
             sys.executable, "-m", "ares_router", "--prefill", f"http://{HOST}:{pp}", "8998",
             "--decode", f"http://{HOST}:{dp}", "--policy", args.policy, "--host", HOST, "--port", str(rp),
@@ -174,7 +90,7 @@ def added_latency(args: argparse.Namespace) -> dict:
             stdout=open(logs / "router.log", "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
-        _wait_http(f"http://{HOST}:{rp}/health")
+        wait_http(f"http://{HOST}:{rp}/health")
         res = {}
         for stream in (False, True):
             lat = asyncio.run(
@@ -196,8 +112,8 @@ def added_latency(args: argparse.Namespace) -> dict:
         return res
     finally:
         if router is not None:
-            _stop(router)
-        _stop(backend)
+            stop(router)
+        stop(backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,16 +212,10 @@ def main() -> int:
     p.add_argument("--instances", type=int, default=64)
     p.add_argument("--running", type=int, default=256)
     p.add_argument("--decisions", type=int, default=5000)
-    p.add_argument(
-        "--loopback-backend", nargs=2, type=int, metavar=("PREFILL_PORT", "DECODE_PORT"), help=argparse.SUPPRESS
-    )
     args = p.parse_args()
-    if args.loopback_backend:
-        asyncio.run(_loopback_backend(*args.loopback_backend, args.stream_chunks))
-        return 0
     t0 = time.time()
     doc = {
-        "config": {k: v for k, v in vars(args).items() if k != "loopback_backend"},
+        "config": vars(args),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "loadavg": None,
         "decision_time": decision_time(args),
