@@ -14,7 +14,8 @@ paired per-seed ratio and its 95% interval. The constants (defaults in brackets)
 The router-only gate (`RebalanceLimits`: concurrency, cooldowns, confirmation rounds, back-off) and the migration
 timeouts are not in the simulator, so they are not swept here; `docs/constants.md` says where each comes from.
 
-    python benchmark/sim_constants.py [--decode 16] [--concurrency 5] [--duration 1800] [--seeds 0,1,2,3,4] [--load 0.5] [--quick]
+    python benchmark/sim_constants.py [--decode 16] [--concurrency 5] [--duration 1800] [--seeds 0,1,2,3,4]
+                                      [--load 0.5] [--quick]
 Writes benchmark/results/sim_constants.{json,md} (resumable: finished rows are kept in the JSON and skipped).
 """
 

@@ -64,4 +64,4 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-ares_router = router_proc.ares_router  # tests start their routers the way benchmarks do
+ares_router = router_proc.policy_router  # tests start their routers the way benchmarks do

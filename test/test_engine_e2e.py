@@ -252,3 +252,23 @@ def test_live_benchmark_harness_replays_through_a_policy_router_and_scores_the_h
     assert summary["head"]["samples"] > 0 and summary["head"]["requests"] >= 1  # the reports name the router's ids
     assert summary["head"]["mae_tokens"] >= 0 and len(trace.t_s) >= 2 and trace.capacity == [8192, 8192]
     assert summary["retractions"] == 0 and sum(summary["placed"].values()) == 4
+
+
+def test_live_benchmark_runs_sglangs_own_router_beside_the_ares_policies(cluster, prefill, tmp_path):
+    """The baseline a user would otherwise pick: `sglang_power_of_two` in the live benchmark is SGLang's own PD router
+    (sglang_router, power of two choices) in front of the same servers; every request is answered once."""
+    import argparse
+
+    from ares.live.report import Slo
+    from ares.live.run import Display, run_policy
+    from ares.live.workload import live_workload
+
+    reqs = live_workload(4, rate=2.0, seed=6, long_fraction=0.25, long_min=100)
+    args = argparse.Namespace(reserve_tokens=512, poll_interval=0.2, max_new_tokens=24, log_dir=str(tmp_path))
+    policy = "sglang_power_of_two"
+    summary, outcomes, _ = run_policy(
+        cluster, prefill, policy, reqs, Slo(ttft_s=600, tpot_s=60), args, Display(len(reqs), enabled=False), policy
+    )
+    assert (summary["completed"], summary["lost"], summary["duplicated"]) == (4, 0, 0), summary["errors"]
+    assert all(o.n_output > 0 for o in outcomes) and summary["migrations"] == {}  # no /ares/migrations there
+    assert all(o.decode is None for o in outcomes)  # SGLang's router sends no X-Ares-Decode: not an ARES router

@@ -78,9 +78,9 @@ def test_aggregate_ratios_are_per_seed_against_round_robin():
                 "migrations": {}, "head": {"mae_tokens": None}}  # fmt: skip
 
     agg = aggregate({"round_robin": [run(1.0, 100), run(2.0, 100)], "ares": [run(1.5, 50), run(2.0, 80)]})
-    r = agg["ares"]["goodput_rps_vs_round_robin"]
+    r = agg["ares"]["goodput_rps_vs_base"]
     assert (r["mean"], r["min"], r["max"]) == pytest.approx((1.25, 1.0, 1.5))
-    assert agg["ares"]["p99_tpot_ms_vs_round_robin"]["mean"] == pytest.approx(0.65)
+    assert agg["ares"]["p99_tpot_ms_vs_base"]["mean"] == pytest.approx(0.65)
     assert "| ares |" in markdown(agg)
     assert "- ares: 24/48 vs 24/48, 1.00x" in markdown(agg) and "too few requests to tell" in markdown(agg)
 

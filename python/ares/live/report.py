@@ -1,5 +1,6 @@
 """Figures of one policy's replay (latency percentiles, SLO attainment, goodput, retractions, migrations, the
-head's live error, KV balance), their mean over seeds with ratios to round robin, a markdown table and a PNG."""
+head's live error, KV balance), their mean over seeds with ratios to a base policy (round robin where it ran, else the
+first), a markdown table and a PNG."""
 
 from __future__ import annotations
 
@@ -107,9 +108,10 @@ RATIO_KEYS = ("goodput_rps", "p99_tpot_ms", "slo_attainment")
 
 
 def aggregate(runs: dict[str, list[dict]]) -> dict:
-    """Per policy: mean and per-seed values of the main figures, and per-seed ratios to round robin."""
+    """Per policy: mean and per-seed values of the main figures, and per-seed ratios to the base policy
+    (`base_policy`): `<figure>_vs_base`."""
     out: dict = {}
-    base = runs.get("round_robin")
+    base = runs.get(base_policy(runs)) if runs else None
     for policy, per_seed in runs.items():
         agg: dict = {}
         for key in (
@@ -135,7 +137,7 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
                 ratios = [
                     r[key] / b[key] for r, b in zip(per_seed, base, strict=False) if r[key] is not None and b[key]
                 ]
-                agg[f"{key}_vs_round_robin"] = {
+                agg[f"{key}_vs_base"] = {
                     "mean": float(np.mean(ratios)) if ratios else None,
                     "min": float(np.min(ratios)) if ratios else None,
                     "max": float(np.max(ratios)) if ratios else None,
@@ -146,6 +148,11 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
 
 def _fmt(x, spec: str = ".2f") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def base_policy(per_policy: dict) -> str:
+    """The policy the others are compared with: round robin where it ran, else the first one run."""
+    return "round_robin" if "round_robin" in per_policy else next(iter(per_policy))
 
 
 def attainment_ratio(met_a: int, n_a: int, met_b: int, n_b: int, z: float = 1.96) -> dict:
@@ -163,16 +170,16 @@ def attainment_ratio(met_a: int, n_a: int, met_b: int, n_b: int, z: float = 1.96
 
 
 def comparison_lines(agg: dict) -> str:
-    """One line per pair of policies (each against the first): SLO-meeting counts, the attainment ratio with its
+    """One line per policy against the base (`base_policy`): SLO-meeting counts, the attainment ratio with its
     95% interval, and plainly whether the sample is large enough to tell them apart."""
-    names = list(agg)
-    if len(names) < 2:
+    if len(agg) < 2:
         return ""
-    base = names[0]
+    base = base_policy(agg)
     lines = ["", f"Against {base} (requests meeting the SLO, all seeds pooled; attainment ratio, 95% interval):", ""]
     b = agg[base]
-    for name in names[1:]:
-        a = agg[name]
+    for name, a in agg.items():
+        if name == base:
+            continue
         r = attainment_ratio(a["slo_met"], a["requests"], b["slo_met"], b["requests"])
         verdict = (
             "a real difference" if r["tells"] else "too few requests to tell these two apart (the interval spans 1)"
@@ -185,16 +192,17 @@ def comparison_lines(agg: dict) -> str:
 
 
 def markdown(agg: dict) -> str:
-    """The side-by-side table (means over seeds; ratios to round robin with their min-max over seeds; SLO-meeting
-    counts), then each policy against the first with an interval (`comparison_lines`)."""
+    """The side-by-side table (means over seeds; ratios to the base policy with their min-max over seeds; SLO-meeting
+    counts), then each policy against the base with an interval (`comparison_lines`)."""
+    base = base_policy(agg)
     rows = [
-        "| policy | goodput (req/s) | vs RR | met / requests | SLO attain. | P50 TPOT ms | P99 TPOT ms "
-        "| P99 TPOT vs RR | P99 TTFT s | P99 ITL ms | retractions | migrations | lost | dup. | head MAE (tok) |",
+        f"| policy | goodput (req/s) | vs {base} | met / requests | SLO attain. | P50 TPOT ms | P99 TPOT ms "
+        f"| P99 TPOT vs {base} | P99 TTFT s | P99 ITL ms | retractions | migrations | lost | dup. | head MAE (tok) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for policy, a in agg.items():
-        g = a.get("goodput_rps_vs_round_robin", {})
-        t = a.get("p99_tpot_ms_vs_round_robin", {})
+        g = a.get("goodput_rps_vs_base", {})
+        t = a.get("p99_tpot_ms_vs_base", {})
         rows.append(
             f"| {policy} | {_fmt(a['goodput_rps']['mean'], '.3f')} "
             f"| {_fmt(g.get('mean'))}x ({_fmt(g.get('min'))}-{_fmt(g.get('max'))}) "
@@ -265,7 +273,7 @@ def write_results(out: Path, doc: dict) -> None:
         f"SLO (fixed before the replays from one request alone: TTFT {doc['calibration']['ttft_s']:.2f} s, TPOT "
         f"{1e3 * doc['calibration']['tpot_s']:.0f} ms): TTFT <= {slo['ttft_s']:.1f} s and TPOT <= "
         f"{1e3 * slo['tpot_s']:.0f} ms. Goodput = requests meeting both / makespan. Means over seeds; ratios to "
-        f"round robin per seed (min-max).\n\n"
+        f"{base_policy(doc['runs'])} per seed (min-max).\n\n"
     )
     if "rate_pick" in doc:
         pick = doc["rate_pick"]

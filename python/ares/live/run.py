@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ares.cluster import Cluster, ClusterSpec
 from ares.cluster.cli import resolve_model
-from ares.cluster.router_proc import ares_router
+from ares.cluster.router_proc import is_sglang, policy_router
 from ares.live.client import Outcome, replay
 from ares.live.monitor import Monitor, Trace, log_offsets, retractions
 from ares.live.report import Slo, plot, summarize, write_results
@@ -36,6 +36,8 @@ POLICY_ARGS: dict[str, tuple[str, ...]] = {
     # the same, late bound: a request waits at the router while no decode server admits it
     "current_migrate_hold": ("--ares-rebalance", "on"),
     "ares_hold": ("--ares-rebalance", "on"),
+    # SGLang's own PD router, what a user would otherwise run: load-aware power of two choices
+    "sglang_power_of_two": (),
 }
 
 
@@ -141,7 +143,7 @@ def calibrate(cluster: Cluster, log_dir: Path, prefill: list[tuple[str, int]], a
     servers, not the head), best of three in turn; warms every server up as a side effect."""
     reqs = live_workload(3, 1.0, seed=10_000 + args.seeds[0], long_fraction=0.0)
     outs: list[Outcome] = []
-    with ares_router(log_dir, prefill, cluster.decode_urls, "round_robin") as r:
+    with policy_router(log_dir, prefill, cluster.decode_urls, "round_robin") as r:
         for req in reqs:
             alone = LiveRequest(req.rid + "-cal", req.prompt_id, req.input_ids, 0.0, 0, "eos")
             outs += asyncio.run(replay(r.url, [alone], args.calibration_tokens, ignore_eos=True))
@@ -176,8 +178,10 @@ def run_policy(
     decode = cluster.decode_urls
     logs = [cluster.log_dir / f"decode{i}.log" for i in range(len(decode))]
     offsets = log_offsets(logs)
-    extra = (*POLICY_ARGS[policy], "--reserve-tokens", str(args.reserve_tokens))
-    with ares_router(Path(args.log_dir), prefill, decode, policy, *extra) as router:
+    extra = POLICY_ARGS[policy]
+    if not is_sglang(policy):  # the ARES router's admission view needs the servers' reserve
+        extra = (*extra, "--reserve-tokens", str(args.reserve_tokens))
+    with policy_router(Path(args.log_dir), prefill, decode, policy, *extra) as router:
         with Monitor(decode, args.poll_interval) as mon:
             display.begin(label, mon)
             t0 = time.monotonic()
