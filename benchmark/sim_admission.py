@@ -3,7 +3,7 @@
 
 Cells: concurrency C (`--concurrency`, KV capacity / mean request footprint, as in `sim_map.py`), the workload's
 native output lengths. In each cell the reference rate is the pooled bound's headline goodput (SGLang's rule, seed
-0, searched to `--resolution`); then every policy x admission rule (and the pooled bound under both rules) runs at
+0, searched to `--resolution`); then every policy x admission rule (`--admissions`; the pooled bound too) runs at
 `--loads` x that rate on `--seeds` seeds (same seed = same requests). Per run: SLO attainment (every SLO pair), the
 rate of SLO-meeting requests (headline SLO), P99 TPOT, retractions, finished fraction. Per (policy, load): the paired
 ratio predictive / sglang of SLO-meeting requests per second and of retractions, mean and 95% interval over seeds.
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmark" / "results" / "sim_admission"
 KEEP = ("attainment", "rate", "requests", "finished_frac", "tpot_p99", "ttft_p99", "itl_p99", "retractions",
         "retracted_requests", "migrations", "kv_mean")  # fmt: skip
-RULES = ("sglang", "predictive")
+RULES = ("sglang", "predictive")  # the default --admissions
 
 
 def _cached(cache: Path, done: dict, key: dict, fn):
@@ -53,8 +53,10 @@ def main() -> int:
     p.set_defaults(workload="r1", decode=32, duration=600.0, seeds=2, resolution=0.05, policy="least_kv,ares_hold")
     p.add_argument("--concurrency", default="5,3", help="requests per full instance (KV / mean footprint)")
     p.add_argument("--loads", default="0.9,1.2", help="fixed loads, x the cell's pooled-bound goodput")
+    p.add_argument("--admissions", default=",".join(RULES), help="decode admission rules to compare (first: base)")
     p.add_argument("--out", default=str(OUT), help="output folder")
     args = p.parse_args()
+    rules = [x for x in args.admissions.split(",") if x]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     concs = [float(x) for x in args.concurrency.split(",")]
@@ -80,12 +82,13 @@ def main() -> int:
         "policies": policies,
         "seeds": seeds,
         "loads": loads,
+        "admissions": rules,
         "headline_slo": head,
         "cells": [],
     }
     for c in concs:
         spec = cell_spec(args, c, None)
-        specs = {rule: _with_rule(spec, rule) for rule in RULES}
+        specs = {rule: _with_rule(spec, rule) for rule in {"sglang", *rules}}
 
         def search(spec=specs["sglang"]) -> dict:
             found, runs = find_goodput(spec, POOLED_BOUND, 0.6 * capacity_rate(spec), seed=seeds[0],
@@ -101,7 +104,7 @@ def main() -> int:
         for x in loads:
             rows: dict[str, dict[str, list[dict]]] = {}
             for pol in [*policies, POOLED_BOUND]:
-                for rule in RULES:
+                for rule in rules:
                     for s in seeds:
                         key = {**settings, "kind": "load", "conc": c, "load": x, "policy": pol, "admission": rule,
                                "seed": s}  # fmt: skip
@@ -116,10 +119,12 @@ def main() -> int:
             summary = {}
             for pol, by_rule in rows.items():
                 summary[pol] = {rule: _mean(runs) for rule, runs in by_rule.items()}
-                summary[pol]["predictive/sglang good_rps"] = paired_ratio(
-                    [r["good_rps"] for r in by_rule["predictive"]], [r["good_rps"] for r in by_rule["sglang"]]
-                )
-            for rule in RULES:
+                for rule in rules[1:]:
+                    for k in ("good_rps", "retractions"):
+                        summary[pol][f"{rule}/{rules[0]} {k}"] = paired_ratio(
+                            [r[k] for r in by_rule[rule]], [r[k] for r in by_rule[rules[0]]]
+                        )
+            for rule in rules:
                 for pol in policies:
                     if pol != "least_kv" and "least_kv" in rows:
                         summary[pol][f"{pol}/least_kv good_rps ({rule})"] = paired_ratio(
@@ -192,7 +197,7 @@ def markdown(doc: dict) -> str:
                       "| policy | admission | attainment | good req/s | P99 TPOT ms | retractions | finished |",
                       "|---|---|---|---|---|---|---|"]  # fmt: skip
             for pol, s in block["summary"].items():
-                for rule in RULES:
+                for rule in doc.get("admissions", RULES):
                     r = s[rule]
                     lines.append(
                         f"| {pol} | {rule} | {_f(r['attainment'])} | {_f(r['good_rps'])} | "

@@ -173,6 +173,17 @@ def test_planned_remaining_takes_p90_capped_by_max_tokens():
     p90 = np.array([150.0, NAN, 150.0, NAN])
     left = np.array([NAN, NAN, 120.0, -3.0])  # max_tokens - generated; NaN: no max_tokens
     assert list(planned_remaining(pred, p90, left)) == [150.0, 100.0, 120.0, 0.0]
+    # predictive_point: the point prediction, P90 or not
+    assert list(planned_remaining(pred, p90, left, use_upper=False)) == [100.0, 100.0, 100.0, 0.0]
+    state = InstanceState(
+        "d", 10_000, 400, request_ids=(0, 1), lengths=np.full(2, 200.0), generated=np.zeros(2),
+        predicted_remaining=np.array([100.0, 50.0]), predicted_upper=np.array([300.0, NAN]),
+        admission="predictive_point",
+    )  # fmt: skip
+    # rows (200, 100) and (200, 50): peak at t = 50: 250 + 250 = 500; with the P90 (300): t = 50: 250 + 250 = 500,
+    # t = 300: 500 alone... so compare the planned rows instead
+    assert sorted(build_snapshot([state]).forecasts[0].r.tolist()) == [50.0, 100.0]
+    assert sorted(build_snapshot([replace(state, admission="predictive")]).forecasts[0].r.tolist()) == [50.0, 300.0]
 
 
 def test_predictive_admits_where_sglang_holds_and_the_reverse():

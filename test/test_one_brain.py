@@ -120,7 +120,12 @@ def _assert_same(a: ClusterSnapshot, b: ClusterSnapshot) -> None:
 
 @pytest.mark.parametrize(
     ("max_tokens", "reserve", "poll", "admission"),
-    [*((*sc, "sglang") for sc in SCENARIOS), ("output", 0, 14, "predictive"), (None, 512, 16, "predictive")],
+    [
+        *((*sc, "sglang") for sc in SCENARIOS),
+        ("output", 0, 14, "predictive"),
+        (None, 512, 16, "predictive"),
+        (None, 512, 16, "predictive_point"),
+    ],
 )
 @pytest.mark.parametrize("policy", ROUTER_POLICIES)
 def test_router_and_simulator_decide_alike_on_the_same_state(policy, max_tokens, reserve, poll, admission):

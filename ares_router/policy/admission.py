@@ -149,15 +149,20 @@ class Admission:
 # request now? -- answered from each running request's forecast remaining length instead of SGLang's blanket
 # R-per-request reserve and CLIP-4096 single-request term.
 
-ADMISSION_MODES = ("sglang", "predictive")
+# "predictive": each request planned at its P90; "predictive_point": at its point prediction (the sum of many
+# requests' P90s overstates their joint peak: measured in benchmark/results/sim_admission).
+ADMISSION_MODES = ("sglang", "predictive", "predictive_point")
+PREDICTIVE_MODES = ADMISSION_MODES[1:]
 
 
-def planned_remaining(predicted: np.ndarray, upper: np.ndarray, max_new_left: np.ndarray) -> np.ndarray:
+def planned_remaining(
+    predicted: np.ndarray, upper: np.ndarray, max_new_left: np.ndarray, use_upper: bool = True
+) -> np.ndarray:
     """Remaining tokens predictive admission plans with, per request: its upper quantile (P90) where the head gives
-    one, else its point prediction (callers put the prior there for requests not predicted yet), never more than its
-    max_tokens still allows (NaN: no max_tokens) and never below 0. Planning on the P90 rather than the point keeps
-    retractions rare: a forecast that undershoots is what turns into a retraction."""
-    rem = np.where(np.isnan(upper), predicted, upper) if upper.size else predicted
+    one and `use_upper`, else its point prediction (callers put the prior there for requests not predicted yet),
+    never more than its max_tokens still allows (NaN: no max_tokens) and never below 0. Planning on the P90 keeps
+    retractions rare (a forecast that undershoots is what turns into a retraction), on the point admits more."""
+    rem = np.where(np.isnan(upper), predicted, upper) if use_upper and upper.size else predicted
     left = np.where(np.isnan(max_new_left), np.inf, max_new_left)
     return np.maximum(np.minimum(rem, left), 0.0)
 

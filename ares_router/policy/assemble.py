@@ -61,7 +61,7 @@ class DecodeLoad:
     predicted_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: no prediction yet
     predicted_p90: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: not reported
     kv_bytes_per_token: float | None = None  # `/ares/state`'s migration block: KV bytes a migration moves per token
-    admission: str = "sglang"  # `/ares/state`'s admission block: the server's rule ("sglang" | "predictive")
+    admission: str = "sglang"  # `/ares/state`'s admission block: the server's rule (`admission.ADMISSION_MODES`)
     lengths: np.ndarray = field(init=False, repr=False, compare=False)
     length_sum: float = field(init=False, repr=False, compare=False)
     unpredicted_rows: np.ndarray = field(init=False, repr=False, compare=False)
@@ -201,7 +201,7 @@ def assemble_instance(
         max_new = np.concatenate([rep_max, own.running_max_new])
     else:
         max_new = rep_max if n_rep else own.running_max_new if n_own else _EMPTY
-    if n_rep and max_new_of is not None and load.admission == "predictive":
+    if n_rep and max_new_of is not None and load.admission != "sglang":
         # a predictive server plans every request within its max_tokens: the router's view needs them all
         rows = np.flatnonzero(np.isnan(max_new[:n_rep]))
         if rows.size:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ares_router.policy.admission import ADMISSION_MODES, Admission, KVForecast, planned_remaining
+from ares_router.policy.admission import ADMISSION_MODES, PREDICTIVE_MODES, Admission, KVForecast, planned_remaining
 from ares_router.policy.load_model import LoadModel, MigrationCost
 
 
@@ -50,7 +50,8 @@ class InstanceState:
     requests dispatched here that the server does not report running (prefill, KV transfer, decode queue), with the
     KV they will need and their predicted output (NaN: none). Columns left empty while there are rows read as NaN.
     `admission`: the server's decode admission rule, as its `/ares/state` says (`ADMISSION_MODES`): "sglang"
-    (SGLang's own) or "predictive" (ARES's forecast of the KV peak, `admission.KVForecast`).
+    (SGLang's own) or "predictive" / "predictive_point" (ARES's forecast of the KV peak, `admission.KVForecast`,
+    each request at its P90 / its point prediction).
     """
 
     instance_id: Hashable
@@ -246,9 +247,9 @@ def build_snapshot(
     unexplained = np.maximum(0.0, reported - running_tokens)  # reservations, KV held for migrations: flat
     demand += unexplained[:, None]
     forecasts: tuple[KVForecast | None, ...] = ()
-    if any(i.admission == "predictive" for i in instances):
+    if any(i.admission in PREDICTIVE_MODES for i in instances):
         forecasts = tuple(
-            instance_forecast(i, float(unexplained[j]), adm) if i.admission == "predictive" else None
+            instance_forecast(i, float(unexplained[j]), adm) if i.admission in PREDICTIVE_MODES else None
             for j, i in enumerate(instances)
         )
     return ClusterSnapshot(
@@ -274,7 +275,12 @@ def instance_forecast(state: InstanceState, base: float, admission: Admission) -
     planned remaining length (`admission.planned_remaining`: the P90, else the prediction or the estimator's prior
     the assembler filled in, capped by max_tokens left), pending rows at their prompt and output estimate (their
     SGLang budget where there is none), plus `base` tokens no row explains."""
-    rem = planned_remaining(state.predicted_remaining, state.predicted_upper, state.max_new_tokens - state.generated)
+    rem = planned_remaining(
+        state.predicted_remaining,
+        state.predicted_upper,
+        state.max_new_tokens - state.generated,
+        use_upper=state.admission == "predictive",
+    )
     rem = np.where(np.isnan(rem), admission.max_new(state.lengths - state.generated, state.max_new_tokens,
                                                      float(state.capacity_tokens)), rem)  # fmt: skip
     pend = state.pending_predicted

@@ -23,7 +23,7 @@ class AresServerConfig:
     cpu_mode: bool = False  # the server runs with --device cpu: apply ares.cpu patches
     predictor: str | None = None  # --ares-predictor: head checkpoint path (without suffix)
     return_predictions: bool = False  # --ares-return-predictions: per-token predictions in each response's meta_info
-    admission: str = "sglang"  # --ares-admission: the decode admission rule ("sglang" | "predictive")
+    admission: str = "sglang"  # --ares-admission: "sglang" | "predictive" (P90) | "predictive_point"
     # Set by the launcher process for its children: where the scheduler (TP rank 0) serves `/ares/state` reports.
     state_ipc: str | None = None
     migrate_ipc: str | None = None  # ... and where its migration agent takes commands
@@ -66,13 +66,14 @@ def add_ares_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--ares-admission",
-        choices=("sglang", "predictive"),
+        choices=("sglang", "predictive", "predictive_point"),
         default="sglang",
         help="Decode admission rule. sglang: SGLang's own (--num-reserved-decode-tokens per active request, and "
         "the largest running request's max_new_tokens, clipped at 4096). predictive: admit while the forecast KV "
         "peak of the running set plus the new request fits the pool, each request at its predicted remaining "
         "length (the head's P90, capped by max_new_tokens; a prior until the head has seen it). SGLang's "
-        "retraction stays the safety net; /ares/state reports the mode, the forecast and the retractions.",
+        "retraction stays the safety net; /ares/state reports the mode, the forecast and the retractions. "
+        "predictive_point: the same with each request at the head's point prediction instead of its P90.",
     )
 
 
@@ -136,7 +137,7 @@ def split_ares_args(argv: list[str]) -> tuple[AresServerConfig, list[str]]:
     needs_ares = {
         "--ares-predictor": known.ares_predictor,
         "--ares-return-predictions": known.ares_return_predictions,
-        "--ares-admission predictive": known.ares_admission == "predictive",
+        f"--ares-admission {known.ares_admission}": known.ares_admission != "sglang",
     }
     for flag, value in needs_ares.items():
         if value and not known.ares:

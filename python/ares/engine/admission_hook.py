@@ -66,8 +66,11 @@ class AdmissionState:
 _state: AdmissionState | None = None
 
 
-def rows_of(queue: Any, estimator: OutputEstimator, extra: list[Any] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """(KV lengths, planned remaining) of the requests holding KV on this server (see the module docstring)."""
+def rows_of(
+    queue: Any, estimator: OutputEstimator, extra: list[Any] = (), use_upper: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(KV lengths, planned remaining) of the requests holding KV on this server (see the module docstring);
+    `use_upper`: plan at the head's P90 where it gives one (else at its point prediction)."""
     scheduler = queue.scheduler
     lengths: list[float] = []
     predicted: list[float] = []
@@ -103,7 +106,7 @@ def rows_of(queue: Any, estimator: OutputEstimator, extra: list[Any] = ()) -> tu
         predicted.append(estimator.total(prompt, max_new))
         upper.append(nan)
         left.append(nan if max_new is None else float(max_new))
-    rem = planned_remaining(np.array(predicted), np.array(upper), np.array(left))
+    rem = planned_remaining(np.array(predicted), np.array(upper), np.array(left), use_upper)
     return np.array(lengths, dtype=np.float64), rem
 
 
@@ -111,12 +114,12 @@ def forecast(queue: Any, state: AdmissionState) -> tuple[KVForecast, float]:
     """(this server's KV forecast, KV tokens in use now)."""
     scheduler = queue.scheduler
     used = float(scheduler.max_total_num_tokens - queue.token_to_kv_pool_allocator.available_size())
-    lengths, rem = rows_of(queue, state.estimator, state.pass_reqs)
+    lengths, rem = rows_of(queue, state.estimator, state.pass_reqs, use_upper=state.mode == "predictive")
     return KVForecast.of(lengths, rem, base=max(0.0, used - float(lengths.sum()))), used
 
 
 def _around_required(original: Any, queue: Any, req: Any, allocated_tokens: int, prefix_len: int, *a: Any, **k: Any):
-    if _state is None or _state.mode != "predictive":
+    if _state is None or _state.mode == "sglang":
         return original(queue, req, allocated_tokens, prefix_len, *a, **k)
     _state.queue = queue
     fc, used = forecast(queue, _state)
@@ -130,7 +133,7 @@ def _around_required(original: Any, queue: Any, req: Any, allocated_tokens: int,
 def _around_allocatable(original: Any, queue: Any, *args: Any, **kwargs: Any):
     retractable = kwargs.get("retractable_tokens", args[0] if args else None)
     count_retracted = kwargs.get("count_retracted", args[1] if len(args) > 1 else True)
-    if _state is None or _state.mode != "predictive" or retractable is None or not count_retracted:
+    if _state is None or _state.mode == "sglang" or retractable is None or not count_retracted:
         return original(queue, *args, **kwargs)  # the resume path and everything else: SGLang's rule
     kwargs = {**kwargs, "reserved_tokens": 0}
     if len(args) > 3:
@@ -163,7 +166,7 @@ def admission_block(scheduler: Any) -> dict[str, Any]:
         return {}
     block: dict[str, Any] = {"mode": _state.mode, "retractions": _state.retractions}
     queue = getattr(scheduler, "disagg_decode_prealloc_queue", None) or _state.queue
-    if _state.mode == "predictive" and queue is not None:
+    if _state.mode != "sglang" and queue is not None:
         try:
             fc, used = forecast(queue, _state)
             block.update(forecast_peak_tokens=fc.peak, forecast_base_tokens=fc.base, forecast_rows=int(fc.r.size))
@@ -173,13 +176,13 @@ def admission_block(scheduler: Any) -> dict[str, Any]:
 
 
 def register_admission_hooks(mode: str) -> list[str]:
-    """Register the retraction counter and, with `mode == "predictive"`, the admission hooks; return the targets."""
+    """Register the retraction counter and, in a predictive mode, the admission hooks; return the targets."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     global _state
     _state = AdmissionState(mode)
     HookRegistry.register(RETRACT_DECODE, _after_retract_decode, HookType.AFTER)
-    if mode != "predictive":
+    if mode == "sglang":
         return [RETRACT_DECODE]
     HookRegistry.register(REQUIRED, _around_required, HookType.AROUND)
     HookRegistry.register(ALLOCATABLE, _around_allocatable, HookType.AROUND)

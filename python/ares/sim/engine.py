@@ -95,7 +95,8 @@ class SimConfig:
     # The decode servers' admission rule (`--ares-admission`): "sglang" (SGLang's) or "predictive" (the forecast KV
     # peak of the running set plus the new request within the pool, `ares_router.policy.admission.KVForecast`;
     # each running request at its head's P90 capped by max_tokens, admitted-not-running ones at the estimator's
-    # prior). Retracted requests come back by SGLang's resume rule either way, as on the real server.
+    # prior), or "predictive_point" (the same at the head's point prediction). Retracted requests come back by
+    # SGLang's resume rule either way, as on the real server.
     admission: str = "sglang"
     retract_steps: int = 20  # SGLang's retract_decode_steps: retract until this many steps fit
     retraction: str = "backup"  # "backup" (KV to host and back, as 0.5.23's PD decode) or "recompute"
@@ -241,7 +242,8 @@ class ClusterSim:
             raise ValueError(f"retraction must be one of {RETRACTIONS}, not {config.retraction!r}")
         if config.admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, not {config.admission!r}")
-        self.predictive = config.admission == "predictive"
+        self.predictive = config.admission != "sglang"
+        self.plan_upper = config.admission == "predictive"  # plan at the P90 (else at the point prediction)
         self.wl = workload
         self.cfg = config
         self.cost = config.cost
@@ -517,7 +519,7 @@ class ClusterSim:
             em = self.cfg.error_model
             pred = em.predict(rem, f, self.col_z[run])
             upper = em.upper(pred, f)
-        planned = planned_remaining(pred, upper, self.col_max_new[run] - gen)
+        planned = planned_remaining(pred, upper, self.col_max_new[run] - gen, self.plan_upper)
         pre = list(inst.pre.values())
         pre_prompt = np.array([r.prompt for r in pre], dtype=np.float64)
         pre_planned = np.array([self._prior(r) for r in pre], dtype=np.float64)
