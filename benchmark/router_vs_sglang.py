@@ -292,7 +292,7 @@ def poll_cost(args: argparse.Namespace, logs: Path) -> dict | None:
         "router_cpu_per_round_p50_ms": res["router_cpu_per_round"]["p50_ms"],
         "live_router_cpu_share": res["live"]["router_cpu_share"],
         "live_rounds_per_s": res["live"]["rounds_per_s"],
-        "loop_lag": res.get("loop_lag"),
+        "loop_lag": res["live"].get("loop_lag"),
     }
 
 
