@@ -41,6 +41,7 @@ from ares_router.policy.dispatch import (
     RoundRobinDispatch,
     eligible,
 )
+from ares_router.policy.hold import HoldRelease
 from ares_router.policy.load_model import LoadModel, MigrationCost
 from ares_router.policy.rebalance import (
     REBALANCERS,
@@ -73,6 +74,7 @@ __all__ = [
     "ClusterSnapshot",
     "DecodeLoad",
     "HalfGapChooser",
+    "HoldRelease",
     "InstanceState",
     "KVForecast",
     "LeastKVDispatch",

@@ -64,6 +64,13 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "within the pool; retractions stay the safety net)",
     )
     p.add_argument(
+        "--hold-max-wait",
+        type=float,
+        default=None,
+        help="aging for late binding (*_hold policies): a request held this many seconds is released before any "
+        "behind it and holds new arrivals back while it fits nowhere (default: no aging)",
+    )
+    p.add_argument(
         "--no-link-contention",
         action="store_true",
         help="give every KV transfer a link of its own (default: P->D transfers and migrations share each "
@@ -109,6 +116,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, str]:
         reserve_tokens=args.reserve_tokens,
         retraction=args.retraction,
         admission=getattr(args, "admission", "sglang"),
+        hold_max_wait_s=getattr(args, "hold_max_wait", None),
         link_contention=not args.no_link_contention,
         max_tokens=_max_tokens(args.max_tokens),
         record_kv_instances=64,

@@ -58,6 +58,7 @@ from ares_router.policy import (
     Admission,
     ClusterSnapshot,
     DecodeLoad,
+    HoldRelease,
     InstanceState,
     KVForecast,
     LoadModel,
@@ -98,6 +99,9 @@ class SimConfig:
     # prior), or "predictive_point" (the same at the head's point prediction). Retracted requests come back by
     # SGLang's resume rule either way, as on the real server.
     admission: str = "sglang"
+    # Aging of requests held at the router (`ares_router.policy.HoldRelease`): held this long, a request is
+    # released before anything behind it and holds new arrivals back while it fits nowhere. None: no aging.
+    hold_max_wait_s: float | None = None
     retract_steps: int = 20  # SGLang's retract_decode_steps: retract until this many steps fit
     retraction: str = "backup"  # "backup" (KV to host and back, as 0.5.23's PD decode) or "recompute"
     link_contention: bool = True  # KV transfers share each instance's NIC (False: every transfer has its own link)
@@ -304,6 +308,7 @@ class ClusterSim:
         self.dispatched = 0
         self.snapshot: ClusterSnapshot | None = None
         self.held: deque[_Req] = deque()  # kept at the router while every instance is full (`Policy.hold_when_full`)
+        self.hold_rule = HoldRelease(config.hold_max_wait_s)
         self.migrations = 0
         self.migrations_rejected = 0
         self.bytes_moved = 0.0
@@ -364,7 +369,10 @@ class ClusterSim:
     def _arrive(self, t: float, req: _Req) -> None:
         if self.snapshot is None:
             self.snapshot = self._build_snapshot(t)
-        if self.policy.hold_when_full and holds(self.snapshot, self._new(req), self.policy):
+        if self.policy.hold_when_full and (
+            (self.held and self.hold_rule.blocks(np.array([t - self.held[0].arrival])))
+            or holds(self.snapshot, self._new(req), self.policy)
+        ):
             self.held.append(req)
             return
         self._send(t, req)
@@ -386,6 +394,14 @@ class ClusterSim:
             cand = np.arange(len(held))
         else:
             cand = np.flatnonzero(snap.admission.least_required(prompt) <= snap.allocatable(healthy).max())
+        # Aging (`HoldRelease`): the scan stops at the first aged request that fits nowhere; one screened out
+        # above fits nowhere now, and later dispatches only add load.
+        aged = self.hold_rule.aged(t - np.fromiter((r.arrival for r in held), dtype=np.float64, count=len(held)))
+        screened = np.ones(len(held), dtype=bool)
+        screened[cand] = False
+        first_blocked = np.flatnonzero(aged & screened)
+        if first_blocked.size:
+            cand = cand[cand < first_blocked[0]]
         if cand.size == 0:
             return
         prompt = prompt[cand, None]
@@ -396,6 +412,8 @@ class ClusterSim:
         sent = np.zeros(len(held), dtype=bool)
         for pos, k in enumerate(cand):
             if not ok[pos].any():
+                if aged[k]:
+                    break  # nothing behind an aged request that fits nowhere goes
                 continue
             c = column[self._send(t, held[k])]
             sent[k] = True
