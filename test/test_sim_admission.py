@@ -63,3 +63,11 @@ def test_router_view_of_predictive_servers_uses_their_rule():
     assert all(f is not None and f.peak == 0 for f in snap.forecasts)
     with pytest.raises(ValueError, match="admission must be one of"):
         ClusterSim(work, SimConfig(admission="fancy"))
+
+
+def test_a_prior_beyond_the_pool_is_capped_by_what_sglang_lets_it_generate():
+    # The prior says 1,050 tokens (base 1000 + 0.5 x 100) beside a 100-token prompt in a 1000-token pool: planned
+    # at that, the request would never fit even an empty pool. Predictive admission caps every planned length at
+    # what SGLang lets the request generate (1000 - 100 - 2 = 898 tokens), so it runs.
+    res = _run(1, 300, "predictive", estimator=OutputEstimator(base_tokens=1000.0))
+    assert np.isfinite(res.t_finish).all() and res.retractions.sum() == 0

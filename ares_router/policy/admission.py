@@ -78,6 +78,19 @@ class Admission:
             return np.clip(np.minimum(m, room), 0.0, None)
         return float(max(0.0, min(m, room)))
 
+    def output_limit(self, prompt: Num, max_new: Num, capacity: Num) -> Num:
+        """The most new tokens SGLang lets a request generate: its max_tokens (NaN: none) capped by what the pool
+        holds beside its prompt (capacity - prompt - 2, `Scheduler.init_req_max_new_tokens`), no CLIP: what
+        predictive admission caps its planned lengths with."""
+        m = (
+            np.where(np.isnan(max_new), np.inf, max_new)
+            if isinstance(max_new, np.ndarray)
+            else (math.inf if math.isnan(max_new) else max_new)
+        )
+        room = capacity - prompt - 2
+        out = np.maximum(np.minimum(m, room), 0.0)
+        return out if isinstance(out, np.ndarray) and out.ndim else float(out)
+
     def footprint(self, prompt: Num, max_new: Num, capacity: Num) -> Num:
         """prompt + budgeted new tokens: a running request's term in `single_need`."""
         return prompt + self.max_new(prompt, max_new, capacity)

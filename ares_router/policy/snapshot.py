@@ -161,7 +161,9 @@ class ClusterSnapshot:
             return ok
         ok = np.array(ok, dtype=bool, copy=True)
         for c, j in pred:
+            limit = self.admission.output_limit(prompt, max_new, self.capacity[j])
             q = self.admission.max_new(prompt, max_new, self.capacity[j]) if planned is None else planned
+            q = np.minimum(q, limit)  # never more than SGLang lets it generate
             fits = self.forecasts[j].admits(self.capacity[j], prompt, q)
             ok[..., c] = np.reshape(fits, ok[..., c].shape)
         return ok
@@ -191,9 +193,11 @@ class ClusterSnapshot:
         out.__dict__.update(dispatch_count=self.dispatch_count + 1, used=used, count=count, demand=demand, alive=alive)
         if self.forecasts and self.forecasts[index] is not None:
             forecasts = list(self.forecasts)
+            prompt, cap = float(request.prompt_tokens), self.capacity[index]
             planned = request.predicted_output
             if planned is None or math.isnan(planned):
-                planned = self.admission.max_new(float(request.prompt_tokens), request.max_new, self.capacity[index])
+                planned = self.admission.max_new(prompt, request.max_new, cap)
+            planned = min(planned, self.admission.output_limit(prompt, request.max_new, cap))
             forecasts[index] = forecasts[index].with_row(float(request.prompt_tokens), float(planned))
             out.__dict__.update(forecasts=tuple(forecasts))
         return out
@@ -275,16 +279,12 @@ def instance_forecast(state: InstanceState, base: float, admission: Admission) -
     planned remaining length (`admission.planned_remaining`: the P90, else the prediction or the estimator's prior
     the assembler filled in, capped by max_tokens left), pending rows at their prompt and output estimate (their
     SGLang budget where there is none), plus `base` tokens no row explains."""
+    cap = float(state.capacity_tokens)
+    left = admission.output_limit(state.lengths - state.generated, state.max_new_tokens, cap) - state.generated
     rem = planned_remaining(
-        state.predicted_remaining,
-        state.predicted_upper,
-        state.max_new_tokens - state.generated,
-        use_upper=state.admission == "predictive",
+        state.predicted_remaining, state.predicted_upper, left, use_upper=state.admission == "predictive"
     )
-    rem = np.where(np.isnan(rem), admission.max_new(state.lengths - state.generated, state.max_new_tokens,
-                                                     float(state.capacity_tokens)), rem)  # fmt: skip
-    pend = state.pending_predicted
-    if pend.size and np.isnan(pend).any():
-        pend = np.where(np.isnan(pend), admission.max_new(state.pending_prompt, np.full(pend.size, math.nan),
-                                                          float(state.capacity_tokens)), pend)  # fmt: skip
+    rem = np.where(np.isnan(rem), left, rem)
+    pend_limit = admission.output_limit(state.pending_prompt, np.full(state.pending_prompt.size, math.nan), cap)
+    pend = np.fmin(state.pending_predicted, pend_limit)  # NaN (no estimate): the limit
     return KVForecast.of(np.concatenate([state.lengths, state.pending_prompt]), np.concatenate([rem, pend]), base)

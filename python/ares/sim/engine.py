@@ -519,7 +519,8 @@ class ClusterSim:
         if self.needs_truth:
             return float(req.out - req.gen_now)
         m = self.col_max_new[req.i]
-        return self.estimator.total(req.prompt, None if math.isnan(m) else int(m))
+        est = self.estimator.total(req.prompt, None if math.isnan(m) else int(m))
+        return min(est, self.admission.output_limit(float(req.prompt), m, float(self.cost.kv_capacity_tokens)))
 
     def _forecast(self, inst: _Decode, k: int = 0) -> KVForecast:
         """What a predictive server forecasts of itself `k` steps into its segment (as `ares.engine.admission_hook`
@@ -537,7 +538,8 @@ class ClusterSim:
             em = self.cfg.error_model
             pred = em.predict(rem, f, self.col_z[run])
             upper = em.upper(pred, f)
-        planned = planned_remaining(pred, upper, self.col_max_new[run] - gen, self.plan_upper)
+        left = self.admission.output_limit(self.col_prompt[run], self.col_max_new[run], float(inst.cap)) - gen
+        planned = planned_remaining(pred, upper, left, self.plan_upper)
         pre = list(inst.pre.values())
         pre_prompt = np.array([r.prompt for r in pre], dtype=np.float64)
         pre_planned = np.array([self._prior(r) for r in pre], dtype=np.float64)
@@ -786,7 +788,10 @@ class ClusterSim:
             planned = (
                 float(req.out - gen)
                 if self.needs_truth
-                else self.estimator.remaining(req.prompt, None if math.isnan(m) else int(m), gen)
+                else min(
+                    self.estimator.remaining(req.prompt, None if math.isnan(m) else int(m), gen),
+                    self.admission.output_limit(float(req.prompt), m, float(dst.cap)) - gen,
+                )
             )
         if not self._admits(dst, est, left, k, planned):
             self.migrations_rejected += 1
