@@ -135,7 +135,7 @@ def instance_states(index: int, reqs: int, variants: int, seed: int) -> dict[str
     return bodies
 
 
-async def _serve(first: int, count: int, reqs: int, variants: int, seed: int) -> None:
+async def _serve(first: int, count: int, reqs: int, variants: int, seed: int, slow: int, slow_delay: float) -> None:
     from aiohttp import web
 
     bodies = [instance_states(i, reqs, variants, seed) for i in range(first, first + count)]
@@ -150,6 +150,8 @@ async def _serve(first: int, count: int, reqs: int, variants: int, seed: int) ->
         turn[slot] += 1  # the next poll sees the next state
         # Version 2 when asked with ?format=columns; `bench` (this benchmark only) picks the column encoding.
         fmt = "v1" if request.query.get("format") != "columns" else request.query.get("bench", "v2")
+        if first + slot < slow:  # a slow server: its answer comes `slow_delay` late (an overloaded CPU server)
+            await asyncio.sleep(slow_delay)
         return web.Response(body=bodies[slot][fmt][v], content_type="application/json")
 
     async def fixed(request: web.Request) -> web.Response:
@@ -180,15 +182,19 @@ def _raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start_servers(n: int, args: argparse.Namespace, cores: set[int]) -> tuple[list[subprocess.Popen], list[str]]:
-    """`args.server_procs` stand-in processes serving `n` instances; their URLs in instance order."""
+def start_servers(
+    n: int, args: argparse.Namespace, cores: set[int], slow: int = 0
+) -> tuple[list[subprocess.Popen], list[str]]:
+    """`args.server_procs` stand-in processes serving `n` instances (the first `slow` answer `args.slow_delay` s
+    late); their URLs in instance order."""
     procs, urls = [], []
     per = -(-n // args.server_procs)
     for first in range(0, n, per):
         count = min(per, n - first)
         p = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(first), str(count), "--reqs", str(args.reqs),
-             "--variants", str(args.variants), "--seed", str(args.seed)],
+             "--variants", str(args.variants), "--seed", str(args.seed), "--slow-instances", str(slow),
+             "--slow-delay", str(args.slow_delay)],
             stdout=subprocess.PIPE,
             start_new_session=True,
         )  # fmt: skip
@@ -214,13 +220,32 @@ def stop_servers(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _pct(x: list[float] | np.ndarray) -> dict:
+def _pct(x: list[float] | np.ndarray) -> dict | None:
     a = np.asarray(x) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
+    if not a.size:
+        return None
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "max_ms": float(a.max()),
+    }
 
 
-async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress: bool) -> dict:
-    """Back-to-back rounds, then the live loop, for one configuration."""
+async def _lag_probe(out: list[float], period: float = 0.002) -> None:
+    """How late the event loop wakes a task that asked to sleep `period`: what every relayed stream waits while the
+    loop is busy (a snapshot rebuild on it stalls them all)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(period)
+        out.append(loop.time() - t - period)
+
+
+async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress: bool, slow: int = 0) -> dict:
+    """Back-to-back rounds, then the live loop, for one configuration. With `slow` instances (the first ones, each
+    answering `args.slow_delay` s late) only the live loop runs, and what it measures is how old the other servers'
+    reports are in each snapshot."""
     from tqdm import tqdm
 
     from ares_router.poller import ARES_STATE_PATH, ARES_STATE_QUERY, Poller
@@ -242,14 +267,15 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
     elif fmt == "v2-lists":  # the stand-in then answers version 2 with JSON arrays (a server's choice)
         poller.ares_state_url_path = ARES_STATE_PATH + ARES_STATE_QUERY + "&bench=v2-lists"
     await poller.start()
-    for _ in range(args.warmup):
+    for _ in range(min(args.warmup, 2) if slow else args.warmup):
         await poller.poll_once()
     assert all(d.healthy and d.load.source == "ares_state" for d in state.decodes), [
         d.last_error for d in state.decodes if not d.healthy
     ]
     reported = sum(d.load.running_reqs for d in state.decodes)
     fetch, refresh, cpu = [], [], []
-    bar = tqdm(range(args.cycles), desc=f"{n} instances, {fmt}", disable=not progress, leave=False)
+    cycles = 0 if slow else args.cycles
+    bar = tqdm(range(cycles), desc=f"{n} instances, {fmt}", disable=not progress, leave=False)
     for _ in bar:
         c0 = time.process_time()
         await poller.poll_once()
@@ -259,20 +285,28 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
     await poller.stop()
     total = np.array(fetch) + np.array(refresh)
     # Live: the poller's own loop at the target interval.
-    ends: list[float] = []  # when each live round ended
-    live = Poller(
-        state, interval_s=args.interval, timeout_s=args.poll_timeout, on_round=lambda: ends.append(time.monotonic())
-    )
+    ends: list[float] = []  # when each live round (snapshot) ended
+    ages: list[float] = []  # at each snapshot: the oldest report of a server that answers promptly
+
+    def on_round() -> None:
+        now = time.monotonic()
+        ends.append(now)
+        ages.append(max(now - d.last_ok for d in state.decodes[slow:] if d.last_ok is not None))
+
+    live = Poller(state, interval_s=args.interval, timeout_s=args.poll_timeout, on_round=on_round)
     live.ares_state_url_path = poller.ares_state_url_path
     await live.start()
+    lags: list[float] = []
+    probe = asyncio.create_task(_lag_probe(lags))
     w0, c0 = time.monotonic(), time.process_time()
     await asyncio.sleep(args.live_seconds)
     wall, cpu_live = time.monotonic() - w0, time.process_time() - c0
+    probe.cancel()
     await live.stop()
     gaps = np.diff(ends[1:])  # the first round is start()'s own
     rounds = len(gaps)
     kept = args.interval / float(gaps.mean()) if rounds else 0.0
-    p99 = float(np.percentile(total, 99) * 1e3)
+    p99 = float(np.percentile(total, 99) * 1e3) if total.size else float("nan")
     return {
         "instances": n,
         "requests_per_instance": args.reqs,
@@ -280,7 +314,9 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
         "reported_requests": reported,
         "tracked_requests": tracked,
         "body_bytes_per_instance": len(instance_states(0, args.reqs, 1, args.seed)[fmt][0]),
-        "cycles": args.cycles,
+        "slow_instances": slow,
+        "slow_delay_s": args.slow_delay if slow else None,
+        "cycles": cycles,
         "http_parse": _pct(fetch),
         "rebuild": _pct(refresh),
         "round": _pct(total),
@@ -292,6 +328,8 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
             "rounds_per_s": 1.0 / float(gaps.mean()) if rounds else 0.0,
             "round_gap_ms": _pct(gaps) if rounds else None,
             "kept_fraction": kept,
+            "loop_lag": _pct(lags),  # event-loop lateness seen by a 2 ms sleeper: what relayed streams wait
+            "prompt_servers_report_age": _pct(ages[1:]),
             "router_cpu_share": cpu_live / wall,
         },
         "holds_interval": bool(p99 <= args.interval * 1e3 and kept >= 0.95),
@@ -321,7 +359,7 @@ def machine(router_core: int | None, server_cores: set[int]) -> dict:
 def markdown(doc: dict) -> str:
     m, cfg = doc["machine"], doc["config"]
     lines = [
-        "# ARES router: poll cycle cost at scale",
+        "# ARES router: poll cycle cost at scale" + (f" ({doc['label']})" if doc.get("label") else ""),
         "",
         f"`{doc['command']}` at commit `{doc['git']['commit'][:12]}`"
         f"{' (working tree modified)' if doc['git']['dirty'] else ''}. Machine: {m['cpu_model']}, "
@@ -334,19 +372,27 @@ def markdown(doc: dict) -> str:
         f"{cfg['cycles']} back-to-back rounds after {cfg['warmup']} warm-up rounds; then the poller's own loop at "
         f"{cfg['interval'] * 1e3:.0f} ms for {cfg['live_seconds']} s.",
         "",
-        "| instances | format | body/instance | HTTP+parse p50 / p99 (ms) | rebuild p50 / p99 (ms) | "
+        "| instances | format | slow servers | body/instance | HTTP+parse p50 / p99 (ms) | rebuild p50 / p99 (ms) | "
         "round p50 / p99 (ms) | router CPU/round p50 (ms) | live rounds/s (kept) | router CPU share | "
+        "loop lag p99 / max (ms) | prompt servers' report age p50 / max (ms) | "
         f"{cfg['interval'] * 1e3:.0f} ms holds | load avg after |",
-        "|---:|---|---:|---|---|---|---:|---|---:|---|---:|",
+        "|---:|---|---|---:|---|---|---|---:|---|---:|---|---|---|---:|",
     ]
+
+    def pair(x: dict | None, a: str = "p50_ms", b: str = "p99_ms") -> str:
+        return "-" if x is None else f"{x[a]:.1f} / {x[b]:.1f}"
+
     for r in doc["results"]:
         lv = r["live"]
+        slow = f"{r['slow_instances']} x {r['slow_delay_s']:g} s late" if r.get("slow_instances") else "none"
+        cpu_round = r["router_cpu_per_round"]
         lines.append(
-            f"| {r['instances']} | {r['format']} | {r['body_bytes_per_instance'] / 1024:.1f} KiB | "
-            f"{r['http_parse']['p50_ms']:.1f} / {r['http_parse']['p99_ms']:.1f} | "
-            f"{r['rebuild']['p50_ms']:.1f} / {r['rebuild']['p99_ms']:.1f} | "
-            f"{r['round']['p50_ms']:.1f} / {r['round']['p99_ms']:.1f} | {r['router_cpu_per_round']['p50_ms']:.1f} | "
+            f"| {r['instances']} | {r['format']} | {slow} | {r['body_bytes_per_instance'] / 1024:.1f} KiB | "
+            f"{pair(r['http_parse'])} | {pair(r['rebuild'])} | {pair(r['round'])} | "
+            f"{'-' if cpu_round is None else format(cpu_round['p50_ms'], '.1f')} | "
             f"{lv['rounds_per_s']:.2f} ({lv['kept_fraction']:.0%}) | {lv['router_cpu_share']:.0%} | "
+            f"{pair(lv.get('loop_lag'), 'p99_ms', 'max_ms')} | "
+            f"{pair(lv.get('prompt_servers_report_age'), 'p50_ms', 'max_ms')} | "
             f"{'yes' if r['holds_interval'] else 'no'} | {r['loadavg_after'][0]:.2f} |"
         )
     lines += ["", doc["conclusion"], ""]
@@ -357,10 +403,20 @@ def conclusion(results: list[dict], interval: float) -> str:
     ms = interval * 1e3
     parts = []
     for r in results:
+        lv = r["live"]
+        lag = lv.get("loop_lag") or {}
+        if r.get("slow_instances"):
+            age = lv.get("prompt_servers_report_age") or {}
+            parts.append(
+                f"{r['instances']} instances with {r['slow_instances']} answering {r['slow_delay_s']:g} s late: "
+                f"the other servers' reports are at most {age.get('max_ms', float('nan')):.0f} ms old in a snapshot"
+            )
+            continue
         parts.append(
             f"{r['instances']} instances, {r['format']}: round p99 {r['round']['p99_ms']:.0f} ms, router CPU "
-            f"{r['router_cpu_per_round']['p50_ms']:.0f} ms per round ({r['live']['router_cpu_share']:.0%} of the core "
-            f"polling every {ms:.0f} ms): {'holds' if r['holds_interval'] else 'does not hold'}"
+            f"{r['router_cpu_per_round']['p50_ms']:.0f} ms per round ({lv['router_cpu_share']:.0%} of the core "
+            f"polling every {ms:.0f} ms), event-loop lag p99 {lag.get('p99_ms', float('nan')):.1f} ms / max "
+            f"{lag.get('max_ms', float('nan')):.1f} ms: {'holds' if r['holds_interval'] else 'does not hold'}"
         )
     return "Result: " + "; ".join(parts) + "."
 
@@ -384,13 +440,24 @@ def main() -> int:
     p.add_argument("--server-procs", type=int, default=2, help="stand-in server processes")
     p.add_argument("--router-core", type=int, default=0, help="the core the router process is pinned to")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--slow-delay",
+        type=float,
+        default=0.0,
+        help="> 0: per instance count, one more live run in which one server answers this many seconds late",
+    )
+    p.add_argument("--slow-instances", type=int, default=0, help=argparse.SUPPRESS)  # stand-in servers only
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", default=str(OUT), help="directory for router_poll_bench.{json,md}")
+    p.add_argument("--label", default="", help="what this run measures, e.g. which poller (goes into the title)")
     p.add_argument("--serve", nargs=2, type=int, metavar=("FIRST", "COUNT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     _raise_nofile()
     if args.serve:
-        asyncio.run(_serve(args.serve[0], args.serve[1], args.reqs, args.variants, args.seed))
+        asyncio.run(
+            _serve(args.serve[0], args.serve[1], args.reqs, args.variants, args.seed, args.slow_instances,
+                   args.slow_delay)
+        )  # fmt: skip
         return 0
     for name, value in (("--reqs", args.reqs), ("--cycles", args.cycles), ("--variants", args.variants)):
         if value < 1:
@@ -413,24 +480,31 @@ def main() -> int:
 
     loadavg_before = list(os.getloadavg())
     results = []
-    configs = [(n, f) for n in counts for f in formats]
+    configs = [(n, f, 0) for n in counts for f in formats]
+    if args.slow_delay > 0:  # one server answering late, the others promptly (live loop only)
+        configs += [(n, "v2", 1) for n in counts]
     progress = not args.no_progress
-    for n, fmt in tqdm(configs, desc="configurations", disable=not progress):
-        procs, urls = start_servers(n, args, server_cores)
+    for n, fmt, slow in tqdm(configs, desc="configurations", disable=not progress):
+        procs, urls = start_servers(n, args, server_cores, slow)
         os.sched_setaffinity(0, {args.router_core})  # the router: one core (servers were started off it)
         try:
-            results.append(asyncio.run(measure(urls, fmt, args, progress)))
+            results.append(asyncio.run(measure(urls, fmt, args, progress, slow)))
         finally:
             os.sched_setaffinity(0, available)
             stop_servers(procs)
         r = results[-1]
+        lv = r["live"]
+        age, lag = lv["prompt_servers_report_age"] or {}, lv["loop_lag"] or {}
         tqdm.write(
-            f"{n} instances {fmt}: HTTP+parse p50 {r['http_parse']['p50_ms']:.1f} ms, rebuild p50 "
-            f"{r['rebuild']['p50_ms']:.1f} ms, round p99 {r['round']['p99_ms']:.1f} ms, live "
-            f"{r['live']['rounds_per_s']:.2f} rounds/s, holds: {r['holds_interval']}"
+            f"{n} instances {fmt}{f', {slow} slow' if slow else ''}: round p99 "
+            f"{(r['round'] or {}).get('p99_ms', float('nan')):.1f} ms, live {lv['rounds_per_s']:.2f} rounds/s, "
+            f"CPU share {lv['router_cpu_share']:.0%}, loop lag p99 {lag.get('p99_ms', float('nan')):.1f} ms, "
+            f"prompt servers' report age max {age.get('max_ms', float('nan')):.0f} ms"
         )
     doc = {
         "command": " ".join(["python", "benchmark/router_poll_bench.py", *sys.argv[1:]]),
+        "label": args.label,
+        "poller_file": sys.modules["ares_router.poller"].__file__,  # which poller ran (a `--label`led run may differ)
         "git": record(ROOT),
         "machine": machine(args.router_core, server_cores),
         "config": {k: v for k, v in vars(args).items() if k not in ("serve", "out", "no_progress")},

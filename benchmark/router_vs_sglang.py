@@ -286,7 +286,7 @@ def poll_cost(args: argparse.Namespace, logs: Path) -> dict | None:
         return None
     res = json.loads((out / "router_poll_bench.json").read_text())["results"][0]
     return {
-        "command": " ".join(["python", "benchmark/router_poll_bench.py", *cmd[3:-2]]),
+        "command": " ".join(["python", "benchmark/router_poll_bench.py", *cmd[2:-2]]),
         "instances": res["instances"],
         "round_p99_ms": res["round"]["p99_ms"],
         "router_cpu_per_round_p50_ms": res["router_cpu_per_round"]["p50_ms"],

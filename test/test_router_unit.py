@@ -1129,3 +1129,204 @@ def test_grid_bins_equal_searchsorted_on_and_around_grid_points(horizon, points)
     b, c = _grid_bins(s, p)
     np.testing.assert_array_equal(b, np.searchsorted(s, p, side="left"))
     np.testing.assert_array_equal(c, np.searchsorted(s, p, side="right"))
+
+
+# -- the poller off the relay's path: per-server polls, incremental snapshot rebuild ------------------------------
+def _same_snapshot(a: Any, b: Any) -> None:
+    """Two `ClusterSnapshot`s hold the same numbers, field by field (NaN equals NaN)."""
+    import dataclasses
+
+    from ares_router.policy import ClusterSnapshot, InstanceState
+
+    for f in dataclasses.fields(ClusterSnapshot):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "instances":
+            assert len(x) == len(y)
+            for i, j in zip(x, y, strict=True):
+                for g in dataclasses.fields(InstanceState):
+                    u, v = getattr(i, g.name), getattr(j, g.name)
+                    if isinstance(u, np.ndarray):
+                        np.testing.assert_array_equal(u, v, err_msg=f"instance {i.instance_id}.{g.name}")
+                    else:
+                        assert list(u) == list(v) if g.name.endswith("_ids") else u == v, (g.name, u, v)
+        elif isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=f.name)
+        elif f.name == "forecasts":
+            assert repr(x) == repr(y)
+        else:
+            assert x == y, f.name
+
+
+def _random_load(rng: np.random.Generator, index: int, n: int, admission: str = "sglang") -> DecodeLoad:
+    prompt, gen = rng.integers(10, 500, n).astype(float), rng.integers(1, 300, n).astype(float)
+    pred = rng.uniform(1, 800, n)
+    pred[rng.random(n) < 0.2] = np.nan  # some rows without a prediction yet
+    used = int((prompt + gen).sum())
+    return DecodeLoad(
+        capacity_tokens=used * 2 + 1000,
+        used_tokens=used + int(rng.integers(0, 50)),
+        running_reqs=n,
+        source="ares_state",
+        rids=tuple(f"{index}-{k}" for k in range(n)),
+        prompt_tokens=prompt,
+        generated_tokens=gen,
+        predicted_remaining=pred,
+        predicted_p90=pred * 1.5,
+        admission=admission,
+    )
+
+
+@pytest.mark.parametrize("thread_min_instances", [0, 1000])  # the build in the worker thread, and on the loop
+def test_incremental_rebuild_equals_a_full_refresh(thread_min_instances):
+    """The poller's rebuild (cached instances, splice of those that changed while it built) gives exactly the
+    snapshot `RouterState.refresh` builds from scratch, after polls, dispatches, starts, finishes and a failure."""
+    rng = np.random.default_rng(3)
+    n = 20
+    state = RouterState.create([("http://p0", 1)], [f"http://d{i}" for i in range(n)], "ares", seed=0)
+    state.poll_ok(state.prefills[0], None, now=0.0)
+    for d in state.decodes:  # a few servers admit predictively: the snapshot then carries their forecasts
+        state.poll_ok(
+            d, _random_load(rng, d.index, int(rng.integers(0, 12)), "predictive" if d.index % 7 else "sglang"), now=0.0
+        )
+    for k in range(30):  # the router relays some reported requests and some not yet reported
+        j = int(rng.integers(0, n))
+        t = state.start(f"own-{k}", decode=j, prefill=0, prompt_tokens=int(rng.integers(5, 300)), max_tokens=200)
+        t.started, t.generated = bool(k % 2), int(rng.integers(0, 20))
+    poller = Poller(state, interval_s=0.1, thread_min_instances=thread_min_instances)
+
+    async def main() -> None:
+        for step in range(4):
+            await poller.rebuild(now=1.0 + step)
+            ours = state.snapshot
+            _same_snapshot(ours, state.refresh(now=1.0 + step))
+            state.snapshot = ours  # go on from the poller's own snapshot
+            # Between two rebuilds: new reports for some servers, dispatches, finishes, a failed server.
+            for d in state.decodes[step::3]:
+                state.poll_ok(d, _random_load(rng, d.index, int(rng.integers(0, 12))), now=1.0 + step)
+            for _ in range(5):
+                j = state.choose_decode(int(rng.integers(5, 300)), 100)
+                state.start(
+                    f"new-{step}-{j}-{rng.integers(1 << 30)}", decode=j, prefill=0, prompt_tokens=50, max_tokens=100
+                )
+            for rid in list(state.requests)[::7]:
+                state.finish(rid)
+            if step == 2:
+                state.mark_failed(state.decodes[5], "connection refused")
+        if thread_min_instances == 0:
+            # Bookkeeping that moves while the worker thread builds is spliced in afterwards.
+            task = asyncio.create_task(poller.rebuild(now=9.0))
+            await asyncio.sleep(0)  # the rebuild is under way (in the thread, or between two assembly slices)
+            state.start("during", decode=3, prefill=0, prompt_tokens=77, max_tokens=10)
+            await task
+            ours = state.snapshot
+            assert "during" in ours.instances[3].pending_ids
+            _same_snapshot(ours, state.refresh(now=9.0))
+
+    asyncio.run(main())
+
+
+def test_splice_equals_a_full_build():
+    from ares_router.policy import build_snapshot
+    from ares_router.poller import splice_snapshot
+
+    rng = np.random.default_rng(5)
+    state = RouterState.create([("http://p0", 1)], [f"http://d{i}" for i in range(6)], "ares", seed=0)
+    for d in state.decodes:
+        state.poll_ok(d, _random_load(rng, d.index, 5, "predictive" if d.index == 2 else "sglang"), now=0.0)
+    before = [state._instance(d) for d in state.decodes]
+    for j in (1, 2, 4):
+        state.poll_ok(state.decodes[j], _random_load(rng, j, int(rng.integers(0, 9))), now=0.0)
+    after = [state._instance(d) for d in state.decodes]
+    args = (state.load_model, state.migration_cost, state.admission)
+    spliced = splice_snapshot(
+        build_snapshot(before, *args), [1, 2, 4], build_snapshot([after[j] for j in (1, 2, 4)], *args)
+    )
+    _same_snapshot(spliced, build_snapshot(after, *args))
+
+
+class _StateServer:
+    """A decode (or prefill) stand-in on 127.0.0.1 answering `/ares/state` after `delay` seconds; counts polls."""
+
+    def __init__(self, body: bytes, delay: float = 0.0):
+        self.body, self.delay, self.polls = body, delay, 0
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        async def state(request: web.Request) -> web.Response:
+            self.polls += 1
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            return web.Response(body=self.body, content_type="application/json")
+
+        async def loads(request: web.Request) -> web.Response:
+            return web.json_response(
+                {"loads": [{"num_running_reqs": 0, "num_used_tokens": 0, "max_total_num_tokens": 9}]}
+            )
+
+        app = web.Application()
+        app.router.add_get("/ares/state", state)
+        app.router.add_get("/v1/loads", loads)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+def _state_body(rids: list[str], used: int = 100) -> bytes:
+    n = len(rids)
+    return orjson.dumps(
+        {
+            "version": 2,
+            "capacity_tokens": 10000,
+            "used_tokens": used,
+            "rids": rids,
+            "prompt_tokens": [10] * n,
+            "generated_tokens": [5] * n,
+            "predicted_remaining": [20.0] * n,
+        }
+    )
+
+
+def test_a_slow_or_dead_server_never_delays_the_others_reports():
+    """One decode server answers 1.5 s late, another is gone (refused): the prompt server is polled every interval
+    all the same, and the snapshot is rebuilt with its fresh reports while the slow answer is outstanding."""
+
+    async def main() -> None:
+        fast, slow = _StateServer(_state_body(["f1"])), _StateServer(_state_body(["s1"]))
+        fast_url, slow_url = await fast.start(), await slow.start()
+        gone = _StateServer(b"{}")
+        gone_url = await gone.start()
+        await gone.stop()  # nothing listens there any more
+        state = RouterState.create([(fast_url, 1)], [fast_url, slow_url, gone_url], "ares")
+        poller = Poller(state, interval_s=0.05, timeout_s=5.0)
+        await poller.start()
+        d_fast, d_slow, d_gone = state.decodes
+        assert d_fast.healthy and d_slow.healthy and not d_gone.healthy and "Connect" in d_gone.last_error
+        slow.delay = 2.0  # from now on the slow server answers 2 s late (an overloaded CPU server)
+        await async_wait_for(lambda: slow.polls >= 2, what="a poll of the slow server under way")
+        slow_ok, polls0, rounds0 = d_slow.last_ok, fast.polls, poller.rounds
+        # While that answer is outstanding, the prompt server is polled every 50 ms and the snapshot rebuilt with
+        # its reports (a round-based poller would wait for the slow answer: one round per 2 s).
+        await async_wait_for(lambda: fast.polls >= polls0 + 8, what="eight more polls of the prompt server")
+        await async_wait_for(lambda: poller.rounds >= rounds0 + 8, what="eight more snapshot rebuilds")
+        assert d_slow.last_ok == slow_ok, "the machine was too slow to tell: 8 polls took over 2 s"
+        assert time.monotonic() - d_fast.last_ok < 0.5  # its report stays fresh
+        assert state.snapshot.healthy.tolist() == [True, True, False]
+        # A body equal to the last one is not parsed again: the report object stays (and so does its instance).
+        load, polls1 = d_fast.load, fast.polls
+        await async_wait_for(lambda: fast.polls >= polls1 + 3, what="more polls")
+        assert d_fast.load is load
+        fast.body = _state_body(["f1", "f2"], used=200)  # a new report is read at the next poll
+        await async_wait_for(lambda: d_fast.load.rids == ("f1", "f2"), what="the new report")
+        await async_wait_for(lambda: list(state.snapshot.instances[0].request_ids) == ["f1", "f2"], what="rebuild")
+        await poller.stop()
+        slow.delay = 0.0
+        await fast.stop()
+        await slow.stop()
+
+    asyncio.run(main())
