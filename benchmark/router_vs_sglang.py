@@ -398,9 +398,15 @@ def targets_met(doc: dict) -> dict:
     out["idle_cpu_le_5ms_per_s"] = {"ares_ms_per_s": doc["idle_cpu_ms_per_s"]["ares"],
                                    "met": doc["idle_cpu_ms_per_s"]["ares"] <= 5.0}  # fmt: skip
     poll = doc.get("poll")
+    # Judged on CPU time per round over the interval (what a core must give the poller), not on the live loop's CPU
+    # share: on a shared, oversubscribed machine the share is capped by what the scheduler grants the process.
+    share = poll and poll["router_cpu_per_round_p50_ms"] / 100.0
     out["poll_round_256_le_10pct_core"] = {
+        "cpu_per_round_ms": poll and poll["router_cpu_per_round_p50_ms"],
+        "core_fraction_at_100ms": share,
         "live_router_cpu_share": poll and poll["live_router_cpu_share"],
-        "met": (poll["live_router_cpu_share"] <= 0.10) if poll else None,
+        "loop_lag_p99_ms": poll and (poll.get("loop_lag") or {}).get("p99_ms"),
+        "met": (share <= 0.10) if poll else None,
     }
     big = [r for r in doc["streams"] if r["target"] == "ares" and r["streams"] == max(doc["config"]["streams"])]
     gap = big[0]["max_gap_beyond_backend_ms"] if big else None
@@ -434,7 +440,7 @@ def markdown(doc: dict) -> str:
     ]
     for name, t in doc["targets"].items():
         figs = {k: v for k, v in t.items() if k != "met"}
-        L.append(f"| {name} | `{json.dumps(figs, default=_short)}` | {_flag(t['met'])} |")
+        L.append(f"| {name} | `{json.dumps(_rounded(figs))}` | {_flag(t['met'])} |")
     L += ["", "## Added latency, one client (ms)", ""]
     L += ["| request | direct p50 / p99 | ARES added p50 / p99 | SGLang added p50 / p99 |", "|---|---|---|---|"]
     for mode in ("non_stream", "stream"):
@@ -502,8 +508,15 @@ def markdown(doc: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def _short(x: object) -> object:
-    return round(x, 3) if isinstance(x, float) else str(x)
+def _rounded(x: object) -> object:
+    """`x` with every float rounded to 3 digits (readable figures in a table cell)."""
+    if isinstance(x, float):
+        return round(x, 3)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_rounded(v) for v in x]
+    return x
 
 
 def _num(x: float | None, digits: int) -> str:
@@ -627,7 +640,21 @@ def main() -> int:
     p.add_argument(
         "--profile-notes", type=Path, help="a markdown file with a reading of the profile, copied into the markdown"
     )
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="no measurement: rewrite the markdown and PNG from the existing JSON (e.g. with --profile-notes)",
+    )
     args = p.parse_args()
+    if args.render_only:
+        doc = json.loads((OUT / "router_vs_sglang.json").read_text())
+        if args.profile_notes:
+            doc["profile_notes"] = args.profile_notes.read_text().strip()
+            doc["profile_notes_file"] = str(args.profile_notes)
+            (OUT / "router_vs_sglang.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (OUT / "router_vs_sglang.md").write_text(markdown(doc))
+        plot(doc, OUT / "router_vs_sglang.png")
+        return 0
     if args.quick:
         args.requests, args.duration, args.warmup_s, args.idle_seconds = 300, 4.0, 1.0, 5.0
         args.stream_tokens, args.profile_seconds, args.poll_cycles, args.poll_live_seconds = 30, 8.0, 20, 3.0
