@@ -321,6 +321,7 @@ class Poller:
         self.last_loop_s = 0.0
         self.last_reassembled = 0  # instances assembled again in the last rebuild
         self._longest_poll = 0.0
+        self._next_round: asyncio.Future | None = None  # resolved when the next rebuild ends (`_round_done`)
 
     async def start(self) -> None:
         """Poll every server once and build the snapshot (so the first requests see real state), then keep polling
@@ -350,7 +351,9 @@ class Poller:
 
     async def _poll_loop(self, b: Backend, phase: float) -> None:
         """Poll `b` every `interval_s`, first at `phase` of an interval from now. A slow answer delays only this
-        server's next poll (to the next tick after it), nobody else's."""
+        server's next poll (to the next tick after it), nobody else's. Self-clocked: the next poll waits until a
+        rebuild has used this answer, so when the router's core is short the polls slow down with the rebuilds
+        instead of crowding them out (fetching reports faster than snapshots use them is wasted work)."""
         loop = asyncio.get_running_loop()
         due = loop.time() + self.interval_s * phase
         while True:
@@ -359,6 +362,7 @@ class Poller:
                 await self._poll(b)
             except Exception:  # never let one bad poll kill the server's task
                 log.exception("poll of %s failed", b.name)
+            await asyncio.shield(self._round_done())
             now = loop.time()
             due += self.interval_s
             if due <= now:  # the answer took longer than the interval: skip the missed ticks
@@ -374,6 +378,8 @@ class Poller:
                 await self.rebuild()
             except Exception:  # never let one bad rebuild kill the poller
                 log.exception("snapshot rebuild failed")
+            finally:
+                self._wake_polls()  # even after a failed rebuild: the polls must go on (health checks)
             if due < loop.time():
                 due = loop.time()
 
@@ -443,12 +449,23 @@ class Poller:
         a = self._assembled[d.index] = _Assembled(self.state._instance(d), sig, d.load, now)
         return a
 
+    def _round_done(self) -> asyncio.Future:
+        """A future resolved when the next rebuild ends."""
+        if self._next_round is None or self._next_round.done():
+            self._next_round = asyncio.get_running_loop().create_future()
+        return self._next_round
+
+    def _wake_polls(self) -> None:
+        if self._next_round is not None and not self._next_round.done():
+            self._next_round.set_result(None)
+
     def _finish_round(self, t0: float, loop_s: float, reassembled: int) -> None:
         self.last_fetch_s, self._longest_poll = self._longest_poll, 0.0
         self.last_refresh_s = time.perf_counter() - t0
         self.last_loop_s = loop_s
         self.last_reassembled = reassembled
         self.rounds += 1
+        self._wake_polls()
         if self.on_round is not None:
             self.on_round()
 
