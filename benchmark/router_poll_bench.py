@@ -297,6 +297,9 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
         oldest[0] = min(d.last_ok for d in state.decodes[slow:] if d.last_ok is not None)
 
     async def sample_ages() -> None:
+        # From the first round of the loop on: start()'s own round waited for every server, the slow one included.
+        while len(ends) < 2:
+            await asyncio.sleep(0.005)
         while True:
             await asyncio.sleep(0.02)
             ages.append(time.monotonic() - oldest[0])
@@ -339,7 +342,7 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
             "round_gap_ms": _pct(gaps) if rounds else None,
             "kept_fraction": kept,
             "loop_lag": _pct(lags),  # event-loop lateness seen by a 2 ms sleeper: what relayed streams wait
-            "prompt_servers_report_age": _pct(ages[5:]),  # after the first 100 ms
+            "prompt_servers_report_age": _pct(ages),
             "router_cpu_share": cpu_live / wall,
         },
         "holds_interval": bool(p99 <= args.interval * 1e3 and kept >= 0.95),
