@@ -200,7 +200,9 @@ class Cluster:
             for name, s in list(pending.items()):
                 if self.procs[name].poll() is not None:
                     raise ClusterError(f"{name} exited with {self.procs[name].returncode}:\n{self.log_tail(name)}")
-                if http_ok(s.url + "/health"):
+                # SGLang's router says /health before its workers are registered; /readiness once they are.
+                sglang_router = s.role == "router" and self.spec.router == "sglang"
+                if http_ok(s.url + ("/readiness" if sglang_router else "/health")):
                     del pending[name]
             if pending and time.monotonic() > deadline:
                 raise ClusterError(f"not healthy after {timeout_s:.0f}s: {sorted(pending)}")

@@ -80,7 +80,9 @@ def policy_router(
     r = RouterProcess(f"http://{HOST}:{port}", proc, log)
     try:
         deadline = time.monotonic() + timeout_s
-        ready = r.url + ("/health" if is_sglang(policy) else "/ares/cluster")
+        # SGLang's router answers /health before it has registered its workers (a request then gets 503 "Failed
+        # to select PD pair"); /readiness is 200 once they are healthy.
+        ready = r.url + ("/readiness" if is_sglang(policy) else "/ares/cluster")
         while not http_ok(ready):
             if proc.poll() is not None:
                 raise ClusterError(f"router exited with {proc.returncode}:\n{r.log_text()[-4000:]}")
