@@ -129,6 +129,12 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=lim.confirm_rounds,
         help="rounds in a row a (source, target) pair must be proposed before a migration starts",
     )
+    p.add_argument(
+        "--ares-migrate-slot-timeout",
+        type=float,
+        default=lim.slot_timeout_s,
+        help="seconds after which a migration stuck on a hung server stops counting against the limits",
+    )
     p.add_argument("--ares-migrate-max-stages", type=int, default=6, help="pre-copy stages of a migration")
     p.add_argument(
         "--ares-migrate-last-stage-tokens",
@@ -148,6 +154,25 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="link profile that prices migrations for the rebalancing policy (ares_router/link_profile.py): "
         f"{', '.join(sorted(load_profiles()))}; with the KV bytes per token the decode servers report",
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="clients must send 'Authorization: Bearer KEY' (SGLang's --api-key); /health and /metrics stay open",
+    )
+    p.add_argument(
+        "--admin-api-key",
+        default=None,
+        help="key for /ares/migrate, /flush_cache and the X-Ares-Decode pin (without it: loopback clients only); "
+        "also sent to the servers on migration commands and flushes unless --backend-admin-api-key is given",
+    )
+    p.add_argument(
+        "--backend-admin-api-key",
+        default=None,
+        help="the servers' SGLang --admin-api-key, sent on migration commands and /flush_cache "
+        "(default: --admin-api-key)",
+    )
+    # Fault injection for the tests only: the named migration commands act, their answers are dropped.
+    p.add_argument("--ares-test-lose-reply", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs latency)")
     return p
@@ -187,11 +212,16 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
             max_per_request=args.ares_migrate_max_per_request,
             request_cooldown_s=args.ares_migrate_request_cooldown,
             confirm_rounds=args.ares_migrate_confirm_rounds,
+            slot_timeout_s=args.ares_migrate_slot_timeout,
         ),
         migrate_max_stages=args.ares_migrate_max_stages,
         migrate_last_stage_tokens=args.ares_migrate_last_stage_tokens,
         migrate_stage_delay_s=args.ares_migrate_stage_delay,
         migrate_link=args.ares_migrate_link,
+        api_key=args.api_key,
+        admin_api_key=args.admin_api_key,
+        backend_admin_api_key=args.backend_admin_api_key,
+        test_lose_replies=tuple(args.ares_test_lose_reply),
     )
 
 

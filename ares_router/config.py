@@ -43,6 +43,16 @@ class RouterConfig:
     migrate_last_stage_tokens: int = 32  # pause once at most this many KV positions are left to copy
     migrate_stage_delay_s: float = 0.0  # wait between pre-copy stages (tests widen the pre-copy window with it)
     migrate_link: str = DEFAULT_LINK  # link profile the rebalancing policy prices migrations with
+    api_key: str | None = None  # clients' bearer token (`ares_router.auth`); None: open
+    admin_api_key: str | None = None  # operators' (migrate, flush, pin); None: loopback clients only
+    backend_admin_api_key: str | None = None  # the servers' SGLang --admin-api-key (None: `admin_api_key`)
+    test_lose_replies: tuple[str, ...] = ()  # fault injection: migration commands whose answers are dropped
+
+    @property
+    def backend_headers(self) -> dict[str, str]:
+        """What the router adds to its admin calls to the servers (migration commands, flushes)."""
+        key = self.backend_admin_api_key or self.admin_api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def __post_init__(self) -> None:
         if not self.prefill or not self.decode:

@@ -138,35 +138,50 @@ class InFlight:
 
 
 class MigrationFailed(Exception):
-    """A command was refused or failed; `reason` says which and why."""
+    """A command was refused or failed; `reason` says which and why. `refused`: the server answered that it did
+    not do it (4xx); otherwise (no answer, 5xx) whether it acted is not known."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, refused: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.refused = refused
 
 
-async def command(session: aiohttp.ClientSession, server: Backend, msg: dict, timeout_s: float = 120.0) -> dict:
-    """One migration command to a decode server; its answer, or MigrationFailed naming the server and reason."""
-    try:
-        async with session.post(
-            server.url + MIGRATE_CMD_PATH, data=orjson.dumps(msg), headers=JSON_HEADERS,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-        ) as resp:  # fmt: skip
-            body = await resp.read()
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-        raise MigrationFailed(f"{server.name} unreachable: {type(e).__name__}") from None
-    try:
-        answer = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise MigrationFailed(f"{server.name} answered HTTP {resp.status}: {body[:200]!r}") from None
-    if resp.status != 200:
-        reason = answer.get("reason") or answer.get("message") or f"HTTP {resp.status}"
-        raise MigrationFailed(f"{server.name} {msg['cmd']}: {reason}")
-    return answer
+@dataclass(frozen=True)
+class Commands:
+    """Sends migration commands to the decode servers over the router's pool, with the servers' admin key (their
+    command endpoint is an SGLang admin endpoint: `ares.engine.http_routes`)."""
+
+    session: aiohttp.ClientSession
+    headers: dict = field(default_factory=dict)  # e.g. {"Authorization": "Bearer <the servers' admin key>"}
+    # Fault injection for tests (`--ares-test-lose-reply`): these commands act on the server, but their answers are
+    # dropped as if the connection broke after the server acted.
+    lose_replies: frozenset[str] = frozenset()
+
+    async def __call__(self, server: Backend, msg: dict, timeout_s: float = 120.0) -> dict:
+        """One command to `server`; its answer, or MigrationFailed naming the server and reason."""
+        try:
+            async with self.session.post(
+                server.url + MIGRATE_CMD_PATH, data=orjson.dumps(msg), headers={**JSON_HEADERS, **self.headers},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as resp:  # fmt: skip
+                body = await resp.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise MigrationFailed(f"{server.name} unreachable: {type(e).__name__}") from None
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise MigrationFailed(f"{server.name} answered HTTP {resp.status}: {body[:200]!r}") from None
+        if resp.status != 200:
+            reason = answer.get("reason") or answer.get("message") or answer.get("error") or f"HTTP {resp.status}"
+            raise MigrationFailed(f"{server.name} {msg['cmd']}: HTTP {resp.status} {reason}", resp.status < 500)
+        if msg["cmd"] in self.lose_replies:
+            raise MigrationFailed(f"{server.name} {msg['cmd']}: reply lost (injected)")
+        return answer
 
 
 async def run_migration(
-    session: aiohttp.ClientSession,
+    cmds: Commands,
     flight: InFlight,
     target: Backend,
     limits: MigrationLimits,
@@ -181,9 +196,7 @@ async def run_migration(
     m.from_hop, m.target_backend = len(flight.hops) - 1, target
     paused = False
     try:
-        begin = await command(
-            session, source, {"cmd": "out_begin", "mid": mid, "rid": source_rid, "endpoint": flight.endpoint}
-        )
+        begin = await cmds(source, {"cmd": "out_begin", "mid": mid, "rid": source_rid, "endpoint": flight.endpoint})
         layout = begin["layout"]
         m.state = "precopy"
         # R's request on B: the client's body under the request's new rid, and the migration id; bootstrap fields
@@ -197,7 +210,7 @@ async def run_migration(
         else:  # the OpenAI requests' own `custom_params` end up in the sampling params
             body["custom_params"] = {**(body.get("custom_params") or {}), MID_PARAM: mid}
         m.target_response = asyncio.create_task(
-            session.post(target.url + flight.endpoint, data=orjson.dumps(body), headers=JSON_HEADERS)
+            cmds.session.post(target.url + flight.endpoint, data=orjson.dumps(body), headers=JSON_HEADERS)
         )
         reserve = {
             "cmd": "in_reserve", "mid": mid, "prompt_digest": begin["prompt_digest"],
@@ -206,7 +219,7 @@ async def run_migration(
         deadline = time.monotonic() + limits.attach_timeout_s
         while True:
             try:
-                await command(session, target, reserve)
+                await cmds(target, reserve)
                 break
             except MigrationFailed as e:
                 if "not_attached" not in e.reason or time.monotonic() > deadline:
@@ -215,12 +228,12 @@ async def run_migration(
         sent = 0
         ps = int(layout["page_size"])
         for _ in range(limits.max_stages):
-            slots = await command(session, source, {"cmd": "out_slots", "mid": mid, "start": sent})
+            slots = await cmds(source, {"cmd": "out_slots", "mid": mid, "start": sent})
             written = slots["written"]
             end = max(sent, written // ps * ps)  # complete pages only: the page being written goes later
             if end > sent:
                 pull = {"cmd": "in_pull", "mid": mid, "start": sent, "end": end, "slots": slots["slots"][: end - sent]}
-                m.bytes += (await command(session, target, pull))["bytes"]
+                m.bytes += (await cmds(target, pull))["bytes"]
                 m.stages += 1
                 sent = end
             if written - sent <= limits.last_stage_tokens:
@@ -228,15 +241,19 @@ async def run_migration(
             if limits.stage_delay_s:
                 await asyncio.sleep(limits.stage_delay_s)
         t_pause = time.monotonic()
-        final = await command(session, source, {"cmd": "out_pause", "mid": mid, "start": sent})
+        final = await cmds(source, {"cmd": "out_pause", "mid": mid, "start": sent})
         paused = True
         m.state = "paused"
         commit = {
             "cmd": "in_commit", "mid": mid, "output_ids": final["output_ids"], "start": sent,
             "end": final["written"], "slots": final["slots"],
         }  # fmt: skip
-        committed = await command(session, target, commit)
-        m.bytes += committed["last_stage"]["bytes"]
+        try:
+            committed = await cmds(target, commit)
+            m.bytes += committed["last_stage"]["bytes"]
+        except MigrationFailed as e:
+            if e.refused or not await _resolve_commit(cmds, target, m, e.reason):
+                raise
         m.stages += 1
         m.kv_tokens, m.n_output = final["written"], len(final["output_ids"])
         # Before A's stream ends (A ends it only when told, below): the relay must find the move committed and the
@@ -249,25 +266,40 @@ async def run_migration(
     except MigrationFailed as e:
         m.state, m.reason = "failed", e.reason
         log.warning("migration %s of %s %s -> %s failed: %s", mid, flight.rid, source.name, target.name, e.reason)
-        await _undo(session, source, target, m, paused)
+        await _undo(cmds, source, target, m, paused)
     except BaseException:
         if m.state != "committed":
             m.state, m.reason = "failed", "cancelled"
-            await asyncio.shield(_undo(session, source, target, m, paused))
+            await asyncio.shield(_undo(cmds, source, target, m, paused))
         raise
     finally:
         m.total_s = time.monotonic() - m.t_start
     if m.state == "committed":
-        await _finalize(session, source, m)
+        await _finalize(cmds, source, m)
 
 
-async def _finalize(session: aiohttp.ClientSession, source: Backend, m: Migration) -> None:
+async def _resolve_commit(cmds: Commands, target: Backend, m: Migration, why: str) -> bool:
+    """B's answer to the commit was lost (no reply, or a 5xx): ask B. Its `in_abort` runs in B's tick, after any
+    commit still under way there, and is decisive: either B had committed (it says so and keeps the request) or
+    it frees what it holds and never commits later (a timed-out command is cancelled, never applied late). B not
+    answering counts as not committed: R then drops its connection to B, which makes B's tokenizer abort B's
+    copy should B wake up with one. So exactly one server runs the request."""
+    try:
+        answer = await cmds(target, {"cmd": "in_abort", "mid": m.mid, "reason": f"commit unresolved: {why}"}, 30.0)
+    except MigrationFailed as e:
+        log.warning("migration %s: commit unresolved (%s); %s did not answer either: %s", m.mid, why, m.target, e)
+        return False
+    log.warning("migration %s: commit reply lost (%s); %s says %s", m.mid, why, m.target, answer.get("state"))
+    return answer.get("state") == "committed"
+
+
+async def _finalize(cmds: Commands, source: Backend, m: Migration) -> None:
     """After B's commit: A ends its stream (with the migrated finish) and frees the request. The move stays
     committed whatever happens here (B runs the request now); a finalize that keeps failing is logged, and A's
     stream then ends when A does."""
     for attempt in range(FINALIZE_TRIES):
         try:
-            await command(session, source, {"cmd": "out_finalize", "mid": m.mid}, timeout_s=30.0)
+            await cmds(source, {"cmd": "out_finalize", "mid": m.mid}, timeout_s=30.0)
             return
         except MigrationFailed as e:
             if "unknown_migration" in e.reason:
@@ -277,11 +309,11 @@ async def _finalize(session: aiohttp.ClientSession, source: Backend, m: Migratio
             await asyncio.sleep(0.2 * (attempt + 1))
 
 
-async def _undo(session: aiohttp.ClientSession, source: Backend, target: Backend, m: Migration, paused: bool) -> None:
+async def _undo(cmds: Commands, source: Backend, target: Backend, m: Migration, paused: bool) -> None:
     """Before B's commit: B frees what it holds and ends R's request there; the request goes on on A."""
     for server, cmd in ((target, "in_abort"), (source, "out_resume")):
         try:
-            await command(session, server, {"cmd": cmd, "mid": m.mid, "reason": m.reason}, timeout_s=30.0)
+            await cmds(server, {"cmd": cmd, "mid": m.mid, "reason": m.reason}, timeout_s=30.0)
         except MigrationFailed as e:
             log.warning("migration %s: %s failed too: %s", m.mid, cmd, e.reason)
     if m.target_response is not None:

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from ares_router.migration import InFlight, Migration
-from ares_router.protocol import MIGRATED_PREFIX, APIError
+from ares_router.protocol import GENERATE, MIGRATED_PREFIX, APIError
 from ares_router.splice import Splicer
 from ares_router.state import Tracked
 
@@ -83,6 +83,7 @@ class StreamRelay:
         self.resp = resp
         self.tracked = tracked
         self.splicer = splicer  # None: the request cannot move, its bytes pass through
+        self._may_carry_internal = flight.endpoint == GENERATE
         self.prev = b""  # the last two pieces written: the stream's end, for its final usage/meta_info
         self.last = b""
         self.responses: list[aiohttp.ClientResponse] = []  # every hop's response, closed at the end
@@ -119,12 +120,15 @@ class StreamRelay:
 
     def _parse(self, buf: bytes, hop: int) -> bool:
         """Whether events of `hop` must be parsed now: a later hop (rewritten), a pending move, or the internal end
-        message in the bytes (it must never pass through)."""
-        return hop > 0 or self.flight.pending(hop) is not None or _INTERNAL in buf
+        message in the bytes (it must never pass through; only `/generate` events can carry it)."""
+        if hop or (self.flight.moves and self.flight.pending(hop) is not None):
+            return True
+        return self._may_carry_internal and _INTERNAL in buf
 
     async def _hop(self, buf: bytes, response: aiohttp.ClientResponse, hop: int) -> Migration | None:
         """Relay one hop's stream; the committed move that ended it, or None when the answer is complete."""
         parse = False
+        read = response.content.readany
         while True:
             if self.splicer is None:
                 if buf:
@@ -140,17 +144,20 @@ class StreamRelay:
                         moved = await self._event(event, hop)
                         if moved is not None:
                             return moved  # the rest of this hop (usage, [DONE]): the last hop's end the stream
+                elif buf.endswith(_EVENT_END):  # the usual chunk: whole events, passed on without a copy
+                    await self._write(buf)
+                    buf = b""
                 elif (i := buf.rfind(_EVENT_END)) >= 0:
                     await self._write(buf[: i + 2])
                     buf = buf[i + 2 :]
-            chunk = await response.content.readany()
+            chunk = await read()
             if not chunk:
                 if buf.strip():
                     if parse and self.splicer is not None:
                         return await self._event(buf, hop)
                     await self._write(buf)
                 return None
-            buf += chunk
+            buf = buf + chunk if buf else chunk
 
     async def _event(self, event: bytes, hop: int) -> Migration | None:
         """One complete event of `hop`, through the splicer; the move that ends the hop if this event ends it."""

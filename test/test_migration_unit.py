@@ -274,3 +274,103 @@ def test_a_migrated_request_retracted_later_goes_back_to_sglang_not_to_the_agent
     agent.incoming.clear()
     setattr(req, ARRIVED_ATTR, True)  # what the commit marks
     assert not agent.attach(req) and not agent.incoming  # back from retraction: SGLang's own path
+
+
+def test_gate_backs_off_per_pair_and_reason_and_not_for_the_requests_own_failures():
+    gate = RebalanceGate(RebalanceLimits(max_concurrent=5, per_instance=5, confirm_rounds=1, backoff_s=5))
+    (a,) = gate.choose([_m("a", 0, 1)], ["a"], now=0.0)
+    gate.done(a, committed=False, now=0.0, reason="decode0 out_slots: HTTP 409 finished")
+    assert [m.request_id for m in gate.choose([_m("b", 0, 1)], ["b"], now=0.1)] == ["b"]  # the request's own end
+    gate.done(_m("b", 0, 1), committed=False, now=0.1, reason="decode1 unreachable: ClientConnectorError")
+    assert gate.choose([_m("c", 0, 1)], ["c"], now=1.0) == []  # the pair (0, 1) backs off ...
+    assert [m.request_id for m in gate.choose([_m("d", 2, 1)], ["d"], now=1.0)] == ["d"]  # ... not target 1 for all
+    gate.done(_m("d", 2, 1), committed=True, now=1.5)
+    assert [m.request_id for m in gate.choose([_m("c", 0, 1)], ["c"], now=5.2)] == ["c"]
+    gate.done(_m("c", 0, 1), committed=False, now=6.0, reason="decode1 unreachable: TimeoutError")
+    assert gate.choose([_m("e", 0, 1)], ["e"], now=15.0) == []  # doubled: 10 s
+    assert [m.request_id for m in gate.choose([_m("e", 0, 1)], ["e"], now=16.1)] == ["e"]
+
+
+def test_a_stuck_migration_gives_its_slots_back_after_the_slot_timeout():
+    gate = RebalanceGate(RebalanceLimits(max_concurrent=1, per_instance=1, confirm_rounds=1, slot_timeout_s=30))
+    assert [m.request_id for m in gate.choose([_m("a", 0, 1)], ["a", "b"], now=0.0)] == ["a"]
+    assert gate.choose([_m("b", 0, 2)], ["a", "b"], now=29.0) == []  # "a" holds the one slot and instance 0
+    assert gate.choose([_m("a", 0, 1)], ["a", "b"], now=31.0) == []  # the stuck one itself is not proposed again
+    assert [m.request_id for m in gate.choose([_m("b", 0, 2)], ["a", "b"], now=31.0)] == ["b"]
+
+
+def test_tick_queue_cancels_an_action_the_tick_did_not_start_in_time():
+    """A command whose tick never came answers 504 and is never applied late (a late commit would leave the
+    request running on two servers)."""
+    from ares.migration.commands import CommandError, TickQueue
+
+    q = TickQueue()
+    applied = []
+    with pytest.raises(CommandError, match="tick_timeout") as err:
+        q.call(lambda: applied.append("late commit"), timeout_s=0.05)
+    assert err.value.status == 504
+    q.run_pending()  # the scheduler's next tick
+    assert applied == [] and q.empty()
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.update(v=q.call(lambda: 42, timeout_s=10)))
+    t.start()
+    while q.empty():
+        pass
+    q.run_pending()
+    t.join()
+    assert box["v"] == 42
+
+
+def test_repeated_commands_are_answered_once():
+    from ares.migration.commands import Answers, CommandError, dispatch
+
+    class Handlers:
+        def __init__(self):
+            self.commits = 0
+
+        def cmd_in_commit(self, msg):
+            self.commits += 1
+            return {"n_output": 7}
+
+        def cmd_in_pull(self, msg):
+            raise CommandError(409, "state:aborted")
+
+    h, answers = Handlers(), Answers()
+    first = dispatch(h, answers, {"cmd": "in_commit", "mid": "m1"})
+    again = dispatch(h, answers, {"cmd": "in_commit", "mid": "m1"})
+    assert first == {"status": 200, "n_output": 7} and again == {**first, "repeated": True} and h.commits == 1
+    assert dispatch(h, answers, {"cmd": "in_commit", "mid": "m2"})["status"] == 200 and h.commits == 2
+    assert dispatch(h, answers, {"cmd": "in_pull", "mid": "m1"}) == {"status": 409, "reason": "state:aborted"}
+    assert dispatch(h, answers, {"cmd": "nope"})["status"] == 400
+
+
+def test_transfer_worker_fails_a_read_past_its_deadline_and_frees_only_after_it_returns():
+    """The plumbing only (Mooncake's blocking read stood in by one that waits for an event; the live fault tests
+    use real servers): the command fails at the deadline, the migration stays pulling, the free runs once the
+    read returns."""
+    import threading
+
+    from ares.migration.commands import CommandError
+    from ares.migration.transfer import TransferWorker
+
+    release = threading.Event()
+
+    class BlockedRead:
+        def batch_transfer_sync_read(self, session, local, peer, lengths):
+            release.wait(10)
+            return 0
+
+    worker = TransferWorker(threads=1, deadline_s=0.05)
+    worker.claim("m1")
+    with pytest.raises(CommandError, match="transfer_timeout"):
+        worker.read("m1", BlockedRead(), "peer", [([1], [2], [3])])
+    assert worker.pulling("m1")
+    freed = threading.Event()
+    worker.when_idle("m1", freed.set)
+    assert not freed.is_set()
+    release.set()
+    assert freed.wait(5) and not worker.pulling("m1")
+    worker.when_idle("m1", lambda: freed.clear())  # idle: runs at once
+    assert not freed.is_set()

@@ -1,7 +1,10 @@
 """ARES routes on SGLang's own HTTP app (launcher process), each one request to a service thread of the scheduler
 (TP rank 0) over a local ZMQ socket, its JSON bytes returned as they are:
 - `GET /ares/state`: the load report (`ares.engine.state_report`);
-- `POST /ares/migrate/cmd`: one migration command (`ares.migration.agent`), used by the ARES router."""
+- `POST /ares/migrate/cmd`: one migration command (`ares.migration.agent`), used by the ARES router. An admin
+  endpoint as SGLang marks its own (`AuthLevel.ADMIN_OPTIONAL`: with `--admin-api-key` SGLang's middleware wants
+  that key, and only that key, as a bearer token); a server started without an admin key takes commands from
+  loopback clients only, where SGLang's ADMIN_FORCE would refuse them all."""
 
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ from fastapi import Request, Response
 
 from ares.config import AresServerConfig
 from ares.engine.state_report import COLUMNS
+from ares_router.protocol import MIGRATE_CMD_PATH
 
 logger = logging.getLogger("ares.engine")
 
 STATE_PATH = "/ares/state"
-MIGRATE_PATH = "/ares/migrate/cmd"
+MIGRATE_PATH = MIGRATE_CMD_PATH
 
 
 class IpcClient:
@@ -62,6 +66,21 @@ def _error(status: int, message: str, kind: str) -> Response:
     return ORJSONResponse(body, status_code=status)
 
 
+def _admin_key_set() -> bool:
+    from sglang.srt.runtime_context import get_serving
+
+    return bool(get_serving().admin_api_key)
+
+
+def _is_loopback(host: str | None) -> bool:
+    import ipaddress
+
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def add_routes(config: AresServerConfig) -> None:
     """Register `/ares/state` on `sglang.srt.entrypoints.http_server.app` (before the server starts)."""
     from sglang.srt.entrypoints.http_server import app
@@ -81,6 +100,8 @@ def add_routes(config: AresServerConfig) -> None:
         return Response(content=body, media_type="application/json")
 
     async def migrate_cmd(request: Request) -> Response:
+        if not _admin_key_set() and not _is_loopback(request.client.host if request.client else None):
+            return _error(403, "migration commands need the server's --admin-api-key from other hosts", "Forbidden")
         raw = await request.body()
         try:
             orjson.loads(raw)
@@ -93,6 +114,9 @@ def add_routes(config: AresServerConfig) -> None:
         status = orjson.loads(body).get("status", 500)
         return Response(content=body, status_code=status, media_type="application/json")
 
+    from sglang.srt.utils.auth import AuthLevel, auth_level
+
+    auth_level(AuthLevel.ADMIN_OPTIONAL)(migrate_cmd)  # SGLang's middleware reads the mark off the endpoint
     app.add_api_route(STATE_PATH, ares_state, methods=["GET"])
     app.add_api_route(MIGRATE_PATH, migrate_cmd, methods=["POST"])
     logger.info("ARES: %s and %s served from %s", STATE_PATH, MIGRATE_PATH, config.state_ipc)
