@@ -9,7 +9,9 @@ assembled again only when its report or the router's bookkeeping of it changed (
 requests of the router's own also once per interval, for their relayed-token counts), between slices of at most
 `ASSEMBLE_SLICE_S` on the event loop; the pure, whole-cluster part (`policy.build_snapshot`, numpy over every row)
 runs in a worker thread on immutable inputs, and instances whose bookkeeping changed meanwhile (a dispatch, a
-finish) are assembled again and spliced into its result on the loop. Nothing changed: no rebuild at all.
+finish) are assembled again and spliced into its result on the loop. Nothing changed: no rebuild at all. A server's
+next poll waits until a rebuild has used its last answer (self-clocked), and an idle router (nothing in flight) polls
+servers whose answers do not change `IDLE_BACKOFF` times less often.
 
 Decode servers are asked for `GET /ares/state?format=columns` (ARES decode servers, schemas below) and, when that
 answers 404, for SGLang's own `GET /v1/loads`; the 404 is remembered and `/ares/state` re-probed every `reprobe_s`.
@@ -93,6 +95,7 @@ MODELS_PATH = "/v1/models"
 SERVER_INFO_PATH = "/server_info"
 ASSEMBLE_SLICE_S = 0.001  # the longest stretch the rebuild assembles instances on the event loop before yielding
 THREAD_MIN_INSTANCES = 16  # fewer decode instances: build on the loop (a thread hop costs more than the build)
+IDLE_BACKOFF = 4  # a quiet server (answer unchanged, nothing in flight at the router) is polled this many times less
 
 
 class BadPayload(ValueError):
@@ -322,6 +325,9 @@ class Poller:
         self.last_reassembled = 0  # instances assembled again in the last rebuild
         self._longest_poll = 0.0
         self._next_round: asyncio.Future | None = None  # resolved when the next rebuild ends (`_round_done`)
+        self._same: dict[str, bool] = {}  # backend name -> its last answer equalled the one before
+        self._prefill_raw: dict[int, bytes] = {}  # prefill index -> its last good answer
+        self.idle_backoff = IDLE_BACKOFF
 
     async def start(self) -> None:
         """Poll every server once and build the snapshot (so the first requests see real state), then keep polling
@@ -364,7 +370,11 @@ class Poller:
                 log.exception("poll of %s failed", b.name)
             await asyncio.shield(self._round_done())
             now = loop.time()
-            due += self.interval_s
+            # Idle: while the server answers the same and the router relays nothing, poll it less often (the idle
+            # router's CPU is mostly polls); the first dispatch sees reports at most `idle_backoff` intervals old,
+            # of servers whose answers had not changed.
+            quiet = self._same.get(b.name) and not self.state.requests
+            due += self.interval_s * (self.idle_backoff if quiet else 1)
             if due <= now:  # the answer took longer than the interval: skip the missed ticks
                 due += self.interval_s * (int((now - due) / self.interval_s) + 1)
 
@@ -527,22 +537,29 @@ class Poller:
             self._raw[d.index] = (url, raw)
         except _POLL_ERRORS as e:
             self._raw.pop(d.index, None)
+            self._same[d.name] = False
             self._failed(d, e)
 
     def _unchanged(self, d: Backend, url: str, raw: bytes) -> bool:
         """The same answer to the same question as last time: a good poll, nothing new to parse or assemble."""
-        if d.load is None or self._raw.get(d.index) != (url, raw):
-            return False
-        self._ok(d, None)
-        return True
+        same = self._same[d.name] = d.load is not None and self._raw.get(d.index) == (url, raw)
+        if same:
+            self._ok(d, None)
+        return same
 
     async def _poll_prefill(self, p: Backend) -> None:
         try:
-            status, _ = await self._get_json(p.url + LOADS_PATH)
+            status, raw = await self._get(p.url + LOADS_PATH)
             if status != 200:
                 raise BadPayload(f"/v1/loads answered {status}")
+            self._same[p.name] = self._prefill_raw.get(p.index) == raw
+            if not self._same[p.name]:
+                orjson.loads(raw)  # a health check: the answer must at least be JSON
+                self._prefill_raw[p.index] = raw
             self._ok(p, None)
         except _POLL_ERRORS as e:
+            self._same[p.name] = False
+            self._prefill_raw.pop(p.index, None)
             self._failed(p, e)
 
     def _ok(self, b: Backend, load: DecodeLoad | None) -> None:

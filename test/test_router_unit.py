@@ -1330,3 +1330,28 @@ def test_a_slow_or_dead_server_never_delays_the_others_reports():
         await slow.stop()
 
     asyncio.run(main())
+
+
+def test_an_idle_router_polls_unchanged_servers_less_often():
+    """Nothing in flight and the same answer every time: the server is polled `idle_backoff` times less often; with
+    a request in flight, at the full rate again."""
+
+    async def main() -> None:
+        srv = _StateServer(_state_body(["a"]))
+        url = await srv.start()
+        state = RouterState.create([(url, 1)], [url], "ares")
+        poller = Poller(state, interval_s=0.05, timeout_s=5.0)
+        poller.idle_backoff = 8  # quiet: one poll per 0.4 s
+        await poller.start()
+        await async_wait_for(lambda: srv.polls >= 3, what="the first polls")
+        n0, t0 = srv.polls, time.monotonic()
+        await asyncio.sleep(1.0)
+        quiet_rate = (srv.polls - n0) / (time.monotonic() - t0)
+        assert quiet_rate <= 1 / 0.4 + 1.5, quiet_rate  # at the full rate it would be 20 a second
+        state.start("r1", decode=0, prefill=0, prompt_tokens=5, max_tokens=5)  # a request in flight
+        n1 = srv.polls
+        await async_wait_for(lambda: srv.polls >= n1 + 10, what="ten polls at the full rate")
+        await poller.stop()
+        await srv.stop()
+
+    asyncio.run(main())
