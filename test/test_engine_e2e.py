@@ -242,7 +242,9 @@ def test_live_benchmark_harness_replays_through_a_policy_router_and_scores_the_h
     from ares.live.workload import live_workload
 
     reqs = live_workload(4, rate=2.0, seed=5, long_fraction=0.25, long_min=100)
-    args = argparse.Namespace(reserve_tokens=512, poll_interval=0.2, max_new_tokens=48, log_dir=str(tmp_path))
+    args = argparse.Namespace(
+        reserve_tokens=512, poll_interval=0.2, max_new_tokens=48, log_dir=str(tmp_path), request_timeout=600.0
+    )
     summary, outcomes, trace = run_policy(
         cluster, prefill, "ares", reqs, Slo(ttft_s=600, tpot_s=60), args, Display(len(reqs), enabled=False), "ares"
     )
@@ -252,6 +254,7 @@ def test_live_benchmark_harness_replays_through_a_policy_router_and_scores_the_h
     assert summary["head"]["samples"] > 0 and summary["head"]["requests"] >= 1  # the reports name the router's ids
     assert summary["head"]["mae_tokens"] >= 0 and len(trace.t_s) >= 2 and trace.capacity == [8192, 8192]
     assert summary["retractions"] == 0 and sum(summary["placed"].values()) == 4
+    assert summary["leftovers_aborted"] is None  # the servers were idle after the replay: nothing to abort
 
 
 def test_live_benchmark_runs_sglangs_own_router_beside_the_ares_policies(cluster, prefill, tmp_path):
@@ -264,7 +267,9 @@ def test_live_benchmark_runs_sglangs_own_router_beside_the_ares_policies(cluster
     from ares.live.workload import live_workload
 
     reqs = live_workload(4, rate=2.0, seed=6, long_fraction=0.25, long_min=100)
-    args = argparse.Namespace(reserve_tokens=512, poll_interval=0.2, max_new_tokens=24, log_dir=str(tmp_path))
+    args = argparse.Namespace(
+        reserve_tokens=512, poll_interval=0.2, max_new_tokens=24, log_dir=str(tmp_path), request_timeout=600.0
+    )
     policy = "sglang_power_of_two"
     summary, outcomes, _ = run_policy(
         cluster, prefill, policy, reqs, Slo(ttft_s=600, tpot_s=60), args, Display(len(reqs), enabled=False), policy
@@ -272,3 +277,4 @@ def test_live_benchmark_runs_sglangs_own_router_beside_the_ares_policies(cluster
     assert (summary["completed"], summary["lost"], summary["duplicated"]) == (4, 0, 0), summary["errors"]
     assert all(o.n_output > 0 for o in outcomes) and summary["migrations"] == {}  # no /ares/migrations there
     assert all(o.decode is None for o in outcomes)  # SGLang's router sends no X-Ares-Decode: not an ARES router
+    assert summary["leftovers_aborted"] is None

@@ -4,6 +4,8 @@ The benchmark itself runs real servers (`benchmark/live_cluster.py`); these chec
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ares.cluster.spec import ClusterSpec
@@ -172,3 +174,46 @@ def test_the_live_view_shows_requests_done_and_each_servers_kv():
     text = console.export_text()
     assert "ares (seed 1)" in text and "2/24 done" in text and "1 failed" in text
     assert "decode0 KV" in text and " 50% (640/1280)" in text and "100% (1280/1280)" in text
+
+
+def test_a_request_the_server_never_answers_is_given_up_after_the_request_timeout():
+    """The replay's client gives up on a request after `request_timeout_s` (lost, with the reason) instead of holding
+    the whole replay; the others are unaffected. An in-process aiohttp server that answers one prompt never."""
+    import asyncio
+
+    from aiohttp import web
+
+    from ares.live.client import replay
+    from ares.live.workload import LiveRequest
+
+    release = asyncio.Event()
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body["input_ids"] == [1]:
+            await release.wait()  # stuck, as a request in a wedged KV transfer, until the test ends
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        meta = {"completion_tokens": 1, "finish_reason": {"type": "stop"}}
+        await resp.write(b"data: " + json.dumps({"meta_info": meta, "output_ids": [7]}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/generate", generate)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        reqs = [LiveRequest("stuck", "p", (1,), 0.0, 1, "eos"), LiveRequest("fine", "p", (2,), 0.0, 1, "eos")]
+        try:
+            return await replay(f"http://127.0.0.1:{port}", reqs, 4, request_timeout_s=1.0)
+        finally:
+            release.set()
+            await runner.cleanup()
+
+    stuck, fine = asyncio.run(main())
+    assert not stuck.ok and stuck.error == "no answer within 1 s (client gave up)"
+    assert fine.ok and fine.n_output == 1

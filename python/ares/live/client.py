@@ -70,13 +70,24 @@ def generate_body(req: LiveRequest, max_new_tokens: int, ignore_eos: bool = Fals
 
 
 async def _one(
-    session: aiohttp.ClientSession, url: str, req: LiveRequest, max_new: int, t0: float, ignore_eos: bool
+    session: aiohttp.ClientSession,
+    url: str,
+    req: LiveRequest,
+    max_new: int,
+    t0: float,
+    ignore_eos: bool,
+    request_timeout_s: float | None = None,
 ) -> Outcome:
     out = Outcome(req.rid, req.arrival_s)
     await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
     out.sent_s = time.monotonic() - t0
+    # A client gives up on a request that has not finished after `request_timeout_s` (it is then lost, with the
+    # reason); without one, a request stuck in a server would hold the whole replay until the session's limit.
+    limit = aiohttp.ClientTimeout(total=request_timeout_s) if request_timeout_s else None
     try:
-        async with session.post(url + "/generate", json=generate_body(req, max_new, ignore_eos)) as resp:
+        async with session.post(
+            url + "/generate", json=generate_body(req, max_new, ignore_eos), **({"timeout": limit} if limit else {})
+        ) as resp:
             out.decode = resp.headers.get("X-Ares-Decode")
             out.backend_rid = resp.headers.get("X-Request-Id")
             if resp.status != 200:
@@ -108,7 +119,9 @@ async def _one(
                 out.error, out.finish = f"finished with {out.finish}", None
             if out.output_ids and len(out.output_ids) != out.n_output:
                 out.duplicated = True
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+    except asyncio.TimeoutError:
+        out.error = f"no answer within {request_timeout_s:g} s (client gave up)" if limit else "TimeoutError"
+    except (aiohttp.ClientError, OSError) as e:
         out.error = f"{type(e).__name__}: {e}"
     return out
 
@@ -120,14 +133,16 @@ async def replay(
     on_done: Callable[[Outcome], None] | None = None,
     timeout_s: float = 3600.0,
     ignore_eos: bool = False,
+    request_timeout_s: float | None = None,
 ) -> list[Outcome]:
-    """Send every request at its arrival time (s after the call) and wait for all answers."""
+    """Send every request at its arrival time (s after the call) and wait for all answers (each for at most
+    `request_timeout_s` after it was sent, when given)."""
     t0 = time.monotonic()
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
 
         async def run(req: LiveRequest) -> Outcome:
-            o = await _one(session, url, req, max_new_tokens, t0, ignore_eos)
+            o = await _one(session, url, req, max_new_tokens, t0, ignore_eos, request_timeout_s)
             if on_done:
                 on_done(o)
             return o

@@ -283,6 +283,17 @@ def write_results(out: Path, doc: dict) -> None:
             f"{pick['target_attainment']:.0%} SLO attainment.\n\n"
         )
     text = head + markdown(doc["aggregate"])
+    stuck = [
+        f"{policy} seed {r['seed']} ({r['leftovers_aborted']['kv_tokens_left']} KV tokens)"
+        for policy, runs in doc["runs"].items()
+        for r in runs
+        if r.get("leftovers_aborted")
+    ]
+    if stuck:
+        text += (
+            "\nRequests still held by the servers after the replay (the client had given up on them) were aborted "
+            f"on every server before the next replay: {'; '.join(stuck)}.\n"
+        )
     if "simulator" in doc:
         text += sim_markdown(doc)
     (out / f"{name}.md").write_text(text)

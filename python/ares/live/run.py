@@ -46,18 +46,37 @@ def _get(url: str, timeout: float = 5.0) -> dict:
         return json.loads(r.read())
 
 
-def wait_idle(decode_urls: list[str], timeout_s: float = 300.0) -> None:
-    """Wait until no decode server runs a request or holds KV (a replay's leftovers never reach the next)."""
+def wait_idle(decode_urls: list[str], timeout_s: float = 300.0) -> list[int] | None:
+    """Wait until no decode server runs a request or holds KV (a replay's leftovers never reach the next); None when
+    they are idle, else the KV tokens each still holds after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         states = [_get(u + "/ares/state") for u in decode_urls]
         if all(s["used_tokens"] == 0 and not s["requests"] and not s["queued_reqs"] for s in states):
-            return
+            return None
         if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"decode servers still busy after {timeout_s:.0f}s: {[s['used_tokens'] for s in states]}"
-            )
+            return [s["used_tokens"] for s in states]
         time.sleep(1.0)
+
+
+def drain(server_urls: list[str], decode_urls: list[str], timeout_s: float = 300.0) -> dict | None:
+    """After a replay: wait until the decode servers are idle; requests still held then (a client gave up on them
+    and the router did not abort them on the servers: SGLang's router does not) are aborted on every server
+    (SGLang's `/abort_request` with `abort_all`), and what was left is returned for the record; None when idle."""
+    left = wait_idle(decode_urls, timeout_s)
+    if left is None:
+        return None
+    for url in server_urls:
+        req = urllib.request.Request(
+            url + "/abort_request", json.dumps({"rid": "", "abort_all": True}).encode(), method="POST"
+        )
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+    still = wait_idle(decode_urls, 120.0)
+    if still is not None:
+        raise RuntimeError(f"decode servers still hold {still} KV tokens after aborting every request")
+    return {"kv_tokens_left": left, "aborted_after_s": timeout_s}
 
 
 def migration_counts(router_url: str) -> dict:
@@ -130,8 +149,12 @@ class Display:
         return t
 
 
-async def _replay_with_ticks(url: str, reqs: list[LiveRequest], max_new: int, display: Display) -> list[Outcome]:
-    task = asyncio.create_task(replay(url, reqs, max_new, on_done=display.request_done))
+async def _replay_with_ticks(
+    url: str, reqs: list[LiveRequest], max_new: int, display: Display, request_timeout_s: float | None = None
+) -> list[Outcome]:
+    task = asyncio.create_task(
+        replay(url, reqs, max_new, on_done=display.request_done, request_timeout_s=request_timeout_s)
+    )
     while not task.done():
         display.tick()
         await asyncio.sleep(1.0)
@@ -185,11 +208,14 @@ def run_policy(
         with Monitor(decode, args.poll_interval) as mon:
             display.begin(label, mon)
             t0 = time.monotonic()
-            outcomes = asyncio.run(_replay_with_ticks(router.url, reqs, args.max_new_tokens, display))
+            outcomes = asyncio.run(
+                _replay_with_ticks(router.url, reqs, args.max_new_tokens, display, args.request_timeout)
+            )
             wall = time.monotonic() - t0
         migrations = migration_counts(router.url)
-    wait_idle(decode)
+    leftovers = drain([*(url for url, _ in prefill), *decode], decode)
     summary = summarize(outcomes, mon.trace, slo, retractions(logs, offsets), migrations, wall)
+    summary["leftovers_aborted"] = leftovers
     return summary, outcomes, mon.trace
 
 
@@ -329,6 +355,12 @@ def add_arguments(p: argparse.ArgumentParser, output_dir: str, name: str = "live
     )
     p.add_argument("--reserve-tokens", type=int, default=64, help="--num-reserved-decode-tokens (servers and routers)")
     p.add_argument("--calibration-tokens", type=int, default=64, help="tokens of the single-request measurement")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=900.0,
+        help="seconds after which the client gives up on a request (counted lost, with the reason)",
+    )
     p.add_argument("--tpot-slo-factor", type=float, default=4.0, help="TPOT SLO = this x one request's TPOT")
     p.add_argument("--ttft-slo-factor", type=float, default=10.0, help="TTFT SLO = this x one request's TTFT")
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between samples of the servers")
