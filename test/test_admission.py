@@ -166,6 +166,15 @@ def test_forecast_peak_equals_brute_force():
         assert fc.peak_with(p, q) == forecast_peak_bruteforce(np.append(ln, p), np.append(r, q), 7.0)
 
 
+def test_the_router_reads_the_servers_admission_mode_from_its_report():
+    from ares_router.policy import admission_mode
+
+    assert admission_mode({"admission": {"mode": "predictive", "retractions": 3}}) == "predictive"
+    assert admission_mode({"version": 1}) == "sglang"
+    with pytest.raises(ValueError, match="unknown admission mode"):
+        admission_mode({"admission": {"mode": "guess"}})
+
+
 def test_planned_remaining_takes_p90_capped_by_max_tokens():
     from ares_router.policy.admission import planned_remaining
 

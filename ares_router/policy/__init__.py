@@ -30,6 +30,7 @@ from ares_router.policy.assemble import (
     DecodeLoad,
     OwnRows,
     ReportedRequest,
+    admission_mode,
     assemble_instance,
     new_request,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "Rebalancer",
     "ReportedRequest",
     "RoundRobinDispatch",
+    "admission_mode",
     "assemble_instance",
     "build_snapshot",
     "eligible",

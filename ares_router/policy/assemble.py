@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from ares_router.estimate import OutputEstimator
-from ares_router.policy.admission import Admission
+from ares_router.policy.admission import ADMISSION_MODES, Admission
 from ares_router.policy.snapshot import InstanceState, NewRequest
 
 _EMPTY = np.zeros(0)
@@ -131,6 +131,15 @@ class OwnRows:
 
 
 NO_OWN_ROWS = OwnRows()
+
+
+def admission_mode(report: dict) -> str:
+    """The admission rule a decode server's `/ares/state` body says it runs (its `admission` block's `mode`, from
+    `ares.engine.admission_hook`); "sglang" for a server that does not say (an older ARES, or `/v1/loads`)."""
+    mode = (report.get("admission") or {}).get("mode", "sglang")
+    if mode not in ADMISSION_MODES:
+        raise ValueError(f"unknown admission mode {mode!r} in the server's report; known: {', '.join(ADMISSION_MODES)}")
+    return mode
 
 
 def new_request(
