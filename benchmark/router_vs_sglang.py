@@ -425,7 +425,7 @@ def markdown(doc: dict) -> str:
         "# ARES router vs SGLang's Rust router (sglang-router 0.3.2, PD, round robin)",
         "",
         f"`{doc['command']}` at commit `{doc['git']['commit'][:12]}`"
-        f"{' (working tree modified)' if doc['git'].get('dirty') else ''}. Machine: {doc['machine']}. Load average "
+        f"{' (working tree modified: the routers ran from the checkout, uncommitted changes included)' if doc['git'].get('dirty') else ''}. Machine: {doc['machine']}. Load average "
         f"(1/5/15 min) before: {doc['loadavg_before']}, after: {doc['loadavg_after']} (shared machine: other jobs "
         f"ran beside it). ARES policy `{cfg['ares_policy']}`; both routers log at warning level.",
         "",
