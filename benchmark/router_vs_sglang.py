@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmark" / "results"
 CHAT = "/v1/chat/completions"
 ROUTERS = ("ares", "sglang")
+DIRTY = " (working tree modified: the routers ran from the checkout, uncommitted changes included)"
 
 
 def log(msg: str) -> None:
@@ -425,7 +426,7 @@ def markdown(doc: dict) -> str:
         "# ARES router vs SGLang's Rust router (sglang-router 0.3.2, PD, round robin)",
         "",
         f"`{doc['command']}` at commit `{doc['git']['commit'][:12]}`"
-        f"{' (working tree modified: the routers ran from the checkout, uncommitted changes included)' if doc['git'].get('dirty') else ''}. Machine: {doc['machine']}. Load average "
+        f"{DIRTY if doc['git'].get('dirty') else ''}. Machine: {doc['machine']}. Load average "
         f"(1/5/15 min) before: {doc['loadavg_before']}, after: {doc['loadavg_after']} (shared machine: other jobs "
         f"ran beside it). ARES policy `{cfg['ares_policy']}`; both routers log at warning level.",
         "",
