@@ -995,10 +995,15 @@ def test_ares_router_defaults_to_the_ares_policy_everywhere():
     assert policy_of(router_argv(spec)) == "least_kv"
     with pytest.raises(ValueError, match="'cache_aware' is not one of the ares router's"):
         spec_from_args(parse(["cluster", "up", "--router", "ares", "--router-policy", "cache_aware"]), "m")
-    # The demo compares round robin with ares, each through an ARES router with that policy.
+    # The demo compares SGLang's own router (what a user would otherwise run) with an ARES router running `ares`.
     demo = parse(["demo"])
-    assert demo.policies == "round_robin,ares" and demo.output_dir == ".ares/demo"
-    assert set(POLICY_ARGS) <= set(ROUTER_POLICIES)
+    assert demo.policies == "sglang_power_of_two,ares" and demo.output_dir == ".ares/demo" and demo.rate == "auto"
+    # every live-benchmark policy is an ARES router policy, or SGLang's router with one of its own policies
+    from ares.cluster.router_proc import SGLANG_PREFIX, is_sglang
+    from ares.cluster.spec import SGLANG_ROUTER_POLICIES
+
+    assert {p for p in POLICY_ARGS if not is_sglang(p)} <= set(ROUTER_POLICIES)
+    assert {p.removeprefix(SGLANG_PREFIX) for p in POLICY_ARGS if is_sglang(p)} <= set(SGLANG_ROUTER_POLICIES)
     # `python -m ares_router` / `ares router` and RouterConfig.
     cfg = config_from_args(parse(["router", "--prefill", "http://p", "1", "--decode", "http://d"]))
     assert cfg.policy == "ares"
