@@ -1,7 +1,7 @@
 """Streaming histogram of token gaps (inter-token latencies) with a bounded relative quantile error.
 
 256 decode instances x 1 simulated hour produce ~10^10 token gaps: too many to store. The simulator advances a
-decode instance k steps at a time with a closed-form step time (see `engine._Decode.seg_time`), so the gaps of
+decode instance k steps at a time with a closed-form step time (see `decode._Decode.seg_time`), so the gaps of
 one segment come as runs: every member of the batch sees the same k-1 inner gaps (an arithmetic progression,
 the KV grows by the batch each step) plus one first gap that carries any stall. `GapHistogram` takes such runs
 in O(bins touched) and keeps only per-bin weights.
