@@ -82,7 +82,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ares_router.policy import ClusterSnapshot, InstanceState, build_snapshot
+from ares_router.policy import ClusterSnapshot, InstanceState, admission_mode, build_snapshot
 from ares_router.pollclient import BadResponse, ConnectFailed, PollClient
 from ares_router.state import Backend, DecodeLoad, RouterState
 
@@ -140,6 +140,7 @@ def _parse_rows(data: dict) -> DecodeLoad:
             predicted_remaining=_col(rows, "predicted_remaining", False),
             predicted_p90=_col(rows, "predicted_p90", False),
             kv_bytes_per_token=_kv_bytes_per_token(data),
+            admission=admission_mode(data),  # the server's own rule: the snapshot admits by it
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BadPayload(f"bad /ares/state payload: {e!r}") from None
@@ -209,6 +210,7 @@ def _parse_columns(data: dict) -> DecodeLoad:
             predicted_remaining=_array(data, "predicted_remaining", n, False),
             predicted_p90=_array(data, "predicted_p90", n, False),
             kv_bytes_per_token=_kv_bytes_per_token(data),
+            admission=admission_mode(data),  # the server's own rule: the snapshot admits by it
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BadPayload(f"bad /ares/state payload (version 2): {e!r}") from None

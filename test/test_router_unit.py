@@ -513,6 +513,20 @@ def test_parse_ares_state_version_2_columns_equals_version_1_rows(encode):
     assert np.isnan(parse_ares_state(no_head).predicted_remaining).all()
 
 
+def test_the_poller_reads_each_servers_admission_rule_from_its_report():
+    """A server started with `--ares-admission predictive` says so in `/ares/state`; the router's view of it then
+    admits by that rule (`DecodeLoad.admission` -> the snapshot). Silent or older servers run SGLang's."""
+    assert parse_ares_state(V2_STATE).admission == "sglang"
+    for mode in ("predictive", "predictive_point"):
+        v2 = parse_ares_state({**V2_STATE, "admission": {"mode": mode, "retractions": 0}})
+        v1 = parse_ares_state(
+            {"version": 1, "capacity_tokens": 10, "used_tokens": 0, "requests": [], "admission": {"mode": mode}}
+        )
+        assert v2.admission == v1.admission == mode
+    with pytest.raises(BadPayload, match="unknown admission mode"):
+        parse_ares_state({**V2_STATE, "admission": {"mode": "guess"}})
+
+
 @pytest.mark.parametrize(
     "change, fragment",
     [
