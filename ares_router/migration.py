@@ -37,7 +37,7 @@ class MigrationLimits:
 
     max_stages: int = 6  # pre-copy stages before the pause
     last_stage_tokens: int = 32  # pause once at most this many positions are left to copy
-    attach_timeout_s: float = 10.0  # B must have R's request before this
+    attach_timeout_s: float = 30.0  # B must have R's request before this (seconds on a loaded CPU machine)
     stage_delay_s: float = 0.0  # wait between stages (tests widen the window in which the request runs on A)
 
 

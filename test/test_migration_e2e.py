@@ -303,7 +303,9 @@ def _route(source: str, *steps: int) -> list[str]:
 
 def _check_moves(answers: list[tuple[int, dict]], source: str, route: list[str]) -> None:
     """Every move committed, each from where the one before took the request."""
-    assert [status for status, _ in answers] == [200] * len(route), answers
+    assert [status for status, _ in answers] == [200] * len(route), [
+        (s, r.get("reason"), r.get("total_ms")) for s, r in answers
+    ]
     hops = [source, *route]
     for k, (_, rec) in enumerate(answers):
         assert rec["state"] == "committed" and (rec["source"], rec["target"]) == (hops[k], hops[k + 1]), rec
@@ -586,6 +588,53 @@ def test_client_gone_mid_migration_leaves_nothing_on_either_server(cluster, prom
         assert answer["record"]["state"] == "failed", answer
     assert_idle(cluster)
     assert not {"attached", "reserved"} & set(_incoming(target_url).values())
+
+
+def test_a_lost_commit_reply_is_resolved_by_asking_the_target(cluster, prompt, tmp_path):
+    """The target commits but its answer never reaches the router (injected): the router asks the target, which says
+    committed, so the move stands: the request runs on the target only and the client gets the exact answer. Then
+    a lost `in_reserve` reply: the move fails, the target frees what it holds, the request stays where it was."""
+    with ares_router(
+        tmp_path, _prefills(cluster), cluster.decode_urls, "round_robin", "--ares-test-lose-reply", "in_commit"
+    ) as r:
+        ref = generate(r.url, body(prompt, 200))
+        events, answer = stream_and_migrate_via(r.url, cluster, body(prompt, 200), at_tokens=10)
+        metrics = request(r.url + "/metrics")[2].decode()
+    assert answer["status"] == 200 and answer["record"]["state"] == "committed", answer
+    ref["meta_info"]["id"] = events[0]["meta_info"]["id"]
+    check_same_output(events, ref)
+    assert "ares_migrations_total" in metrics
+    assert_idle(cluster)
+    with ares_router(
+        tmp_path, _prefills(cluster), cluster.decode_urls, "round_robin", "--ares-test-lose-reply", "in_reserve"
+    ) as r:
+        events, answer = stream_and_migrate_via(r.url, cluster, body(prompt, 200), at_tokens=10)
+    assert answer["status"] == 409 and "reply lost" in answer["record"]["reason"], answer
+    ref["meta_info"]["id"] = events[0]["meta_info"]["id"]
+    check_same_output(events, ref)
+    assert_idle(cluster)
+
+
+def stream_and_migrate_via(router: str, cluster, payload: dict, at_tokens: int) -> tuple[list[dict], dict]:
+    """`stream_and_migrate` through another router than the cluster's (`/generate` only)."""
+    events: list[dict] = []
+    answer: dict = {}
+    mover = None
+    for event in stream_events(router + "/generate", payload):
+        events.append(event)
+        rid, tokens = event["meta_info"]["id"], event["meta_info"]["completion_tokens"]
+        if "source" not in answer and tokens >= 1:
+            answer["source"] = wait_for(lambda r=rid: where(cluster, r), 30, "the request to show on its server")
+        if mover is None and tokens >= at_tokens:
+
+            def run(rid: str = rid, to: str = other(answer["source"])) -> None:  # noqa: B008 - evaluated once
+                answer["status"], answer["record"] = migrate(router, rid, to)
+
+            mover = threading.Thread(target=run)
+            mover.start()
+    assert mover is not None, "the request ended before it could be migrated"
+    mover.join()
+    return events, answer
 
 
 def _incoming(url: str) -> dict:
