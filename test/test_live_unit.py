@@ -217,3 +217,12 @@ def test_a_request_the_server_never_answers_is_given_up_after_the_request_timeou
     stuck, fine = asyncio.run(main())
     assert not stuck.ok and stuck.error == "no answer within 1 s (client gave up)"
     assert fine.ok and fine.n_output == 1
+
+
+def test_auto_rate_scales_the_reference_load_by_the_slower_of_decode_and_prefill():
+    from ares.live.autorate import pick_rate
+
+    assert pick_rate({"tpot_s": 0.027, "ttft_s": 0.62})["rate"] == pytest.approx(0.12)  # the reference machine
+    assert pick_rate({"tpot_s": 0.054, "ttft_s": 0.62})["rate"] == pytest.approx(0.06)  # decode twice as slow
+    slow_prefill = pick_rate({"tpot_s": 0.027, "ttft_s": 2.48})  # prefill 4x slower: it sets the scale
+    assert slow_prefill["rate"] == pytest.approx(0.03) and slow_prefill["speed_vs_reference"] == pytest.approx(0.25)

@@ -277,10 +277,11 @@ def write_results(out: Path, doc: dict) -> None:
     )
     if "rate_pick" in doc:
         pick = doc["rate_pick"]
+        ref = pick["reference"]
         head += (
-            f"Load picked for this cluster (`--rate auto`): {pick['rate']} req/s, where the simulator with the CPU "
-            f"profile rescaled to this machine (`{pick['profile']['name']}`) gives least_kv "
-            f"{pick['target_attainment']:.0%} SLO attainment.\n\n"
+            f"Load picked for this cluster (`--rate auto`): {pick['rate']} req/s = the reference {ref['rate']} req/s "
+            f"(`{ref['from']}`: least_kv met the SLO for 94% of its requests there) x "
+            f"{pick['speed_vs_reference']:.2f}, this cluster's single-request speed against the reference's.\n\n"
         )
     text = head + markdown(doc["aggregate"])
     stuck = [
@@ -322,6 +323,9 @@ def sim_markdown(doc: dict) -> str:
                 f"| {_f(c['p99_tpot_ms'])} | {_f(live['goodput_rps'], '.3f')} | {_f(r['sim']['goodput_rps'], '.3f')} "
                 f"| {_f(c['goodput_rps'])} | {'yes' if c['within_25pct'] else 'no'} |"
             )
+    if sim.get("not_simulated"):
+        rows.append(f"\nNot simulated (SGLang's router: its placement is not a simulator policy): "
+                    f"{', '.join(sim['not_simulated'])}.")
     return "\n".join(rows) + "\n"
 
 

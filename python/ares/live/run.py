@@ -274,9 +274,9 @@ def run_live(args: argparse.Namespace) -> int:
         if args.rate == "auto":
             from ares.live.autorate import pick_rate
 
-            doc["rate_pick"] = pick_rate(cal, slo, args)
+            doc["rate_pick"] = pick_rate(cal)
             args.rate = doc["config"]["rate"] = doc["rate_pick"]["rate"]
-            print(f"load picked for this cluster: {args.rate} req/s (simulated least_kv at 90% attainment)", flush=True)
+            print(f"load picked for this cluster: {args.rate} req/s (the reference load x its speed)", flush=True)
         display.start()
         try:
             for k, seed in enumerate(args.seeds):
@@ -341,8 +341,8 @@ def add_arguments(p: argparse.ArgumentParser, output_dir: str, name: str = "live
         "--rate",
         type=_rate,
         default=0.2,
-        help="mean arrival rate (req/s) of the R1 process, or `auto`: the highest rate at which the simulator, with "
-        "the CPU profile rescaled to this cluster's measured single request, puts least_kv at 90%% SLO attainment",
+        help="mean arrival rate (req/s) of the R1 process, or `auto`: a measured reference load (0.12 req/s, least_kv "
+        "at 94%% SLO attainment) scaled by this cluster's single-request speed (ares.live.autorate)",
     )
     p.add_argument("--long-fraction", type=float, default=0.25, help="share of prompts from the long tail")
     p.add_argument("--long-min", type=int, default=400, help="collected answer length that counts as long")

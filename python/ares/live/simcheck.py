@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ares.cluster.router_proc import is_sglang
 from ares.sim.cost_model import CPU_HOST_COPY_BYTES_PER_S, CostModel
 from ares.sim.engine import SimConfig, simulate
 from ares.sim.metrics import request_latencies
@@ -191,6 +192,8 @@ def check(doc: dict) -> dict:
     err = load_error_model(DEFAULT_ACCURACY) if Path(DEFAULT_ACCURACY).exists() else None
     out_runs: dict = {}
     for policy, runs in doc["runs"].items():
+        if is_sglang(policy):
+            continue  # SGLang's router's placement is not a policy of the simulator: nothing to predict it with
         for live in runs:
             cost, fit = per_seed[live["seed"]]
             outputs = {o["rid"]: o["n_output"] for o in live["outcomes"]}
@@ -205,6 +208,7 @@ def check(doc: dict) -> dict:
         "cross_fit": len(by_seed) > 1,
         "per_seed_profiles": {str(s): c.to_dict() for s, (c, _) in per_seed.items()},
         "runs": out_runs,
+        "not_simulated": [p for p in doc["runs"] if is_sglang(p)],
     }
 
 
