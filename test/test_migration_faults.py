@@ -1,6 +1,6 @@
-"""Live migration when the source decode server dies mid-migration, on a cluster of its own: after one server is
-killed, the survivors' migration command service is not reliably usable by a second fault test (a known issue, see
-the closing note), so each kill test gets a fresh cluster (this module reuses `test_migration_e2e`'s fixture).
+"""Live migration when the source decode server dies mid-migration, on a cluster of its own: a killed server cannot
+be brought back inside a module-scoped cluster, so a kill test gets a fresh cluster (this module reuses
+`test_migration_e2e`'s fixture) rather than leaving a dead server to the tests after it.
 """
 
 from __future__ import annotations
