@@ -14,8 +14,8 @@ from aiohttp import web
 from ares_router.backends import PDClient
 from ares_router.config import RouterConfig
 from ares_router.metrics import RouterMetrics
-from ares_router.poller import parse_models
 from ares_router.protocol import APIError
+from ares_router.reports import parse_models
 from ares_router.state import Backend, RouterState
 
 

@@ -179,7 +179,7 @@ def test_ares_dispatch_follows_the_head_where_the_prompt_guess_disagrees(cluster
     long prompts answer briefly and the short ones at length (base 3000 - 10 per prompt token) would, on the guess
     alone, pick decode0; the head knows what each request is doing, so the router picks decode1."""
     from ares_router.estimate import OutputEstimator
-    from ares_router.poller import parse_ares_state
+    from ares_router.reports import parse_ares_state
     from ares_router.state import RouterState
 
     estimate = OutputEstimator(base_tokens=3000, per_prompt_token=-10, floor_tokens=16, cap_tokens=4096)

@@ -117,7 +117,7 @@ def test_rows_and_columns_reports_parse_to_the_same_load():
     import orjson
 
     from ares.engine.state_report import request_columns
-    from ares_router.poller import parse_ares_state
+    from ares_router.reports import parse_ares_state
 
     reqs = [FakeReq("a", [1] * 5, [7, 7, 7]), FakeReq("b", [1] * 9, [7]), FakeReq("c", [1], [7], done=True)]
     setattr(reqs[0], ATTR, RequestPrediction.first(40.0, 90.0, 2, 1))

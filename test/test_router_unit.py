@@ -22,8 +22,9 @@ from ares_router.cli import config_from_args, configure_parser
 from ares_router.estimate import OutputEstimator
 from ares_router.metrics import RouterMetrics
 from ares_router.policy import NewRequest
-from ares_router.poller import BadPayload, Poller, parse_ares_state, parse_v1_loads
+from ares_router.poller import Poller
 from ares_router.protocol import APIError, check_model, model_accepted, parse_request
+from ares_router.reports import BadPayload, parse_ares_state, parse_v1_loads
 from ares_router.state import DecodeLoad, ReportedRequest, RouterState
 
 CHAT = "/v1/chat/completions"
