@@ -63,6 +63,7 @@ else
 	$(PY) benchmark/predictor_learning_curve.py --fractions 0.25 0.5 0.75 1.0 --seeds 0 1 --max-seconds 60 \
 	  --threads 2 --train-cap 256
 	$(PY) benchmark/router_poll_bench.py --no-progress
+	$(PY) benchmark/router_vs_sglang.py
 	$(PY) benchmark/engine_overhead.py --reps 2
 	$(PY) benchmark/migration_bench.py --lengths 256,1024,2048,4096 --reps 2
 	$(PY) benchmark/sim_goodput.py --policy $(SIM_POLICIES)
@@ -73,6 +74,11 @@ else
 	$(VENV)/bin/ares sim --workload r1 --decode 256 --duration 600 --seeds 1 --resolution 0.05 --poll 1.0 \
 	  --policy round_robin,least_kv,current_migrate,ares,ares_hold,pooled_bound --out benchmark/results/sim_r1_256
 	$(PY) benchmark/sim_speed.py --policy ares,round_robin,least_kv,ares_hold
+	$(PY) benchmark/sim_admission.py --seeds 3 --admissions sglang,predictive,predictive_point
+	$(PY) benchmark/sim_admission.py --seeds 3 --concurrency 3,5 --loads 0.9 --max-tokens output \
+	  --admissions sglang,predictive,predictive_point --out benchmark/results/sim_admission_maxtokens
+	$(PY) benchmark/sim_constants.py
+	$(PY) benchmark/sim_constants.py --load 0.65 --out benchmark/results/sim_constants_load065
 	$(PY) benchmark/live_cluster.py
 	$(PY) benchmark/live_cluster.py --rate 0.14 --name live_cluster_r014
 	$(PY) benchmark/live_cluster.py --rate 0.12 --name live_cluster_r012
