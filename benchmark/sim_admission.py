@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from provenance import record
-from sim_map import cell_spec, code_hash, native_hour
+from sim_map import cache_settings, cell_spec, native_hour
 
 from ares.sim.bounds import POOLED_BOUND, fluid_bound
 from ares.sim.cli import DEFAULT_ACCURACY, add_sim_arguments, spec_from_args
@@ -65,11 +65,7 @@ def main() -> int:
     seeds = list(range(args.seed, args.seed + args.seeds))
     base, err_src = spec_from_args(args)
     head = next(iter(base.slos_or_default()))
-    settings = {
-        "workload": base.workload, "decode": base.config.n_decode, "duration_s": base.duration_s,
-        "cost_model": base.config.cost.name, "reserve_tokens": base.config.reserve_tokens,
-        "resolution": args.resolution, "error_model": err_src, "code": code_hash(),
-    }  # fmt: skip
+    settings = cache_settings(base, args, err_src)
     cache = out / "cache.jsonl"
     done: dict[str, dict] = {}
     if cache.exists():

@@ -88,6 +88,15 @@ def native_hour(workload: str, seed: int) -> Workload:
     return load_workload(workload, None, 3600.0, seed=seed)
 
 
+def cache_settings(base: RunSpec, args: argparse.Namespace, err_src: str) -> dict:
+    """What a cached result depends on besides its cell: the run's spec and the simulator's source (`code_hash`)."""
+    return {
+        "workload": base.workload, "decode": base.config.n_decode, "duration_s": base.duration_s,
+        "cost_model": base.config.cost.name, "reserve_tokens": base.config.reserve_tokens,
+        "resolution": args.resolution, "error_model": err_src, "code": code_hash(),
+    }  # fmt: skip
+
+
 def cell_spec(args: argparse.Namespace, conc: float, out_cv: float | None) -> RunSpec:
     """The RunSpec of one cell: the flags' spec, its cost at concurrency `conc`, outputs spread to `out_cv`."""
     spec, _ = spec_from_args(args)
@@ -153,11 +162,7 @@ def main() -> int:
     policies = [x for x in args.policy.split(",") if x]
     seeds = [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds))
     base, err_src = spec_from_args(args)
-    settings = {
-        "workload": base.workload, "decode": base.config.n_decode, "duration_s": base.duration_s,
-        "cost_model": base.config.cost.name, "reserve_tokens": base.config.reserve_tokens,
-        "resolution": args.resolution, "error_model": err_src, "code": code_hash(),
-    }  # fmt: skip
+    settings = cache_settings(base, args, err_src)
     cache = out / "cache.jsonl"
     if args.fresh and cache.exists():
         cache.unlink()
