@@ -97,6 +97,15 @@ def _openai_text(event: dict) -> str:
     return (choices[0].get("delta") or {}).get("content") or choices[0].get("text") or ""
 
 
+def _progress(event: dict, endpoint: str, pieces: int) -> tuple[str, int, int]:
+    """(rid, tokens so far, OpenAI chunks with text so far) after `event` of a stream to `endpoint`: `/generate`
+    counts tokens itself; an OpenAI stream is counted by its text chunks (one per token with stream_interval=1)."""
+    if endpoint == "/generate":
+        return event["meta_info"]["id"], event["meta_info"]["completion_tokens"], pieces
+    pieces += bool(_openai_text(event))
+    return event["id"], pieces, pieces
+
+
 def stream_and_migrate(cluster, payload: dict, at_tokens: int, endpoint: str = "/generate") -> tuple[list[dict], dict]:
     """Stream `payload` to `endpoint` through the router; once `at_tokens` tokens arrived, migrate it to the other
     decode server (in a thread, while the stream keeps being read). Returns the events and the migration's answer."""
@@ -106,11 +115,7 @@ def stream_and_migrate(cluster, payload: dict, at_tokens: int, endpoint: str = "
     pieces = 0  # OpenAI chunks with text so far (one per token with SGLang's stream_interval=1)
     for event in stream_events(cluster.router_url + endpoint, payload):
         events.append(event)
-        if endpoint == "/generate":
-            rid, tokens = event["meta_info"]["id"], event["meta_info"]["completion_tokens"]
-        else:
-            pieces += bool(_openai_text(event))
-            rid, tokens = event["id"], pieces
+        rid, tokens, pieces = _progress(event, endpoint, pieces)
         if "source" not in answer and tokens >= 1:  # at the first token: the request surely runs for a while
             answer["source"] = wait_for(lambda r=rid: where(cluster, r), 30, "the request to show on its server")
         if mover is None and tokens >= at_tokens:
@@ -320,11 +325,7 @@ def _stream_with_moves(cluster, payload: dict, endpoint: str, steps: tuple[int, 
     source = route = None
     for event in stream_events(cluster.router_url + endpoint, payload):
         events.append(event)
-        if endpoint == "/generate":
-            rid, tokens = event["meta_info"]["id"], event["meta_info"]["completion_tokens"]
-        else:
-            pieces += bool(_openai_text(event))
-            rid, tokens = event["id"], pieces
+        rid, tokens, pieces = _progress(event, endpoint, pieces)
         if mover is None and tokens >= 1:
             source = wait_for(lambda r=rid: where(cluster, r), 30, "the request to show on its server")
             route = _route(source, *steps)
