@@ -26,9 +26,9 @@ from ares_router.metrics import RouterMetrics
 from ares_router.migration import InFlight, MigrationLimits
 from ares_router.migration_control import MigrationControl
 from ares_router.policy import MigrationCost
+from ares_router.policy.gate import RebalanceGate
 from ares_router.poller import Poller
 from ares_router.protocol import ENDPOINTS, APIError
-from ares_router.rebalancer import RebalanceGate
 from ares_router.state import RouterState
 
 log = logging.getLogger("ares_router")

@@ -12,7 +12,7 @@ from ares_router.config import ROUTER_POLICIES, RouterConfig
 from ares_router.estimate import OutputEstimator
 from ares_router.link_profile import DEFAULT_LINK, load_profiles
 from ares_router.policy import DEFAULT_RESERVE_TOKENS, Admission, LoadModel
-from ares_router.rebalancer import RebalanceLimits
+from ares_router.policy.gate import RebalanceLimits
 
 
 class _PrefillAction(argparse.Action):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ares_router.estimate import OutputEstimator
 from ares_router.link_profile import DEFAULT_LINK, load_profiles
 from ares_router.policy import POLICIES, Admission, LoadModel
-from ares_router.rebalancer import RebalanceLimits
+from ares_router.policy.gate import RebalanceLimits
 
 ROUTER_POLICIES = tuple(name for name in POLICIES if not POLICIES[name]().needs_true_lengths)
 

@@ -26,9 +26,9 @@ from ares_router.config import RouterConfig
 from ares_router.metrics import RouterMetrics
 from ares_router.migration import InFlight
 from ares_router.policy import NoHealthyInstance
+from ares_router.policy.gate import RebalanceGate
 from ares_router.poller import Poller
 from ares_router.protocol import GENERATE, APIError, ParsedRequest, check_model, parse_request
-from ares_router.rebalancer import RebalanceGate
 from ares_router.relay import SSE_DONE, HopFailed, StreamRelay, completion_tokens, joined_answer, last_event_tokens
 from ares_router.splice import Splicer, not_migratable
 from ares_router.state import Backend, RouterState

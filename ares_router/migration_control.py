@@ -19,8 +19,8 @@ from ares_router.metrics import RouterMetrics
 from ares_router.migration import Commands, InFlight, Migration, MigrationLimits, new_mid, run_migration
 from ares_router.policy import Migration as PolicyMigration
 from ares_router.policy import plan_rebalance
+from ares_router.policy.gate import RebalanceGate
 from ares_router.protocol import APIError
-from ares_router.rebalancer import RebalanceGate
 from ares_router.splice import not_migratable
 from ares_router.state import Backend, RouterState
 

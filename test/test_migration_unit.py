@@ -9,7 +9,7 @@ from ares.migration.pages import page_pairs, page_runs, read_batch, split_batche
 from ares_router.link_profile import fit_profile, get_link_profile
 from ares_router.migration import Hop, InFlight, Migration
 from ares_router.policy import Migration as PolicyMigration
-from ares_router.rebalancer import RebalanceGate, RebalanceLimits
+from ares_router.policy.gate import RebalanceGate, RebalanceLimits
 from ares_router.reports import parse_ares_state
 from ares_router.splice import Splicer, not_migratable
 from ares_router.state import Backend, RouterState

@@ -14,6 +14,9 @@ Shape (after Llumnix's global scheduler), one module per concern:
                -> `InstanceState`; and `new_request`, the one output estimate at dispatch (`OutputEstimator`).
 - `dispatch`   admission filter -> placement policies (`DISPATCHERS`), one `dispatch` method each.
 - `rebalance`  filter -> pair -> choose request (`Rebalancer` and its parts; `REBALANCERS`).
+- `gate`       which proposed migrations start (`RebalanceGate`, `RebalanceLimits`): limits, cooldowns,
+               confirmation rounds, back-off; fed each move's end.
+- `hold`       which requests held at the router go now (`HoldRelease`: first fit, with aging).
 - `registry`   named policies (`POLICIES`: a dispatcher and a rebalancer), `place` and `plan_rebalance`.
 """
 
@@ -42,6 +45,7 @@ from ares_router.policy.dispatch import (
     RoundRobinDispatch,
     eligible,
 )
+from ares_router.policy.gate import RebalanceGate, RebalanceLimits, reason_class
 from ares_router.policy.hold import HoldRelease
 from ares_router.policy.load_model import LoadModel, MigrationCost
 from ares_router.policy.rebalance import (
@@ -93,6 +97,8 @@ __all__ = [
     "PredictedPeakDispatch",
     "RandomDispatch",
     "Rebalancer",
+    "RebalanceGate",
+    "RebalanceLimits",
     "ReportedRequest",
     "RoundRobinDispatch",
     "admission_mode",
@@ -104,5 +110,6 @@ __all__ = [
     "new_request",
     "place",
     "planned_remaining",
+    "reason_class",
     "plan_rebalance",
 ]

@@ -1,4 +1,9 @@
-"""Which of the policy's proposed migrations the router actually starts (pure, clock passed in).
+"""The migration gate: which of the rebalancer's proposed migrations actually start (pure, the clock passed in).
+
+One gate for both bodies: the live router (`migration_control`, wall clock) and the simulator (`ares.sim`,
+`SimConfig.gate`, its own clock) pass the policy's proposals through it and report every started move's end to
+`done` (committed, or failed with the reason: a target's rejection backs the pair off, the request's own end does
+not).
 
 `policy.plan_rebalance` says what would help now; `RebalanceGate` adds what a live system needs on top
 (`docs/migration.md` §10): limits on concurrent migrations (in total and per instance), a per-request cap and
@@ -14,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ares_router.policy import Migration
+from ares_router.policy.snapshot import Migration
 
 
 @dataclass(frozen=True)
 class RebalanceLimits:
-    """The gate's knobs (router flags `--ares-migrate-*`)."""
+    """The gate's knobs (router flags `--ares-migrate-*`; the simulator's `SimConfig.gate`). The defaults are the
+    router's defaults, and the simulator's."""
 
     max_concurrent: int = 2
     per_instance: int = 1  # migrations in flight per instance, as source and as target each
