@@ -6,11 +6,14 @@ goes to a `RouterState` as poll results, and what a router would have recorded o
 prompt, max_tokens, tokens relayed) as its bookkeeping. Both then go through their own code paths: the router's
 `refresh` / `choose_decode` / the rebalancer's `plan_rebalance`, the simulator's `_build_snapshot` / `_dispatch` /
 `policy.rebalancer.plan`. Any second copy of the admission rule, the assembler or the estimator in either body shows
-up here as a difference.
+up here as a difference. The migration gate (`ares_router.policy.RebalanceGate`) is one too: the same default
+limits, and fed the same proposals and history, the router's gate and the simulator's start the same moves; the
+simulator reports every started move's end to it as the router does.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 
@@ -20,8 +23,17 @@ import pytest
 from ares.sim.cost_model import CostModel
 from ares.sim.engine import ClusterSim, SimConfig
 from ares.workloads import Workload
-from ares_router.config import ROUTER_POLICIES
-from ares_router.policy import ClusterSnapshot, holds, plan_rebalance
+from ares_router.cli import config_from_args, configure_parser
+from ares_router.config import ROUTER_POLICIES, RouterConfig
+from ares_router.policy import (
+    POLICIES,
+    ClusterSnapshot,
+    Migration,
+    RebalanceGate,
+    RebalanceLimits,
+    holds,
+    plan_rebalance,
+)
 from ares_router.state import RouterState
 
 # (max_tokens the clients send, --reserve-tokens, poll to stop at): retractions and requests in every queue; no
@@ -178,3 +190,119 @@ def test_predictive_parity_states_decide_differently_from_sglangs_rule():
     plain = ClusterSnapshot(**{**snap.__dict__, "forecasts": ()})
     burst = [sim._new(r) for r in sim.reqs if r.arrival > sim.t_stop][:12]
     assert any((snap.admits(r) != plain.admits(r)).any() for r in burst)
+
+
+# -- the migration gate: one gate, one set of limits, fed alike ----------------------------------------------------
+
+
+def _router_config_from_flags(*flags: str) -> RouterConfig:
+    args = configure_parser(argparse.ArgumentParser()).parse_args(
+        ["--prefill", "http://p0", "--decode", "http://d0", *flags]
+    )
+    return config_from_args(args)
+
+
+def test_the_simulator_gates_with_the_routers_default_limits():
+    # One default: the router's flags, its config and the simulator's config give the gate the same limits.
+    assert SimConfig().gate == _router_config_from_flags().rebalance_limits == RebalanceLimits()
+
+
+def _history(gate: RebalanceGate) -> dict:
+    return {k: copy.deepcopy(getattr(gate, k)) for k in ("in_flight", "moves", "pair_moved", "streak", "backoff")}
+
+
+@pytest.mark.parametrize(("max_tokens", "reserve", "poll"), [*SCENARIOS, (2500, 128, 6), ("output", 0, 4)])
+@pytest.mark.parametrize("policy", [p for p in ROUTER_POLICIES if POLICIES[p]().rebalances])
+def test_router_and_simulator_gate_alike_on_the_same_state_and_history(policy, max_tokens, reserve, poll):
+    # The simulator, stopped at a rebalancing poll with its gate's history so far (moves in flight, streaks,
+    # cooldowns, back-offs); the router fed the same server state, its gate built from its own config with that
+    # history. Each body's proposals through its gate give the same moves.
+    sim = _sim_stopped_at_poll(policy, max_tokens, reserve, poll)
+    assert poll % sim.cfg.rebalance_every == 0  # the stopped poll is a rebalancing one
+    router = _router_fed_from(sim)
+    sim.snapshot = sim._build_snapshot(sim.t_stop)
+    proposed = sim.policy.rebalancer.plan(sim.snapshot)
+    sim_gate = copy.deepcopy(sim.gate)
+    by_sim = sim_gate.choose(proposed, [m.request_id for m in proposed], sim.t_stop)
+
+    router_gate = RebalanceGate(_router_config_from_flags().rebalance_limits)
+    for name, value in _history(sim.gate).items():
+        setattr(router_gate, name, value)
+    by_router = router_gate.choose(plan_rebalance(router.snapshot, router.policy), list(router.requests), sim.t_stop)
+    assert by_sim == by_router
+    assert _history(sim_gate) == _history(router_gate)
+
+
+def test_the_gate_decides_something_in_the_parity_states():
+    # Not vacuous: on these states the gate starts a proposed move (its pair proposed the round before too), and
+    # holds one back (its pair not confirmed: proposed for the first time).
+    for (max_tokens, reserve, poll), starts in (((2500, 128, 6), True), (("output", 0, 4), False)):
+        sim = _sim_stopped_at_poll("ares", max_tokens, reserve, poll)
+        proposed = sim.policy.rebalancer.plan(sim._build_snapshot(sim.t_stop))
+        chosen = copy.deepcopy(sim.gate).choose(proposed, [m.request_id for m in proposed], sim.t_stop)
+        assert len(proposed) == 1 and chosen == (proposed if starts else [])
+
+
+class _GateLog(ClusterSim):
+    """A simulation that records every call it makes to its gate."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple] = []
+        gate, log = self.gate, self.calls
+
+        class Logged(RebalanceGate):
+            def choose(self, proposed, eligible, now):
+                out = super().choose(proposed, eligible, now)
+                log.append(("choose", list(proposed), list(eligible), now, out))
+                return out
+
+            def done(self, m, committed, now, reason=None):
+                log.append(("done", m, committed, now, reason))
+                super().done(m, committed, now, reason)
+
+        self.gate = Logged(gate.limits)
+
+
+def test_the_simulator_reports_every_moves_end_to_the_gate_and_a_router_gate_replays_it():
+    # A loaded run with migrations: every move the gate started ends in a `done` (committed, the target's rejection,
+    # the request finishing or being retracted first), nothing is left in flight; a gate built as the router builds
+    # its own, fed the same calls, chooses the same moves every round.
+    cost = CostModel("toy", 0.02, 0.0005, 0.0, 0.01, 2e-5, 6000, 1.0, 1e5, 0.01)
+    cfg = SimConfig(n_decode=4, n_prefill=2, cost=cost, policy="ares", max_tokens="output", reserve_tokens=0, seed=3)
+    sim = _GateLog(_workload(), cfg)
+    res = sim.run()
+    assert np.all(np.isfinite(res.t_finish))
+    chosen = [m for call in sim.calls if call[0] == "choose" for m in call[4]]
+    ended = [call for call in sim.calls if call[0] == "done"]
+    assert chosen and res.migrations > 0
+    assert sorted(str(c[1]) for c in ended) == sorted(str(m) for m in chosen)  # each started move ended once
+    assert not sim.gate.in_flight and not sim.gated
+    assert any(c[2] for c in ended)  # committed moves ...
+    router_gate = RebalanceGate(_router_config_from_flags().rebalance_limits)
+    for call in sim.calls:
+        if call[0] == "choose":
+            assert router_gate.choose(call[1], call[2], call[3]) == call[4]
+        else:
+            router_gate.done(call[1], call[2], call[3], call[4])
+
+
+def test_a_target_rejection_in_the_simulator_backs_the_pair_off():
+    # The target refuses a started move (it fills up between the snapshot and the move): the simulator tells the
+    # gate so, with a server's reason, and the gate skips the pair for its back-off, as it does live.
+    sim = _sim_stopped_at_poll("ares", "output", 0, 14)
+    run = next(j for j, d in enumerate(sim.decode) if d.running)
+    target = next(j for j in range(len(sim.decode)) if j != run)
+    rid = next(iter(sim.decode[run].running))
+    m = Migration(rid, run, target, 1)
+    sim.gate = RebalanceGate(RebalanceLimits(confirm_rounds=1))
+    assert sim.gate.choose([m], [rid], sim.t_stop) == [m]
+    sim.gated[rid] = m
+    dst = sim.decode[target]
+    dst.held += dst.cap - dst.K - dst.held  # full: the target's admission refuses
+    rejected = sim.migrations_rejected
+    sim._start_migration(sim.t_stop, rid, run, target)
+    assert sim.migrations_rejected == rejected + 1
+    assert not sim.gate.in_flight and (run, target, "no_memory") in sim.gate.backoff
+    assert sim.gate.choose([m], [rid], sim.t_stop + 1.0) == []  # backing off
+    assert sim.gate.choose([m], [rid], sim.t_stop + sim.gate.limits.backoff_s + 0.1) == [m]

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ares_router.policy import ADMISSION_MODES, POLICIES, LoadModel
+from ares_router.policy import ADMISSION_MODES, POLICIES, LoadModel, RebalanceLimits
 
 from .bounds import POOLED_BOUND
 from .cost_model import PRESETS, get_cost_model
@@ -71,6 +71,13 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "behind it and holds new arrivals back while it fits nowhere (default: no aging)",
     )
     p.add_argument(
+        "--gate",
+        choices=("live", "off"),
+        default="live",
+        help="the migration gate the rebalancer's proposals pass: live (the router's, with its default limits: "
+        "concurrency, cooldowns, confirmation rounds, back-off) or off (every proposal is tried)",
+    )
+    p.add_argument(
         "--no-link-contention",
         action="store_true",
         help="give every KV transfer a link of its own (default: P->D transfers and migrations share each "
@@ -117,6 +124,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, str]:
         retraction=args.retraction,
         admission=getattr(args, "admission", "sglang"),
         hold_max_wait_s=getattr(args, "hold_max_wait", None),
+        gate=RebalanceLimits() if getattr(args, "gate", "live") == "live" else None,
         link_contention=not args.no_link_contention,
         max_tokens=_max_tokens(args.max_tokens),
         record_kv_instances=64,

@@ -125,6 +125,8 @@ class DecodeInstances:
         req.gen_now = req.out
         self.col_gen_now[req.i] = req.out
         self.finished += 1
+        if self.gate is not None:
+            self.gate.forget([req.i])  # as the router does when a request ends
 
     def _remove(self, inst: _Decode, req: _Req) -> tuple[int, int]:
         """Take a running request out of the batch; returns (its KV length, generated tokens)."""
@@ -203,7 +205,7 @@ class DecodeInstances:
             self._remove(inst, req)
             self._finish(req, t)
             if req.migrate_to >= 0:  # finished before its migration started
-                self._cancel_migration(req)
+                self._cancel_migration(req, t, "finished")
         # 2. outgoing migrations leave the batch; their KV stays held until the transfer ends
         if inst.outgoing:
             self._send_migrations(inst, t)
@@ -255,7 +257,7 @@ class DecodeInstances:
                 if cfg.retraction == "backup":
                     stall += cost.host_copy_time(length)
                 if req.migrate_to >= 0:
-                    self._cancel_migration(req)
+                    self._cancel_migration(req, t, "not_running")
             inst.retracted.extend(retracted)
         if cfg.check_invariants:
             assert 0 <= inst.K and 0 <= inst.held and inst.K + inst.held <= inst.cap, (inst.K, inst.held)

@@ -33,7 +33,9 @@ Every `poll_interval_s` the simulator builds a `ClusterSnapshot` the way the rou
 report (what `/ares/state` would say: KV, queues, running requests with the error model's predictions for ARES,
 true remaining lengths for `ares_true_lengths`) plus the bookkeeping a router keeps of what it dispatched, through
 the shared assembler (`ares_router.policy.assemble_instance`) and the shared output estimator; every
-`rebalance_every` polls it asks the policy for migrations.
+`rebalance_every` polls it asks the policy for migrations, and passes them through the router's migration gate
+(`SimConfig.gate`: `ares_router.policy.RebalanceGate` with the router's default limits, on the simulator's clock),
+which hears of every started move's end (committed, the target's rejection, the request finishing first).
 A policy that holds when full (`Policy.hold_when_full`, late binding) keeps an arriving request at the router
 while no instance admits it on the router's view; after every poll the held requests that some instance admits
 are placed, oldest first (first fit: one that fits nowhere does not block the ones behind it).
@@ -62,8 +64,11 @@ from ares_router.policy import (
     ClusterSnapshot,
     HoldRelease,
     LoadModel,
+    RebalanceGate,
+    RebalanceLimits,
     get_policy,
 )
+from ares_router.policy import Migration as PolicyMigration
 
 from .cost_model import CostModel, get_cost_model
 from .decode import DecodeInstances, _Decode
@@ -91,6 +96,10 @@ class SimConfig:
     load_model: LoadModel = field(default_factory=LoadModel)
     poll_interval_s: float = 0.5
     rebalance_every: int = 2  # polls between rebalancing rounds
+    # The migration gate the rebalancer's proposals pass (`ares_router.policy.RebalanceGate`: limits, cooldowns,
+    # confirmation rounds, back-off), on the simulator's clock; the default is the router's default. None: no gate
+    # (every proposal is tried, as the simulator did before the gate was shared).
+    gate: RebalanceLimits | None = field(default_factory=RebalanceLimits)
     reserve_tokens: int = 512  # SGLang's --num-reserved-decode-tokens, read by its admission rule (`Admission`)
     # The decode servers' admission rule (`--ares-admission`): "sglang" (SGLang's) or "predictive" (the forecast KV
     # peak of the running set plus the new request within the pool, `ares_router.policy.admission.KVForecast`;
@@ -224,6 +233,8 @@ class ClusterSim(RouterView, Migration, Links, DecodeAdmission, DecodeInstances)
         self.snapshot: ClusterSnapshot | None = None
         self.held: deque[_Req] = deque()  # kept at the router while every instance is full (`Policy.hold_when_full`)
         self.hold_rule = HoldRelease(config.hold_max_wait_s)
+        self.gate = RebalanceGate(config.gate) if config.gate is not None else None
+        self.gated: dict[int, PolicyMigration] = {}  # request -> the gate's move in flight (for `done`)
         self.migrations = 0
         self.migrations_rejected = 0
         self.bytes_moved = 0.0

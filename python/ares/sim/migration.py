@@ -27,6 +27,7 @@ class Migration:
         req = src.running.get(rid)
         if req is None or req.migrate_to >= 0 or src_idx == dst_idx:
             self.migrations_rejected += 1
+            self._gate_done(rid, False, t, "not_running")  # gone or moving since the snapshot: the request's reason
             return
         j = src.steps_done(t - src.t0) if src.busy else 0
         done = src.steps + j - req.join_step
@@ -49,6 +50,7 @@ class Migration:
             )
         if not self._admits(dst, est, left, k, planned):
             self.migrations_rejected += 1
+            self._gate_done(rid, False, t, "no_memory")  # the target's rejection: the gate backs the pair off
             return
         dst.held += est
         req.reserved = est
@@ -64,6 +66,7 @@ class Migration:
         dst = self.decode[req.migrate_to]
         dst.incoming.append((req, length))
         self.col_tracked[req.i] = dst.idx  # committed: the router now counts it on the target
+        self._gate_done(req.i, True, t)
         self._wake(dst, t)
         self._wake(src, t)  # freed KV may admit queued requests
 
@@ -87,7 +90,17 @@ class Migration:
             self._push(done + cost.migration_pause_s, _MIGRATED, (req, inst.idx, length))
         inst.outgoing.clear()
 
-    def _cancel_migration(self, req: _Req) -> None:
-        """`req` left its batch (finished, retracted) before its migration started: the target's reservation goes."""
+    def _cancel_migration(self, req: _Req, t: float, reason: str) -> None:
+        """`req` left its batch at `t` (`reason`: finished, or retracted: not running) before its migration started:
+        the target's reservation goes."""
         self.decode[req.migrate_to].held -= req.reserved
         req.migrate_to = -1
+        self._gate_done(req.i, False, t, reason)
+
+    def _gate_done(self, rid, committed: bool, t: float, reason: str | None = None) -> None:
+        """A move the gate started ended at `t` (`RebalanceGate.done`, as the router reports a migration's end)."""
+        if self.gate is None:
+            return
+        m = self.gated.pop(rid, None)
+        if m is not None:
+            self.gate.done(m, committed, t, reason)

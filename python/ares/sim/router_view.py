@@ -3,9 +3,10 @@
 Every `SimConfig.poll_interval_s` (`_poll`) the decode instances report what their `/ares/state` would say
 (`_reports`) and the snapshot is built from those reports plus the router's bookkeeping of what it dispatched, through
 the shared assembler and estimator (`_build_snapshot`); every `rebalance_every` polls the policy's rebalancer plans
-migrations. An arriving request is placed by the policy on the snapshot that counts what was sent since
-(`_dispatch`), or, for a policy that holds when full, kept at the router while no instance admits it and released
-after a poll (`_release_held`). `RouterView` is a part of `ClusterSim` (whose `__init__` builds the state it uses).
+migrations, which start as far as the router's migration gate lets them (`SimConfig.gate`). An arriving request is
+placed by the policy on the snapshot that counts what was sent since (`_dispatch`), or, for a policy that holds when
+full, kept at the router while no instance admits it and released after a poll (`_release_held`).
+`RouterView` is a part of `ClusterSim` (whose `__init__` builds the state it uses).
 """
 
 from __future__ import annotations
@@ -238,7 +239,15 @@ class RouterView:
         if len(self.decode) <= self.cfg.record_kv_instances:
             self.kv_frac.append(frac)
         if self.rebalances and len(self.kv_times) % self.cfg.rebalance_every == 0:
-            for m in self.policy.rebalancer.plan(snap):
-                self._start_migration(t, m.request_id, m.source, m.target)
+            proposed = self.policy.rebalancer.plan(snap)
+            if self.gate is None:
+                for m in proposed:
+                    self._start_migration(t, m.request_id, m.source, m.target)
+            else:
+                # As the router's rebalance loop: the proposals through the gate (every running request is
+                # eligible: the simulator relays and can move all of them); each started move's end feeds `done`.
+                for m in self.gate.choose(proposed, [m.request_id for m in proposed], t):
+                    self.gated[m.request_id] = m
+                    self._start_migration(t, m.request_id, m.source, m.target)
         if self.finished < len(self.reqs):
             self._push(t + self.cfg.poll_interval_s, _POLL, None)
