@@ -23,9 +23,10 @@ from aiohttp import web
 
 from ares_router.backends import BackendAnswer, BackendFailure, DecodeStart, PDClient, PrefillRejected, bootstrap_fields
 from ares_router.config import RouterConfig
+from ares_router.held import HeldQueue
 from ares_router.metrics import RouterMetrics
 from ares_router.migration import InFlight
-from ares_router.policy import NoHealthyInstance
+from ares_router.policy import HoldRelease, NoHealthyInstance
 from ares_router.policy.gate import RebalanceGate
 from ares_router.poller import Poller
 from ares_router.protocol import GENERATE, APIError, ParsedRequest, check_model, parse_request
@@ -134,20 +135,61 @@ class Dispatch:
         self.metrics.decision.observe(time.perf_counter() - t)
         return self.state.prefills[p], self.state.decodes[d]
 
+    async def _choose_pair(
+        self,
+        parsed: ParsedRequest,
+        excluded_d: list[int],
+        excluded_p: list[int],
+        failure: BackendFailure | None,
+        pinned: Backend | None,
+    ) -> tuple[Backend, Backend]:
+        """`_choose`, awaited: a relay worker of a multi-process router asks its brain (`ares_router.workers`)."""
+        return self._choose(parsed, excluded_d, excluded_p, failure, pinned)
+
+    def _flight_started(self, rid: str, flight: InFlight) -> None:
+        """Register a request just sent to its servers where migration control finds it (by any of its ids)."""
+        self.inflight[flight.rid] = flight
+        self.hop_rids[flight.rid] = flight.rid
+        self.client_rids[rid] = flight.rid
+
+    def _flight_ended(self, rid: str, flight: InFlight) -> None:
+        """Forget a request that finished, failed or was aborted (every id it had, its bookkeeping)."""
+        self.state.finish(flight.backend_rid)
+        self.inflight.pop(flight.rid, None)
+        for hop in flight.hops:
+            self.hop_rids.pop(hop.rid, None)
+        self.gate.forget([flight.rid])
+        if self.client_rids.get(rid) == flight.rid:
+            del self.client_rids[rid]
+
+    @property
+    def held_requests(self) -> HeldQueue:
+        """The requests held at the router (made on first use)."""
+        queue = self.__dict__.get("_held_queue")
+        if queue is None:
+            queue = self.__dict__["_held_queue"] = HeldQueue(
+                HoldRelease(self.config.hold_max_wait_s),
+                lambda prompt, max_tokens: not self.state.holds(prompt, max_tokens),
+                self.config.poll_interval_s,
+            )
+        return queue
+
     async def _hold_while_full(self, parsed: ParsedRequest, pinned: Backend | None) -> None:
         """Late binding (`Policy.hold_when_full`): while no healthy decode server would admit the request on the
-        router's view (SGLang's rule, `RouterState.holds`), it waits here instead of in one server's prealloc queue,
-        re-checked every poll interval (the view changes at polls and dispatches). Each waiting request checks
-        for itself, so one that fits nowhere does not block smaller ones (first fit, as the simulator places held
-        requests). A pinned request (a migration's splice) never waits."""
+        router's view (SGLang's rule or a predictive server's forecast, `RouterState.holds`), or an aged held
+        request waits ahead of it, it waits here instead of in one server's prealloc queue. Held requests are
+        released by the policy's rule (`policy.HoldRelease`, as in the simulator: oldest first, first fit, aging
+        after `--ares-hold-max-wait-s`), re-checked every poll interval (`held.HeldQueue`). Returns when the request
+        may be placed; the caller places it before its next await. A pinned request (a migration's splice) never
+        waits."""
         if pinned is not None or not self.state.policy.hold_when_full:
             return
-        if not self.state.holds(parsed.prompt_tokens, parsed.max_tokens):
+        held = self.held_requests
+        if not held.must_wait(parsed.prompt_tokens, parsed.max_tokens):
             return
         self.metrics.held.inc()
         try:
-            while self.state.holds(parsed.prompt_tokens, parsed.max_tokens):
-                await asyncio.sleep(self.config.poll_interval_s)
+            await held.wait(parsed.prompt_tokens, parsed.max_tokens)
         finally:
             self.metrics.held.dec()
 
@@ -169,7 +211,7 @@ class Dispatch:
         await self._hold_while_full(parsed, pinned)
         for attempt in range(self.config.retries + 1):
             try:
-                prefill, decode = self._choose(parsed, excluded_d, excluded_p, failure, pinned)
+                prefill, decode = await self._choose_pair(parsed, excluded_d, excluded_p, failure, pinned)
             except APIError:
                 if failure is not None and failure.answer is not None:
                     return _relay_answer(failure.answer, {"X-Request-Id": rid})  # the server's own error
@@ -191,9 +233,7 @@ class Dispatch:
             )
             headers = {"X-Request-Id": rid, PIN_HEADER: decode.name, "X-Ares-Prefill": prefill.name}
             flight = InFlight.create(backend_rid, parsed.endpoint, body, parsed.stream, prefill, decode)
-            self.inflight[backend_rid] = flight
-            self.hop_rids[backend_rid] = backend_rid
-            self.client_rids[rid] = backend_rid
+            self._flight_started(rid, flight)
             try:
                 try:
                     start = await self.client.start(prefill, decode, parsed.endpoint, body, parsed.stream)
@@ -229,13 +269,7 @@ class Dispatch:
                 self._abort_everywhere(flight)
                 raise
             finally:
-                self.state.finish(flight.backend_rid)
-                self.inflight.pop(backend_rid, None)
-                for hop in flight.hops:
-                    self.hop_rids.pop(hop.rid, None)
-                self.gate.forget([backend_rid])
-                if self.client_rids.get(rid) == backend_rid:
-                    del self.client_rids[rid]
+                self._flight_ended(rid, flight)
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _record_head_error(

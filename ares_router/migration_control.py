@@ -55,7 +55,7 @@ class MigrationControl:
         if flight is None:
             raise APIError(404, f"no request {rid!r} is running through this router")
         target = self._decode_named(to)
-        why = not_migratable(flight.endpoint, flight.body)
+        why = self._why_not_migratable(flight)
         if why is not None:
             raise APIError(409, f"request {rid!r} cannot migrate: {why}")
         if target is flight.decode:
@@ -65,6 +65,11 @@ class MigrationControl:
             raise APIError(409, f"request {rid!r} is already migrating ({current.mid})")
         m = await self._migrate(flight, target)
         return json_response(m.record(), status=200 if m.state == "committed" else 409)
+
+    @staticmethod
+    def _why_not_migratable(flight: InFlight) -> str | None:
+        """Why the relayed request cannot move, or None (`splice.not_migratable` of its endpoint and body)."""
+        return not_migratable(flight.endpoint, flight.body)
 
     def _flight_of(self, rid: str) -> InFlight | None:
         """The relayed request `rid` names: a backend rid of any of its hops, or the client's request id."""
@@ -100,7 +105,7 @@ class MigrationControl:
             try:
                 proposed = plan_rebalance(self.state.snapshot, self.config.rebalance_policy or self.state.policy)
                 decodes = self.state.decodes
-                eligible = [rid for rid, f in self.inflight.items() if not_migratable(f.endpoint, f.body) is None]
+                eligible = [rid for rid, f in self.inflight.items() if self._why_not_migratable(f) is None]
                 # The policy names a request by its rid on the server it runs on now; the gate keeps its history
                 # (moves, cooldown) under the request's first rid, which does not change with its moves.
                 proposed = [
@@ -143,5 +148,26 @@ class MigrationControl:
         raise APIError(400, f"unknown decode server {to!r}: give its name, index or URL")
 
     async def migrations_list(self, request: web.Request) -> web.Response:
-        """`GET /ares/migrations`: the last 256 migration records."""
-        return json_response({"migrations": self.migration_log})
+        """`GET /ares/migrations`: the last 256 migration records, and where every relayed request runs now."""
+        return json_response(
+            {"migrations": self.migration_log, "requests": flight_rows(self.client_rids, self.inflight)}
+        )
+
+
+def flight_rows(client_rids: dict[str, str], inflight: dict[str, InFlight]) -> list[dict]:
+    """One row per request the router relays: the client's request id, its first and current backend rid, the
+    servers it ran on (in order, the last is where it runs now) and the id of a move not committed yet (None when
+    none). Operators find a request's server here; the chaos benchmark knows what a crash hit."""
+    rows = []
+    for request_id, first in list(client_rids.items()):
+        flight = inflight.get(first)
+        if flight is None:
+            continue
+        moving = flight.pending()
+        rows.append({
+            "request_id": request_id, "rid": flight.rid, "backend_rid": flight.backend_rid,
+            "decode": flight.decode.name, "hops": [h.decode.name for h in flight.hops],
+            "moving": None if moving is None or moving.state == "committed" else moving.mid,
+            "moving_to": None if moving is None or moving.state == "committed" else moving.target,
+        })  # fmt: skip
+    return rows
