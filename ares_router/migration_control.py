@@ -148,5 +148,26 @@ class MigrationControl:
         raise APIError(400, f"unknown decode server {to!r}: give its name, index or URL")
 
     async def migrations_list(self, request: web.Request) -> web.Response:
-        """`GET /ares/migrations`: the last 256 migration records."""
-        return json_response({"migrations": self.migration_log})
+        """`GET /ares/migrations`: the last 256 migration records, and where every relayed request runs now."""
+        return json_response(
+            {"migrations": self.migration_log, "requests": flight_rows(self.client_rids, self.inflight)}
+        )
+
+
+def flight_rows(client_rids: dict[str, str], inflight: dict[str, InFlight]) -> list[dict]:
+    """One row per request the router relays: the client's request id, its first and current backend rid, the
+    servers it ran on (in order, the last is where it runs now) and the id of a move not committed yet (None when
+    none). Operators find a request's server here; the chaos benchmark knows what a crash hit."""
+    rows = []
+    for request_id, first in list(client_rids.items()):
+        flight = inflight.get(first)
+        if flight is None:
+            continue
+        moving = flight.pending()
+        rows.append({
+            "request_id": request_id, "rid": flight.rid, "backend_rid": flight.backend_rid,
+            "decode": flight.decode.name, "hops": [h.decode.name for h in flight.hops],
+            "moving": None if moving is None or moving.state == "committed" else moving.mid,
+            "moving_to": None if moving is None or moving.state == "committed" else moving.target,
+        })  # fmt: skip
+    return rows

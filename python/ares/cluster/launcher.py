@@ -165,7 +165,7 @@ class Cluster:
             raise
         return self
 
-    def _launch(self, s: ServerSpec) -> None:
+    def _launch(self, s: ServerSpec, append_log: bool = False) -> None:
         env = dict(os.environ)
         env.pop(ENV_VAR, None)  # each SGLang launcher derives its own ARES config from its flags
         env["SGLANG_HOST_IP"] = HOST  # Mooncake would otherwise advertise the machine's external address
@@ -179,7 +179,8 @@ class Cluster:
             # CPU machine then oversubscribe it with spinning threads. Give each server its share instead.
             n_backends = self.spec.n_prefill + self.spec.n_decode
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_backends))
-        log = open(self.log_dir / f"{s.name}.log", "wb")  # noqa: SIM115 - owned by the child from here on
+        # A restarted server appends: its log keeps what happened before the crash.
+        log = open(self.log_dir / f"{s.name}.log", "ab" if append_log else "wb")  # noqa: SIM115 - the child's now
         proc = subprocess.Popen(
             list(s.argv),
             stdout=log,
@@ -225,6 +226,52 @@ class Cluster:
         self.procs.clear()
         if self.state_file and self.state_file.exists():
             self.state_file.unlink()
+
+    # -- one server's crash and restart (fault tests, the chaos benchmark) ---------------------------------------
+    def _server(self, name: str) -> ServerSpec:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        raise KeyError(f"no server {name!r} in this cluster: {[s.name for s in self.servers]}")
+
+    def kill(self, name: str, timeout_s: float = 30.0) -> None:
+        """SIGKILL server `name` with its children (its process group: a crash, no clean shutdown) and wait until
+        they are gone and reaped. Its port and command line are kept for `restart`."""
+        self._server(name)
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        start = self._start_times.pop(name, None)
+        if start is None or _start_time(proc.pid) == start:  # still ours (not a recycled PID)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=timeout_s)  # reap the leader
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"{name} (pid {proc.pid}) did not die within {timeout_s:.0f}s of SIGKILL") from None
+        deadline = time.monotonic() + timeout_s
+        while group_members({proc.pid}):  # its children (scheduler, detokenizer) go a moment later
+            if time.monotonic() > deadline:
+                raise ClusterError(f"children of {name} (group {proc.pid}) still alive {timeout_s:.0f}s after SIGKILL")
+            time.sleep(0.1)
+        self._write_state()
+
+    def restart(self, name: str, timeout_s: float = 900.0) -> None:
+        """Start server `name` again, on the same port with the same command line (after `kill`, or after it
+        died), and wait until it is healthy. The router keeps its URL, so it comes back into rotation as soon as
+        its next poll succeeds."""
+        s = self._server(name)
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            raise ClusterError(f"{name} is still running (pid {proc.pid}): kill it first")
+        self._launch(s, append_log=True)
+        try:
+            self._wait_healthy([s], timeout_s)
+        except BaseException:
+            self.kill(name)
+            raise
 
     def __enter__(self) -> Cluster:
         return self.start()

@@ -1,0 +1,238 @@
+"""The chaos benchmark's pieces (`benchmark/migration_chaos.py` runs real servers; these check its judgement and
+plumbing without any): the verdict of an answer against its reference, the stream reader that builds answers, the
+router's rows of where each request runs, and one server's crash and restart in `Cluster`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from ares.cluster import Cluster, ClusterSpec, ServerSpec
+from ares.cluster.launcher import free_ports, group_members, http_ok
+from ares.migration.chaos import (
+    CLEAN_ERROR,
+    DISCONNECTED,
+    DIVERGED,
+    DUPLICATED,
+    IDENTICAL,
+    LOST,
+    MALFORMED,
+    TRUNCATED,
+    Answer,
+    relation,
+    verdict,
+)
+from ares_router.migration import Hop, InFlight, Migration
+from ares_router.migration_control import flight_rows
+from ares_router.state import Backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmark"))
+import migration_chaos as bench  # noqa: E402
+
+REF = Answer(200, "abcdef", [1, 2, 3, 4, 5, 6], 6, "length")
+
+
+def ans(tokens: list[int], **kw) -> Answer:
+    return Answer(
+        **{"status": 200, "text": "", "tokens": tokens, "completion_tokens": len(tokens), "finish": "length", **kw}
+    )
+
+
+def test_relation_of_sequences():
+    assert relation([1, 2, 3], [1, 2, 3]) == "equal"
+    assert relation([1, 2], [1, 2, 3]) == "prefix"
+    assert relation([1, 3], [1, 2, 3]) == "gapped"
+    assert relation([1, 2, 2, 3], [1, 2, 3]) == "longer"
+    assert relation([1, 2, 3, 4], [1, 2, 3]) == "longer"
+    assert relation([1, 9, 3], [1, 2, 3]) == "diverged"
+    assert relation("abd", "abc") == "diverged"
+
+
+def test_verdicts_of_answers():
+    assert verdict(ans([1, 2, 3, 4, 5, 6]), REF)[0] == IDENTICAL
+    # The issue's second-move bug: 200, fewer tokens, the internal finish shown.
+    v, why = verdict(ans([1, 2], finish="abort", internal=True), REF)
+    assert v == TRUNCATED and "internal" in why
+    assert verdict(ans([1, 2, 3, 4, 5, 6, 6]), REF)[0] == DUPLICATED
+    assert verdict(ans([1, 2, 3, 4, 5, 6], stepped_back=True), REF)[0] == DUPLICATED
+    assert verdict(ans([1, 2, 4, 5, 6]), REF)[0] == LOST
+    assert verdict(ans([1, 2, 3, 4, 5, 7]), REF)[0] == DIVERGED
+    assert verdict(ans([1, 2, 3, 4, 5, 6], completion_tokens=5), REF)[0] == MALFORMED
+    assert verdict(ans([1, 2, 3, 4, 5, 6], ids=2), REF)[0] == MALFORMED
+    assert verdict(ans([1, 2, 3, 4, 5, 6], complete=False), REF)[0] == MALFORMED
+    assert verdict(Answer(None, error="client: timeout"), REF)[0] == LOST
+    assert verdict(Answer(None, error="hung up"), REF, disconnected=True)[0] == DISCONNECTED
+
+
+def test_errors_are_clean_only_where_the_crash_hit():
+    broken = ans([1, 2, 3], error="in-band error: decode server stream failed", complete=True)
+    assert verdict(broken, REF, error_allowed=True)[0] == CLEAN_ERROR
+    assert verdict(broken, REF)[0] == LOST
+    http_error = Answer(502, error="HTTP 502: backend failed")
+    assert verdict(http_error, REF, error_allowed=True)[0] == CLEAN_ERROR
+    assert verdict(Answer(503), REF)[0] == LOST  # an error status without a message is still an error
+    # Wrong tokens before the error: the error does not excuse them.
+    assert verdict(ans([1, 9], error="in-band error: x"), REF, error_allowed=True)[0] == DIVERGED
+
+
+def test_text_is_compared_where_there_are_no_token_ids():
+    ref = Answer(200, "Once upon a time", None, 4, "length")
+    assert verdict(Answer(200, "Once upon a time", None, 4, "length"), ref)[0] == IDENTICAL
+    assert verdict(Answer(200, "Once upon", None, 2, "abort"), ref)[0] == TRUNCATED
+    assert verdict(Answer(200, "Once upon a timea time", None, 6, "length"), ref)[0] == DUPLICATED
+
+
+def _feed(reader: bench.StreamReader, events: list[object]) -> Answer:
+    for e in events:
+        reader.feed(e if isinstance(e, bytes) else orjson.dumps(e))
+    return reader.a
+
+
+def _gen_event(ids: list[int], text: str, finish: dict | None = None, rid: str = "r1") -> dict:
+    return {
+        "text": text,
+        "output_ids": ids,
+        "meta_info": {"id": rid, "completion_tokens": len(ids), "finish_reason": finish},
+    }
+
+
+def test_stream_reader_builds_generate_answers():
+    a = _feed(
+        bench.StreamReader("/generate", 200),
+        [
+            _gen_event([5], "a"),
+            _gen_event([5, 6], "ab"),
+            _gen_event([5, 6, 7], "abc", {"type": "length"}),
+            b"[DONE]",
+        ],
+    )
+    assert (a.tokens, a.text, a.completion_tokens, a.finish, a.finishes, a.complete) == (
+        [5, 6, 7],
+        "abc",
+        3,
+        "length",
+        1,
+        True,
+    )
+    assert not a.stepped_back and a.error is None and not a.internal
+    # A repeated token (the cumulative ids do not extend the previous ones) and the internal finish.
+    a = _feed(
+        bench.StreamReader("/generate", 200),
+        [
+            _gen_event([5, 6], "ab"),
+            _gen_event([5, 5, 6], "aab"),
+            _gen_event([5, 5, 6], "aab", {"type": "abort", "message": "ares_migrated:x"}),
+            b"[DONE]",
+        ],
+    )
+    assert a.stepped_back and a.internal and a.error is None
+    # An abort with a status code is an error the client is told about; so is an in-band error event.
+    a = _feed(
+        bench.StreamReader("/generate", 200),
+        [_gen_event([5], "a", {"type": "abort", "message": "gone", "status_code": 503})],
+    )
+    assert a.error is not None and "503" in a.error and not a.complete
+    a = _feed(bench.StreamReader("/generate", 200), [_gen_event([5], "a"), {"error": {"message": "broke"}}])
+    assert a.error is not None and "broke" in a.error
+
+
+def test_stream_reader_builds_openai_answers():
+    chunks = [
+        {"id": "c1", "choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {"id": "c1", "choices": [{"delta": {"content": "Hel"}, "finish_reason": None}]},
+        {"id": "c1", "choices": [{"delta": {"content": "lo"}, "finish_reason": None}]},
+        {"id": "c1", "choices": [{"delta": {}, "finish_reason": "length"}]},
+        {"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+        b"[DONE]",
+    ]
+    a = _feed(bench.StreamReader("/v1/chat/completions", 200), chunks)
+    assert (a.text, a.completion_tokens, a.finish, a.finishes, a.ids, a.tokens) == ("Hello", 2, "length", 1, 1, None)
+    parsed = bench.parse_answer(
+        "/v1/completions",
+        200,
+        orjson.dumps(
+            {"id": "x", "choices": [{"text": "Hello", "finish_reason": "length"}], "usage": {"completion_tokens": 2}}
+        ),
+    )
+    assert verdict(parsed, a)[0] == IDENTICAL
+    err = bench.parse_answer("/v1/completions", 502, orjson.dumps({"object": "error", "message": "decode died"}))
+    assert err.error == "HTTP 502: decode died"
+
+
+def test_every_combination_of_endpoint_and_mode_is_asked_and_the_specs_are_seeded():
+    specs = bench.make_specs(60, 7, (32, 64), 0.1)
+    combos = {(s.endpoint, s.stream) for s in specs}
+    assert len(combos) == 6 and sorted(s.index for s in specs) == list(range(60))
+    assert [s.prompt for s in bench.make_specs(60, 7, (32, 64), 0.1)] == [s.prompt for s in specs]
+    assert all(32 <= s.max_tokens <= 64 for s in specs)
+    body = next(s for s in specs if s.endpoint == "/v1/chat/completions" and s.stream).body("m")
+    assert body["temperature"] == 0 and body["ignore_eos"] and body["stream_options"] == {"include_usage": True}
+
+
+def test_router_rows_name_where_each_request_runs():
+    d = [Backend("decode", i, f"http://127.0.0.1:{9000 + i}") for i in range(3)]
+    p = Backend("prefill", 0, "http://127.0.0.1:8999", bootstrap_port=8998)
+    moved = InFlight("r1", "/generate", {}, True, p, [Hop("r1", d[0]), Hop("r1b", d[1])])
+    moving = InFlight("r2", "/generate", {}, True, p, [Hop("r2", d[2])])
+    m = Migration("m2", "r2", "decode2", "decode0", state="precopy")
+    m.target_backend = d[0]
+    moving.moves.append(m)
+    rows = flight_rows({"client-1": "r1", "client-2": "r2", "gone": "r3"}, {"r1": moved, "r2": moving})
+    assert rows == [
+        {
+            "request_id": "client-1",
+            "rid": "r1",
+            "backend_rid": "r1b",
+            "decode": "decode1",
+            "hops": ["decode0", "decode1"],
+            "moving": None,
+            "moving_to": None,
+        },
+        {
+            "request_id": "client-2",
+            "rid": "r2",
+            "backend_rid": "r2",
+            "decode": "decode2",
+            "hops": ["decode2"],
+            "moving": "m2",
+            "moving_to": "decode0",
+        },
+    ]
+
+
+def test_a_killed_server_restarts_on_its_port(tmp_path):
+    """`Cluster.kill` (SIGKILL, reaped) and `restart` (same port, same command line, log appended), on a stand-in
+    server: Python's http.server answering /health."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "health").write_text("ok")
+    port = free_ports(1)[0]
+    argv = (sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(www))
+    server = ServerSpec("decode", 0, port, argv)
+    cluster = Cluster(ClusterSpec(model_path="unused"), log_dir=tmp_path / "logs")
+    cluster.servers = [server]
+    cluster.log_dir.mkdir()  # what `start` does first
+    try:
+        cluster._launch(server)
+        cluster._wait_healthy([server], 60)
+        first = cluster.pids["decode0"]
+        cluster.kill("decode0")
+        assert "decode0" not in cluster.pids and not group_members({first})
+        assert not http_ok(server.url + "/health", timeout=1)
+        with pytest.raises(KeyError):
+            cluster.kill("decode7")
+        cluster.restart("decode0", timeout_s=60)
+        assert cluster.pids["decode0"] != first and http_ok(server.url + "/health")
+        with pytest.raises(Exception, match="still running"):
+            cluster.restart("decode0")
+        deadline = time.monotonic() + 30
+        while (tmp_path / "logs" / "decode0.log").read_text().count("GET /health") < 2:  # both runs' lines kept
+            assert time.monotonic() < deadline, (tmp_path / "logs" / "decode0.log").read_text()
+            time.sleep(0.1)
+    finally:
+        cluster.stop()
+    assert cluster.pids == {}
