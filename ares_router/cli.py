@@ -11,7 +11,7 @@ import sys
 from ares_router.config import ROUTER_POLICIES, RouterConfig
 from ares_router.estimate import OutputEstimator
 from ares_router.link_profile import DEFAULT_LINK, load_profiles
-from ares_router.policy import DEFAULT_RESERVE_TOKENS, Admission, LoadModel
+from ares_router.policy import DEFAULT_HOLD_MAX_WAIT_S, DEFAULT_RESERVE_TOKENS, Admission, LoadModel
 from ares_router.policy.gate import RebalanceLimits
 
 
@@ -92,6 +92,14 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="initial output estimate: tokens per prompt token",
     )
     p.add_argument("--estimate-cap", type=float, default=e.cap_tokens, help="initial output estimate: upper bound")
+    p.add_argument(
+        "--ares-hold-max-wait-s",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=DEFAULT_HOLD_MAX_WAIT_S,
+        help="aging of requests held at the router (*_hold policies): one held this many seconds is released before "
+        "any behind it, and holds them and new arrivals back while it fits nowhere; 'none': no aging "
+        f"(default: {DEFAULT_HOLD_MAX_WAIT_S}, as the simulator's)",
+    )
     p.add_argument(
         "--ares-rebalance",
         choices=["off", "on"],
@@ -203,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         ),
         log_level=args.log_level,
         access_log=args.access_log,
+        hold_max_wait_s=args.ares_hold_max_wait_s,
         rebalance=args.ares_rebalance == "on",
         rebalance_interval_s=args.ares_rebalance_interval,
         rebalance_policy=args.ares_rebalance_policy,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ares_router.estimate import OutputEstimator
 from ares_router.link_profile import DEFAULT_LINK, load_profiles
-from ares_router.policy import POLICIES, Admission, LoadModel
+from ares_router.policy import DEFAULT_HOLD_MAX_WAIT_S, POLICIES, Admission, LoadModel
 from ares_router.policy.gate import RebalanceLimits
 
 ROUTER_POLICIES = tuple(name for name in POLICIES if not POLICIES[name]().needs_true_lengths)
@@ -35,6 +35,8 @@ class RouterConfig:
     estimator: OutputEstimator = field(default_factory=OutputEstimator)
     log_level: str = "info"
     access_log: bool = False
+    # Aging of requests held at the router (*_hold policies; `policy.HoldRelease`): the simulator's default.
+    hold_max_wait_s: float | None = DEFAULT_HOLD_MAX_WAIT_S
     rebalance: bool = False  # --ares-rebalance on: migrate running requests as the policy plans
     rebalance_interval_s: float = 1.0
     rebalance_policy: str | None = None  # whose `plan_rebalance` decides (None: the placement policy's)

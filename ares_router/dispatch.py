@@ -23,9 +23,10 @@ from aiohttp import web
 
 from ares_router.backends import BackendAnswer, BackendFailure, DecodeStart, PDClient, PrefillRejected, bootstrap_fields
 from ares_router.config import RouterConfig
+from ares_router.held import HeldQueue
 from ares_router.metrics import RouterMetrics
 from ares_router.migration import InFlight
-from ares_router.policy import NoHealthyInstance
+from ares_router.policy import HoldRelease, NoHealthyInstance
 from ares_router.policy.gate import RebalanceGate
 from ares_router.poller import Poller
 from ares_router.protocol import GENERATE, APIError, ParsedRequest, check_model, parse_request
@@ -161,20 +162,34 @@ class Dispatch:
         if self.client_rids.get(rid) == flight.rid:
             del self.client_rids[rid]
 
+    @property
+    def held_requests(self) -> HeldQueue:
+        """The requests held at the router (made on first use)."""
+        queue = self.__dict__.get("_held_queue")
+        if queue is None:
+            queue = self.__dict__["_held_queue"] = HeldQueue(
+                HoldRelease(self.config.hold_max_wait_s),
+                lambda prompt, max_tokens: not self.state.holds(prompt, max_tokens),
+                self.config.poll_interval_s,
+            )
+        return queue
+
     async def _hold_while_full(self, parsed: ParsedRequest, pinned: Backend | None) -> None:
         """Late binding (`Policy.hold_when_full`): while no healthy decode server would admit the request on the
-        router's view (SGLang's rule, `RouterState.holds`), it waits here instead of in one server's prealloc queue,
-        re-checked every poll interval (the view changes at polls and dispatches). Each waiting request checks
-        for itself, so one that fits nowhere does not block smaller ones (first fit, as the simulator places held
-        requests). A pinned request (a migration's splice) never waits."""
+        router's view (SGLang's rule or a predictive server's forecast, `RouterState.holds`), or an aged held
+        request waits ahead of it, it waits here instead of in one server's prealloc queue. Held requests are
+        released by the policy's rule (`policy.HoldRelease`, as in the simulator: oldest first, first fit, aging
+        after `--ares-hold-max-wait-s`), re-checked every poll interval (`held.HeldQueue`). Returns when the request
+        may be placed; the caller places it before its next await. A pinned request (a migration's splice) never
+        waits."""
         if pinned is not None or not self.state.policy.hold_when_full:
             return
-        if not self.state.holds(parsed.prompt_tokens, parsed.max_tokens):
+        held = self.held_requests
+        if not held.must_wait(parsed.prompt_tokens, parsed.max_tokens):
             return
         self.metrics.held.inc()
         try:
-            while self.state.holds(parsed.prompt_tokens, parsed.max_tokens):
-                await asyncio.sleep(self.config.poll_interval_s)
+            await held.wait(parsed.prompt_tokens, parsed.max_tokens)
         finally:
             self.metrics.held.dec()
 

@@ -14,6 +14,7 @@ simulator reports every started move's end to it as the router does.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import math
 
@@ -25,9 +26,11 @@ from ares.sim.engine import ClusterSim, SimConfig
 from ares.workloads import Workload
 from ares_router.cli import config_from_args, configure_parser
 from ares_router.config import ROUTER_POLICIES, RouterConfig
+from ares_router.held import HeldQueue
 from ares_router.policy import (
     POLICIES,
     ClusterSnapshot,
+    HoldRelease,
     Migration,
     RebalanceGate,
     RebalanceLimits,
@@ -306,3 +309,69 @@ def test_a_target_rejection_in_the_simulator_backs_the_pair_off():
     assert not sim.gate.in_flight and (run, target, "no_memory") in sim.gate.backoff
     assert sim.gate.choose([m], [rid], sim.t_stop + 1.0) == []  # backing off
     assert sim.gate.choose([m], [rid], sim.t_stop + sim.gate.limits.backoff_s + 0.1) == [m]
+
+
+# -- releasing held requests: one rule, router and simulator -------------------------------------------------------
+
+
+# (max_tokens, reserve, poll, the servers' admission, aging): states where the release pass lets several requests go
+# first fit (skipping ones that fit nowhere), and, with aging, the oldest (aged, fits) goes and the next (aged, fits
+# nowhere) blocks the rest.
+RELEASE_STATES = [
+    ("output", 0, 16, "sglang", 3.0),
+    (2500, 128, 16, "sglang", 4.0),
+    (None, 512, 24, "predictive", 6.5),
+    ("output", 0, 16, "predictive", 3.0),
+]
+
+
+@pytest.mark.parametrize(("max_tokens", "reserve", "poll", "admission", "aging"), RELEASE_STATES)
+@pytest.mark.parametrize("aged", [False, True])
+def test_router_and_simulator_release_the_same_held_requests(max_tokens, reserve, poll, admission, aging, aged):
+    # The simulator stopped at a poll with requests held at its router; a router fed the same state holds the same
+    # requests (in arrival order, held since they arrived) in its `HeldQueue`. The poll's release pass lets the
+    # same requests go, in the same order, to the same servers (with aging: the same aged request blocks).
+    sim = _sim_stopped_at_poll("ares_hold", max_tokens, reserve, poll, admission)
+    assert sim.held
+    router = _router_fed_from(sim)
+    sim.snapshot = sim._build_snapshot(sim.t_stop)
+    rule = HoldRelease(aging if aged else None)
+    sim.hold_rule = rule
+    held = list(sim.held)
+    sim._release_held(sim.t_stop)
+    still = {r.i for r in sim.held}
+    by_sim = [(r.i, int(sim.col_tracked[r.i])) for r in held if r.i not in still]  # sent in arrival order
+
+    async def live() -> list[tuple[int, int]]:
+        now = [0.0]
+        queue = HeldQueue(rule, lambda p, m: not router.holds(p, m), interval_s=1e6, clock=lambda: now[0])
+        out: list[tuple[int, int]] = []
+
+        async def handler(req) -> None:  # as `Dispatch._serve`: held, then placed before any other await
+            m = sim.col_max_new[req.i]
+            m = None if math.isnan(m) else int(m)
+            await queue.wait(req.prompt, m)
+            out.append((req.i, router.choose_decode(req.prompt, m)))
+
+        tasks = []
+        for req in held:
+            now[0] = req.arrival
+            tasks.append(asyncio.create_task(handler(req)))
+            await asyncio.sleep(0)  # held in arrival order
+        assert len(queue) == len(held)
+        now[0] = sim.t_stop
+        await queue.release_pass()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert len(queue) == 0
+        return out
+
+    assert asyncio.run(live()) == by_sim
+    if not aged:
+        assert len(by_sim) >= 3  # first fit: several go, past ones that fit nowhere
+    else:
+        plain = _sim_stopped_at_poll("ares_hold", max_tokens, reserve, poll, admission)
+        plain.snapshot = plain._build_snapshot(plain.t_stop)
+        plain._release_held(plain.t_stop)
+        assert len(by_sim) < len(held) - len(plain.held)  # an aged request that fits nowhere holds the rest back

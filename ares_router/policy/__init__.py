@@ -46,7 +46,7 @@ from ares_router.policy.dispatch import (
     eligible,
 )
 from ares_router.policy.gate import RebalanceGate, RebalanceLimits, reason_class
-from ares_router.policy.hold import HoldRelease
+from ares_router.policy.hold import DEFAULT_HOLD_MAX_WAIT_S, HoldRelease
 from ares_router.policy.load_model import LoadModel, MigrationCost
 from ares_router.policy.rebalance import (
     REBALANCERS,
@@ -70,6 +70,7 @@ from ares_router.policy.snapshot import (
 __all__ = [
     "ADMISSION_MODES",
     "CLIP_MAX_NEW_TOKENS",
+    "DEFAULT_HOLD_MAX_WAIT_S",
     "DEFAULT_RESERVE_TOKENS",
     "DISPATCHERS",
     "NO_OWN_ROWS",

@@ -22,12 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The default aging, one for the router (`--ares-hold-max-wait-s`) and the simulator (`SimConfig.hold_max_wait_s`).
+DEFAULT_HOLD_MAX_WAIT_S: float | None = None
+
 
 @dataclass(frozen=True)
 class HoldRelease:
     """The release rule for held requests; `max_wait_s` None: no aging (first fit, as before)."""
 
-    max_wait_s: float | None = None
+    max_wait_s: float | None = DEFAULT_HOLD_MAX_WAIT_S
 
     def aged(self, waited_s: np.ndarray) -> np.ndarray:
         """Per held request (arrival order): whether it is aged."""

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ares_router.policy import ADMISSION_MODES, POLICIES, LoadModel, RebalanceLimits
+from ares_router.policy import ADMISSION_MODES, DEFAULT_HOLD_MAX_WAIT_S, POLICIES, LoadModel, RebalanceLimits
 
 from .bounds import POOLED_BOUND
 from .cost_model import PRESETS, get_cost_model
@@ -65,10 +65,11 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--hold-max-wait",
-        type=float,
-        default=None,
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=DEFAULT_HOLD_MAX_WAIT_S,
         help="aging for late binding (*_hold policies): a request held this many seconds is released before any "
-        "behind it and holds new arrivals back while it fits nowhere (default: no aging)",
+        "behind it and holds new arrivals back while it fits nowhere; 'none': no aging (default: the router's, "
+        f"{DEFAULT_HOLD_MAX_WAIT_S})",
     )
     p.add_argument(
         "--gate",
@@ -123,7 +124,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, str]:
         reserve_tokens=args.reserve_tokens,
         retraction=args.retraction,
         admission=getattr(args, "admission", "sglang"),
-        hold_max_wait_s=getattr(args, "hold_max_wait", None),
+        hold_max_wait_s=getattr(args, "hold_max_wait", DEFAULT_HOLD_MAX_WAIT_S),
         gate=RebalanceLimits() if getattr(args, "gate", "live") == "live" else None,
         link_contention=not args.no_link_contention,
         max_tokens=_max_tokens(args.max_tokens),

@@ -60,6 +60,7 @@ from ares.workloads import Workload
 from ares_router.estimate import OutputEstimator
 from ares_router.policy import (
     ADMISSION_MODES,
+    DEFAULT_HOLD_MAX_WAIT_S,
     Admission,
     ClusterSnapshot,
     HoldRelease,
@@ -109,7 +110,7 @@ class SimConfig:
     admission: str = "sglang"
     # Aging of requests held at the router (`ares_router.policy.HoldRelease`): held this long, a request is
     # released before anything behind it and holds new arrivals back while it fits nowhere. None: no aging.
-    hold_max_wait_s: float | None = None
+    hold_max_wait_s: float | None = DEFAULT_HOLD_MAX_WAIT_S  # the router's default (`--ares-hold-max-wait-s`)
     retract_steps: int = 20  # SGLang's retract_decode_steps: retract until this many steps fit
     retraction: str = "backup"  # "backup" (KV to host and back, as 0.5.23's PD decode) or "recompute"
     link_contention: bool = True  # KV transfers share each instance's NIC (False: every transfer has its own link)
