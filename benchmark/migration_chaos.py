@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -499,28 +500,33 @@ async def leftovers(session: aiohttp.ClientSession, decode_urls: list[str]) -> l
     return rows
 
 
+def _kv_clean(rows: list[dict]) -> bool:
+    """No KV in use, no request running or queued on any decode server."""
+    return all(not r.get("error") and r["used_tokens"] == 0 and r["requests"] == 0 and not r["queued"] for r in rows)
+
+
 def _clean(rows: list[dict]) -> bool:
-    return all(
-        not r.get("error")
-        and r["used_tokens"] == 0
-        and r["requests"] == 0
-        and not r["queued"]
-        and not r["agent_open_records"]
-        for r in rows
-    )
+    """`_kv_clean`, and no migration record left open in any agent."""
+    return _kv_clean(rows) and not any(r.get("agent_open_records") for r in rows)
 
 
 async def settle(session: aiohttp.ClientSession, decode_urls: list[str], limit_s: float) -> dict:
     """Leftovers right after the last request, then again until nothing is left or `limit_s` passed."""
     t0 = time.monotonic()
     first = await leftovers(session, decode_urls)
-    last = first
-    while not _clean(last) and time.monotonic() - t0 < limit_s:
+    last, kv_clean_s = first, None
+    while True:
+        if kv_clean_s is None and _kv_clean(last):
+            kv_clean_s = round(time.monotonic() - t0, 1)
+        if _clean(last) or time.monotonic() - t0 > limit_s:
+            break
         await asyncio.sleep(1.0)
         last = await leftovers(session, decode_urls)
     return {
         "at_end": first,
         "settled": last,
+        "kv_clean": _kv_clean(last),
+        "seconds_to_kv_clean": kv_clean_s,
         "clean": _clean(last),
         "seconds_to_clean": round(time.monotonic() - t0, 1) if _clean(last) else None,
     }
@@ -607,12 +613,11 @@ def summarize(specs: list[Spec], refs: dict[int, Outcome], got: dict[int, Outcom
 
 
 def _reason_class(reason: str | None) -> str:
-    """A move's reason without its ids and numbers, for counting."""
+    """A move's reason without its ids and numbers (`decode2` -> `decodeN`), for counting."""
     if not reason:
         return "none"
-    words = [w for w in reason.replace("'", " ").split() if not any(ch.isdigit() for ch in w) or ":" in w]
-    text = " ".join(words)
-    return text[:120]
+    text = re.sub(r"\b[0-9a-f]{8,}\b", "<id>", reason)
+    return re.sub(r"\d+", "N", text)[:160]
 
 
 def targets(summary: dict, settled: dict) -> list[dict]:
@@ -623,7 +628,7 @@ def targets(summary: dict, settled: dict) -> list[dict]:
         "lost": (v["lost"], v["lost"] == 0),
         "duplicated": (v["duplicated"], v["duplicated"] == 0),
         "truncated": (v["truncated"], v["truncated"] == 0),
-        "kv_left": (kv, settled["clean"]),
+        "kv_left": (kv, settled["kv_clean"] and kv == 0),
         "committed": (summary["moves"]["committed"], summary["moves"]["committed"] >= 50),
         "moved_twice": (summary["requests_moved_twice_or_more"], summary["requests_moved_twice_or_more"] >= 10),
         "other_failures": (other, other == 0),
@@ -635,6 +640,7 @@ def markdown(result: dict) -> str:
     """The report."""
     s, prov = result["summary"], result["provenance"]
     left = result["leftovers"]
+    kv_clean = f"after {left['seconds_to_kv_clean']} s" if left["kv_clean"] else "**never**"
     clean = f"after {left['seconds_to_clean']} s" if left["clean"] else "**never**"
     lines = [
         f"# Migration chaos run (commit {prov['commit'][:10]}{' dirty' if prov['dirty'] else ''})",
@@ -709,7 +715,8 @@ def markdown(result: dict) -> str:
         "",
         "## Left on the decode servers",
         "",
-        f"Clean {clean} (waited up to {result['inputs']['settle_s']} s).",
+        f"No KV, running or queued request left {kv_clean}; no migration record open in any agent {clean} "
+        f"(waited up to {result['inputs']['settle_s']} s).",
         "",
         "| server | when | used KV tokens | reserved KV tokens | running | queued | agent records open |",
         "|---|---|---|---|---|---|---|",
