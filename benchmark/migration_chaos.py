@@ -326,9 +326,12 @@ async def mover(c: Chaos) -> None:
         task.add_done_callback(lambda _t, rid=row["request_id"]: c.moving.discard(rid))
 
 
-async def move(c: Chaos, rid: str, source: str, to: str, hops: list[str]) -> None:
-    """One `POST /ares/migrate` and its answer."""
+async def move(c: Chaos, rid: str, source: str, to: str, hops: list[str], chained: bool = False) -> None:
+    """One `POST /ares/migrate` and its answer; after a committed one, now and then (`--chain-bias`) the next move
+    of the same request at once (back where it came from or on to the third server), before its new server has
+    even run it a step."""
     entry = {
+        "chained": chained,
         "request_id": rid,
         "source": source,
         "target": to,
@@ -364,6 +367,9 @@ async def move(c: Chaos, rid: str, source: str, to: str, hops: list[str]) -> Non
     else:  # refused before it started (the request ended, already there, ...)
         entry.update(state="refused", reason=_error_text(orjson.dumps(body)))
     c.moves.append(entry)
+    if entry["state"] == "committed" and not c.done.is_set() and c.rng.random() < c.args.chain_bias:
+        then = c.rng.choice([d for d in c.decode_names() if d != to])
+        await move(c, rid, to, then, [*hops, to], chained=True)
 
 
 async def stopper(c: Chaos) -> None:
@@ -601,6 +607,12 @@ def summarize(specs: list[Spec], refs: dict[int, Outcome], got: dict[int, Outcom
             ),
             "failed_reasons": dict(failed_reasons.most_common()),
             "refused_reasons": dict(refused_reasons.most_common()),
+            "chained_at_once": dict(collections.Counter(m["state"] for m in chaos.moves if m.get("chained"))),
+            "chained_failed_reasons": dict(
+                collections.Counter(
+                    _reason_class(m["reason"]) for m in chaos.moves if m.get("chained") and m["state"] != "committed"
+                ).most_common()
+            ),
             "failed_on_a_repeat_move": len(repeat_failed),
             "failed_on_a_repeat_move_reasons": dict(
                 collections.Counter(_reason_class(m["reason"]) for m in repeat_failed).most_common()
@@ -689,6 +701,8 @@ def markdown(result: dict) -> str:
         f"- The router's `ares_migrations_total`: {result['router_migrations']['by_outcome']}.",
         f"- Moves per request (committed): {s['moves_per_request']}; requests moved twice or more: "
         f"{s['requests_moved_twice_or_more']}.",
+        f"- Moves made at once after a commit (the request not yet run a step on its new server): "
+        f"{m['chained_at_once']}; not committed because: {m['chained_failed_reasons']}.",
         f"- Failed moves of a request that had moved before: {m['failed_on_a_repeat_move']} "
         f"({m['failed_on_a_repeat_move_reasons']}).",
         "",
@@ -833,6 +847,7 @@ def main() -> None:
     ap.add_argument("--moves-in-flight", type=int, default=3, help="move calls at once at most")
     ap.add_argument("--repeat-bias", type=float, default=0.6, help="chance to pick a request that moved already")
     ap.add_argument("--back-bias", type=float, default=0.4, help="chance to send a moved request to a server it left")
+    ap.add_argument("--chain-bias", type=float, default=0.15, help="chance to move again at once after a commit")
     ap.add_argument(
         "--stop-gap",
         type=float,
@@ -893,6 +908,7 @@ def main() -> None:
             "moves_in_flight": args.moves_in_flight,
             "repeat_bias": args.repeat_bias,
             "back_bias": args.back_bias,
+            "chain_bias": args.chain_bias,
             "stop_gap_s": list(args.stop_gap),
             "stop_seconds": list(args.stop_seconds),
             "kill_at": args.kill_at,
