@@ -177,6 +177,10 @@ def _http_error(request: web.Request, e: web.HTTPException) -> APIError:
 
 async def serve(config: RouterConfig, ready: Callable[[int], None] | None = None) -> None:
     """Run the router until cancelled; `ready(port)` is called once it listens."""
+    if config.workers > 1:  # one brain and relay workers in processes of their own
+        from ares_router.brain import serve_workers
+
+        return await serve_workers(config, ready)
     router = Router(config)
     runner = web.AppRunner(
         router.build_app(),

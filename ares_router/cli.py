@@ -181,6 +181,13 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     # Fault injection for the tests only: the named migration commands act, their answers are dropped.
     p.add_argument("--ares-test-lose-reply", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="relay worker processes serving the port (SO_REUSEPORT), with one brain process for the poller, policy, "
+        "rebalancer and migration control (ares_router/brain.py); 1: everything in one process",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs latency)")
     return p
@@ -231,6 +238,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         admin_api_key=args.admin_api_key,
         backend_admin_api_key=args.backend_admin_api_key,
         test_lose_replies=tuple(args.ares_test_lose_reply),
+        workers=args.workers,
     )
 
 

@@ -49,6 +49,7 @@ class RouterConfig:
     admin_api_key: str | None = None  # operators' (migrate, flush, pin); None: loopback clients only
     backend_admin_api_key: str | None = None  # the servers' SGLang --admin-api-key (None: `admin_api_key`)
     test_lose_replies: tuple[str, ...] = ()  # fault injection: migration commands whose answers are dropped
+    workers: int = 1  # relay worker processes on the port, with one brain process (`ares_router.brain`); 1: one process
 
     @property
     def backend_headers(self) -> dict[str, str]:
@@ -65,6 +66,8 @@ class RouterConfig:
             raise ValueError("--health-failure-threshold must be >= 1")
         if self.retries < 0:
             raise ValueError("--retries must be >= 0")
+        if self.workers < 1:
+            raise ValueError("--workers must be >= 1")
         if self.admission.reserve_tokens < 0:
             raise ValueError("--reserve-tokens must be >= 0")
         if self.migrate_link not in (known := load_profiles()):
