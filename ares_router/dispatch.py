@@ -26,7 +26,7 @@ from ares_router.config import RouterConfig
 from ares_router.held import HeldQueue
 from ares_router.metrics import RouterMetrics
 from ares_router.migration import InFlight
-from ares_router.policy import HoldRelease, NoHealthyInstance
+from ares_router.policy import HoldRelease, NewRequest, NoHealthyInstance, new_request
 from ares_router.policy.gate import RebalanceGate
 from ares_router.poller import Poller
 from ares_router.protocol import GENERATE, APIError, ParsedRequest, check_model, parse_request
@@ -173,6 +173,14 @@ class Dispatch:
                 self.config.poll_interval_s,
             )
         return queue
+
+    def held_longest(self) -> NewRequest | None:
+        """The request held at the router longest, as the policy sees a new request (for defragmenting moves)."""
+        queue = self.__dict__.get("_held_queue")
+        if queue is None or not queue.queue:
+            return None
+        head = queue.queue[0]
+        return new_request("", head.prompt_tokens, head.max_tokens, self.state.estimator)
 
     async def _hold_while_full(self, parsed: ParsedRequest, pinned: Backend | None) -> None:
         """Late binding (`Policy.hold_when_full`): while no healthy decode server would admit the request on the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import orjson
@@ -18,7 +19,7 @@ from ares_router.config import RouterConfig
 from ares_router.metrics import RouterMetrics
 from ares_router.migration import Commands, InFlight, Migration, MigrationLimits, new_mid, run_migration
 from ares_router.policy import Migration as PolicyMigration
-from ares_router.policy import plan_rebalance
+from ares_router.policy import NewRequest, plan_rebalance
 from ares_router.policy.gate import RebalanceGate
 from ares_router.protocol import APIError
 from ares_router.splice import not_migratable
@@ -41,6 +42,7 @@ class MigrationControl:
     migration_log: list[dict]
     migration_limits: MigrationLimits
     _migration_tasks: set[asyncio.Task]
+    held_longest: Callable[[], NewRequest | None]
 
     async def migrate(self, request: web.Request) -> web.Response:
         """`POST /ares/migrate {"rid", "to"}`: move a running request to another decode server now; answers the
@@ -103,7 +105,8 @@ class MigrationControl:
         while True:
             await asyncio.sleep(self.config.rebalance_interval_s)
             try:
-                proposed = plan_rebalance(self.state.snapshot, self.config.rebalance_policy or self.state.policy)
+                policy = self.config.rebalance_policy or self.state.policy
+                proposed = plan_rebalance(self.state.snapshot, policy, self.held_longest())  # held: defragmenting
                 decodes = self.state.decodes
                 eligible = [rid for rid, f in self.inflight.items() if self._why_not_migratable(f) is None]
                 # The policy names a request by its rid on the server it runs on now; the gate keeps its history

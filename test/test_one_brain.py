@@ -35,6 +35,7 @@ from ares_router.policy import (
     RebalanceGate,
     RebalanceLimits,
     holds,
+    new_request,
     plan_rebalance,
 )
 from ares_router.state import RouterState
@@ -375,3 +376,26 @@ def test_router_and_simulator_release_the_same_held_requests(max_tokens, reserve
         plain.snapshot = plain._build_snapshot(plain.t_stop)
         plain._release_held(plain.t_stop)
         assert len(by_sim) < len(held) - len(plain.held)  # an aged request that fits nowhere holds the rest back
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "reserve", "poll", "admission"), [(2500, 128, 16, "sglang"), ("output", 0, 16, "predictive")]
+)
+def test_router_and_simulator_plan_the_same_defragmenting_moves(max_tokens, reserve, poll, admission):
+    # With requests held, a defragmenting policy's plan for the request held longest (as each body passes it: the
+    # simulator's `_new`, the router's `Dispatch.held_longest`, i.e. `new_request` with the shared estimator) is
+    # the same in both bodies, and on these states it moves something.
+    sim = _sim_stopped_at_poll("ares_hold_defrag", max_tokens, reserve, poll, admission)
+    assert sim.held
+    router = _router_fed_from(sim)
+    sim.snapshot = sim._build_snapshot(sim.t_stop)
+    head = sim.held[0]
+    m = sim.col_max_new[head.i]
+    by_sim = plan_rebalance(sim.snapshot, sim.policy, sim._new(head))
+    held = new_request("", head.prompt, None if math.isnan(m) else int(m), router.estimator)
+    by_router = plan_rebalance(router.snapshot, router.policy, held)
+    assert [(x.request_id, x.source, x.target) for x in by_sim] == [
+        (x.request_id, x.source, x.target) for x in by_router
+    ]
+    defrag = sim.policy.defragmenter.plan(sim.snapshot, sim._new(head))
+    assert defrag and by_sim[: len(defrag)] == defrag  # the defragmenting moves first

@@ -14,6 +14,7 @@ Shape (after Llumnix's global scheduler), one module per concern:
                -> `InstanceState`; and `new_request`, the one output estimate at dispatch (`OutputEstimator`).
 - `dispatch`   admission filter -> placement policies (`DISPATCHERS`), one `dispatch` method each.
 - `rebalance`  filter -> pair -> choose request (`Rebalancer` and its parts; `REBALANCERS`).
+- `defrag`     defragmenting moves: make one instance admit the request held longest (`Defragmenter`).
 - `gate`       which proposed migrations start (`RebalanceGate`, `RebalanceLimits`): limits, cooldowns,
                confirmation rounds, back-off; fed each move's end.
 - `hold`       which requests held at the router go now (`HoldRelease`: first fit, with aging).
@@ -37,6 +38,7 @@ from ares_router.policy.assemble import (
     assemble_instance,
     new_request,
 )
+from ares_router.policy.defrag import Defragmenter
 from ares_router.policy.dispatch import (
     DISPATCHERS,
     LeastKVDispatch,
@@ -79,6 +81,7 @@ __all__ = [
     "Admission",
     "ClusterSnapshot",
     "DecodeLoad",
+    "Defragmenter",
     "HalfGapChooser",
     "HoldRelease",
     "InstanceState",

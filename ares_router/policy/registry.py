@@ -8,6 +8,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from ares_router.policy.defrag import Defragmenter
 from ares_router.policy.dispatch import DISPATCHERS, Dispatcher
 from ares_router.policy.rebalance import REBALANCERS, NoRebalance, RebalancePolicy
 from ares_router.policy.snapshot import ClusterSnapshot, Migration, NewRequest
@@ -25,6 +26,9 @@ class Policy:
     # Late binding: while no healthy instance would admit a new request now, the router keeps it and places it
     # once one does (oldest first, first fit), instead of committing it to one server's prealloc queue (`holds`).
     hold_when_full: bool = False
+    # Defragmenting moves (`defrag.Defragmenter`): when the request held longest fits on no instance, move running
+    # requests so that one instance admits it (`plan_rebalance` with `held`). None: no such moves.
+    defragmenter: Defragmenter | None = None
 
     @property
     def rebalances(self) -> bool:
@@ -32,8 +36,11 @@ class Policy:
         return not isinstance(self.rebalancer, NoRebalance)
 
 
-def _policy(name: str, dispatcher: str, rebalancer: str, **flags: bool) -> Callable[[], Policy]:
-    return lambda: Policy(name, DISPATCHERS[dispatcher](), REBALANCERS[rebalancer](), **flags)
+def _policy(name: str, dispatcher: str, rebalancer: str, defrag: bool = False, **flags: bool) -> Callable[[], Policy]:
+    return lambda: Policy(
+        name, DISPATCHERS[dispatcher](), REBALANCERS[rebalancer](), defragmenter=Defragmenter() if defrag else None,
+        **flags,
+    )  # fmt: skip
 
 
 # Adding a policy is one line here (its parts, if new, one line in DISPATCHERS / REBALANCERS).
@@ -51,6 +58,10 @@ POLICIES: Mapping[str, Callable[[], Policy]] = MappingProxyType(
         # late binding (kept at the router while every instance is full), with and without prediction
         "ares_hold": _policy("ares_hold", "predicted_peak", "predicted", hold_when_full=True),
         "current_migrate_hold": _policy("current_migrate_hold", "least_kv", "current_load", hold_when_full=True),
+        # late binding with prediction, plus defragmenting moves for the request held longest
+        "ares_hold_defrag": _policy(
+            "ares_hold_defrag", "predicted_peak", "predicted", defrag=True, hold_when_full=True
+        ),
     }
 )
 
@@ -94,6 +105,16 @@ def holds(snapshot: ClusterSnapshot, request: NewRequest, policy: str | Policy =
     return healthy.size > 0 and not snapshot.admits(request, healthy).any()
 
 
-def plan_rebalance(snapshot: ClusterSnapshot, policy: str | Policy = "ares") -> list[Migration]:
-    """Migrations the policy wants now (`source`/`target` are indices into `snapshot.instances`)."""
-    return get_policy(policy).rebalancer.plan(snapshot)
+def plan_rebalance(
+    snapshot: ClusterSnapshot, policy: str | Policy = "ares", held: NewRequest | None = None
+) -> list[Migration]:
+    """Migrations the policy wants now (`source`/`target` are indices into `snapshot.instances`). `held`: the
+    request the router has held longest (late binding), if any: a policy with a defragmenter first plans the moves
+    that let one instance admit it (`defrag.Defragmenter`), then its rebalancer's moves of other requests."""
+    pol = get_policy(policy)
+    moves = pol.rebalancer.plan(snapshot)
+    if held is None or pol.defragmenter is None:
+        return moves
+    defrag = pol.defragmenter.plan(snapshot, held)
+    taken = {m.request_id for m in defrag}
+    return [*defrag, *(m for m in moves if m.request_id not in taken)]

@@ -29,6 +29,7 @@ from ares_router.policy import (
     holds,
     new_request,
     place,
+    plan_rebalance,
 )
 
 from .events import _POLL
@@ -239,7 +240,9 @@ class RouterView:
         if len(self.decode) <= self.cfg.record_kv_instances:
             self.kv_frac.append(frac)
         if self.rebalances and len(self.kv_times) % self.cfg.rebalance_every == 0:
-            proposed = self.policy.rebalancer.plan(snap)
+            # the request held longest, for a policy that defragments (as the router passes its own)
+            held = self._new(self.held[0]) if self.held and self.policy.defragmenter is not None else None
+            proposed = plan_rebalance(snap, self.policy, held)
             if self.gate is None:
                 for m in proposed:
                     self._start_migration(t, m.request_id, m.source, m.target)
