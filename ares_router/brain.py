@@ -21,6 +21,7 @@ import asyncio
 import logging
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -344,7 +345,11 @@ async def _supervise(brain: Brain, rundir: Path) -> None:
     while True:
         await asyncio.sleep(SUPERVISE_INTERVAL_S)
         for link in brain.links.values():
-            if link.proc is not None and link.proc.poll() is not None and not brain.stopping:
+            # A worker ends cleanly (0) only when told to (SIGTERM, from the brain or from whoever stops the router's
+            # process group): only a crash (an error, a signal it does not handle) is restarted.
+            if link.proc is None or link.proc.poll() is None or link.proc.returncode in (0, -signal.SIGTERM):
+                continue
+            if not brain.stopping:
                 log.error("worker %d (pid %s) exited with %s; starting it again", link.index, link.proc.pid,
                           link.proc.returncode)  # fmt: skip
                 link.proc = _spawn(rundir, link.index)
@@ -369,7 +374,7 @@ async def serve_workers(config: RouterConfig, ready: Callable[[int], None] | Non
     """Run the brain and `config.workers` relay workers until cancelled; `ready(port)` once all of them listen."""
     rundir = Path(tempfile.mkdtemp(prefix="ares-router-"))  # mode 0700: only this user reaches the brain
     brain = Brain(config, config.workers)
-    runner = web.AppRunner(brain.build_app(), handler_cancellation=True)
+    runner = web.AppRunner(brain.build_app(), handler_cancellation=True, access_log=log if config.access_log else None)
     reserve = reuseport_socket(config.host, config.port)  # the port, before any worker: 0 picks a free one
     port = reserve.getsockname()[1]
     server = None

@@ -18,8 +18,13 @@ process (`router_loopback.HttpConn`). Phases, each for both routers in turn:
 5. poll: `router_poll_bench.py` at 256 instances (schema 2), for the poll-cost target;
 6. profile (`--profile-seconds`, ARES only): py-spy samples the ARES router under the 64-client stream load; the
    collapsed stacks are kept and summarised (self time by function, inclusive time by module) in the markdown.
+7. workers (`--workers 1,2,4`): an ARES router of its own per worker count (`--workers N`: one brain process and N
+   relay workers on the port; 1 is the single-process router) under 64 closed-loop clients, stream and non-stream:
+   requests per second and CPU per request of the whole router (brain + workers, /proc), with the backend's and
+   the client's CPU share beside them (on 2 cores they compete with the router). `--workers-only` runs just this
+   phase and merges it into the existing JSON (its own command, commit and load average recorded with it).
 
-Every issue-21 target gets a `met` flag in the JSON (null where this run cannot tell, e.g. the workers target).
+Every issue-21 target gets a `met` flag in the JSON (null where this run cannot tell).
 The machine is shared: the load average before and after each phase is recorded.
 
 Writes benchmark/results/router_vs_sglang.{json,md,png} (+ _profile.txt). Run: `python
@@ -297,6 +302,78 @@ def poll_cost(args: argparse.Namespace, logs: Path) -> dict | None:
     }
 
 
+async def workers_phase(args: argparse.Namespace, prefill: str, decode: str, backend_pid: int, logs: Path) -> dict:
+    """ARES at each of `args.workers` worker counts, one router at a time on the same backend: throughput and CPU
+    per request of the whole router process tree (brain + workers) at `args.workers_clients` clients."""
+    rows = []
+    for n in args.workers:
+        port = free_ports(1)[0]
+        argv = router_argv("ares", prefill, decode, port, args) + (["--workers", str(n)] if n > 1 else [])
+        proc = subprocess.Popen(argv, start_new_session=True, stdout=open(logs / f"ares-workers{n}.log", "wb"),  # noqa: SIM115
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        url = f"http://{HOST}:{port}"
+        try:
+            await asyncio.to_thread(wait_http, url + "/health", 120, proc)
+            await _ready(url)
+            await asyncio.sleep(1.0)
+            for stream in (False, True):
+                b0, t0 = cpu_seconds(backend_pid), time.monotonic()
+                r = await closed_loop(url, proc.pid, args.workers_clients, stream, args.duration, args.warmup_s)
+                r["backend_cpu_share"] = (cpu_seconds(backend_pid) - b0) / (time.monotonic() - t0)
+                r["workers"], r["loadavg"] = n, loadavg()
+                rows.append(r)
+                log(f"ARES --workers {n}, {args.workers_clients} clients {'stream' if stream else 'non-stream'}: "
+                    f"{r['req_per_s']:.0f} req/s, {_num(r['router_cpu_ms_per_request'], 3)} ms CPU/request, router "
+                    f"{r['router_cpu_share']:.0%} of a core, backend {r['backend_cpu_share']:.0%}, client "
+                    f"{r['client_cpu_share']:.0%}, errors {r['errors']}")  # fmt: skip
+        finally:
+            stop(proc)
+    return {"clients": args.workers_clients, "rows": rows}
+
+
+def workers_target(w: dict | None) -> dict:
+    """`2 workers >= 1.7x one worker` (throughput at the phase's clients, stream and non-stream both)."""
+    if not w:
+        return {"met": None, "note": "not measured in this run (--workers)"}
+    by = {(r["workers"], r["stream"]): r for r in w["rows"]}
+    cases = []
+    for stream in (False, True):
+        one, two = by.get((1, stream)), by.get((2, stream))
+        if one and two and one["req_per_s"]:
+            ratio = two["req_per_s"] / one["req_per_s"]
+            cases.append({"stream": stream, "one_req_per_s": one["req_per_s"], "two_req_per_s": two["req_per_s"],
+                          "ratio": ratio, "met": ratio >= 1.7})  # fmt: skip
+    return {"clients": w["clients"], "cores": os.cpu_count(), "cases": cases,
+            "met": all(c["met"] for c in cases) if cases else None}  # fmt: skip
+
+
+def run_workers_only(args: argparse.Namespace) -> int:
+    """`--workers-only`: the workers phase alone, merged into the existing results (targets and report redone)."""
+    path = OUT / "router_vs_sglang.json"
+    doc = json.loads(path.read_text())
+    logs = Path(tempfile.mkdtemp(prefix="ares-router-workers-"))
+    log(f"logs in {logs}")
+    pp, dp = free_ports(2)
+    backend = start_backend(pp, dp, 16, 0.1, logs / "backend.log")
+    t0, before = time.time(), loadavg()
+    try:
+        wait_http(f"http://{HOST}:{dp}/health", proc=backend)
+        w = asyncio.run(workers_phase(args, f"http://{HOST}:{pp}", f"http://{HOST}:{dp}", backend.pid, logs))
+    finally:
+        stop(backend)
+    w.update(command=" ".join(["python", "benchmark/router_vs_sglang.py", *sys.argv[1:]]), git=record(ROOT),
+             loadavg_before=before, loadavg_after=loadavg(), wall_s=time.time() - t0, duration=args.duration,
+             warmup_s=args.warmup_s, machine=f"{platform.machine()}, {os.cpu_count()} CPUs")  # fmt: skip
+    doc["workers"] = w
+    doc["targets"] = targets_met(doc)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    md = markdown(doc)
+    (OUT / "router_vs_sglang.md").write_text(md)
+    plot(doc, OUT / "router_vs_sglang.png")
+    print(md)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Profile
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,7 +493,7 @@ def targets_met(doc: dict) -> dict:
         "failed": big[0]["failed"] if big else None,
         "met": (gap is not None and gap <= 100.0 and not big[0]["failed"]) if big else None,
     }
-    out["two_workers_ge_1_7x_one"] = {"met": None, "note": "the router has no --workers yet (issue 21, item 4)"}
+    out["two_workers_ge_1_7x_one"] = workers_target(doc.get("workers"))
     return out
 
 
@@ -466,6 +543,7 @@ def markdown(doc: dict) -> str:
           "## Idle CPU", "", "| router | ms of CPU per second |", "|---|---:|"]  # fmt: skip
     for k, v in doc["idle_cpu_ms_per_s"].items():
         L.append(f"| {k} | {v:.1f} |")
+    L += workers_markdown(doc.get("workers"))
     L += ["", f"## Paced streams ({cfg['stream_tokens']} events at 10 tok/s each, started over "
           f"{cfg['stream_spread_s']} s)", "",
           "| streams | path | max gap beyond the backend's (ms) | per-stream max gap p50 / p99 (ms) | max gap seen "
@@ -507,6 +585,29 @@ def markdown(doc: dict) -> str:
     if doc.get("profile_notes"):
         L += ["### Where the time went", "", doc["profile_notes"], ""]
     return "\n".join(L) + "\n"
+
+
+def workers_markdown(w: dict | None) -> list[str]:
+    """The workers phase as a table (nothing when it did not run)."""
+    if not w:
+        return []
+    L = ["", f"## ARES with relay workers (`--workers N`, {w['clients']} clients)", ""]
+    if w.get("command"):
+        L += [f"`{w['command']}` at commit `{w['git']['commit'][:12]}`{DIRTY if w['git'].get('dirty') else ''}, "
+              f"load average before {w['loadavg_before']}, after {w['loadavg_after']}; {w['duration']} s per row "
+              f"after {w['warmup_s']} s of warm-up.", ""]  # fmt: skip
+    L += ["| workers | request | req/s | latency p50 / p99 (ms) | router CPU/request (ms) | router CPU share | "
+          "backend CPU share | client CPU share | errors |", "|---:|---|---:|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in w["rows"]:
+        L.append(
+            f"| {r['workers']} | {'stream' if r['stream'] else 'non-stream'} | {r['req_per_s']:.0f} | "
+            f"{r['latency_ms']['p50']:.1f} / {r['latency_ms']['p99']:.1f} | {_num(r['router_cpu_ms_per_request'], 3)} "
+            f"| {r['router_cpu_share']:.0%} | {r['backend_cpu_share']:.0%} | {r['client_cpu_share']:.0%} | "
+            f"{r['errors'] or ''} |"
+        )
+    L += ["", "1 worker is the single-process router; N >= 2 is one brain process and N relay workers on one port "
+          "(CPU of the whole process tree). Router, backend and client share the machine's cores.", ""]  # fmt: skip
+    return L
 
 
 def _rounded(x: object) -> object:
@@ -636,6 +737,13 @@ def main() -> int:
     p.add_argument("--ares-policy", default="ares")
     p.add_argument("--profile-seconds", type=float, default=15.0, help="py-spy on ARES (0: no profile)")
     p.add_argument("--skip-poll", action="store_true", help="no poll-cost phase (its target is then not judged)")
+    p.add_argument("--workers", default="1,2,4", help="ARES --workers counts to measure (empty: no workers phase)")
+    p.add_argument("--workers-clients", type=int, default=64, help="workers phase: closed-loop clients")
+    p.add_argument(
+        "--workers-only",
+        action="store_true",
+        help="run only the workers phase and merge it into the existing router_vs_sglang.json (targets redone)",
+    )
     p.add_argument("--poll-cycles", type=int, default=50)
     p.add_argument("--poll-live-seconds", type=float, default=5.0)
     p.add_argument(
@@ -661,6 +769,7 @@ def main() -> int:
         args.stream_tokens, args.profile_seconds, args.poll_cycles, args.poll_live_seconds = 30, 8.0, 20, 3.0
     args.clients = [int(x) for x in str(args.clients).split(",") if x]
     args.streams = [int(x) for x in str(args.streams).split(",") if x]
+    args.workers = [int(x) for x in str(args.workers).split(",") if x]
     if args.stream_tokens <= INSTANT_MAX_TOKENS:
         p.error(f"--stream-tokens must be above {INSTANT_MAX_TOKENS} (the backend paces only those)")
     raise_nofile()
@@ -670,6 +779,8 @@ def main() -> int:
         uvloop.install()
     except ImportError:
         pass
+    if args.workers_only:
+        return run_workers_only(args)
     t0 = time.time()
     doc: dict = {
         "command": " ".join(["python", "benchmark/router_vs_sglang.py", *sys.argv[1:]]),
@@ -695,6 +806,12 @@ def main() -> int:
         for kind in ROUTERS:
             wait_http(urls[kind] + "/health", timeout_s=120, proc=procs[kind])
         doc.update(asyncio.run(run(args, urls, {k: p.pid for k, p in procs.items()}, logs)))
+        for proc in procs.values():  # the workers phase starts its own ARES routers
+            stop(proc)
+        procs = {}
+        if args.workers:
+            doc["workers"] = asyncio.run(workers_phase(args, f"http://{HOST}:{pp}", f"http://{HOST}:{dp}",
+                                                       backend.pid, logs))  # fmt: skip
     finally:
         for proc in procs.values():
             stop(proc)
