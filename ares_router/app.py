@@ -177,10 +177,12 @@ def _http_error(request: web.Request, e: web.HTTPException) -> APIError:
 
 async def serve(config: RouterConfig, ready: Callable[[int], None] | None = None) -> None:
     """Run the router until cancelled; `ready(port)` is called once it listens."""
-    if config.workers > 1:  # one brain and relay workers in processes of their own
-        from ares_router.brain import serve_workers
+    if config.relay_of or config.workers != 1 or config.brain_listen:  # brain and relays in processes of their own
+        from ares_router import multiproc
 
-        return await serve_workers(config, ready)
+        if config.relay_of:
+            return await multiproc.serve_relays(config, ready)
+        return await multiproc.serve_brain(config, ready)
     router = Router(config)
     runner = web.AppRunner(
         router.build_app(),

@@ -18,35 +18,27 @@ shows the whole router.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-import pickle
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from ares_router.admin import json_response
 from ares_router.app import Router
-from ares_router.brain_channel import Channel, ChannelClosed, RemoteError, serve
+from ares_router.brain_channel import Channel, ChannelClosed, RemoteError
 from ares_router.config import RouterConfig
 from ares_router.migration import Hop
 from ares_router.protocol import ParsedRequest
 from ares_router.state import Backend
-from ares_router.workers import CHANNEL_SOCKET, CONFIG_FILE, HTTP_SOCKET, reuseport_socket
+from ares_router.workers import HTTP_SOCKET
 
 log = logging.getLogger("ares_router.brain")
-
-WORKER_START_TIMEOUT_S = 120.0
-SUPERVISE_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -105,9 +97,11 @@ class WorkerLink:
     """One worker as the brain knows it."""
 
     index: int
-    proc: subprocess.Popen | None = None
+    remote: bool = False  # a relay of another host (`--relay-of`)
+    proc: subprocess.Popen | None = None  # this host's workers: the process the brain started
     channel: Channel | None = None
     pid: int | None = None
+    host: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     dispatched: int = 0
     starts: int = 0  # times this worker was started (restarts after a crash add one)
@@ -161,15 +155,29 @@ def _family(name: str, doc: str, kind: str, values: dict[tuple, float]) -> Metri
 class Brain(Router):
     """The router's decisions for N relay workers (module docstring)."""
 
-    def __init__(self, config: RouterConfig, n_workers: int):
+    def __init__(self, config: RouterConfig, n_workers: int, rundir: Path | None = None):
         super().__init__(config)
-        self.links = {i: WorkerLink(i) for i in range(n_workers)}
+        self.links = {i: WorkerLink(i) for i in range(n_workers)}  # this host's; relays of other hosts join later
+        self.rundir = rundir
         self.stopping = False
         self.handlers = {
-            "ready": self._on_ready, "choose": self._on_choose, "models": self._on_models, "start": self._on_start,
-            "end": self._on_end, "tokens": self._on_tokens, "moved": self._on_moved, "failed": self._on_failed,
-            "head": self._on_head,
+            "hello": self._on_hello, "listening": self._on_listening, "choose": self._on_choose,
+            "models": self._on_models, "start": self._on_start, "end": self._on_end, "tokens": self._on_tokens,
+            "moved": self._on_moved, "failed": self._on_failed, "head": self._on_head, "http": self._on_http,
         }  # fmt: skip
+        self._self_http: aiohttp.ClientSession | None = None  # to the brain's own HTTP socket (forwarded calls)
+
+    def link_for(self, channel: Channel, msg: dict, remote: bool) -> int:
+        """The index of the worker that says `hello` on `channel`: its own for this host's workers, the next free
+        one for a relay of another host."""
+        if remote:
+            index = max(self.links, default=-1) + 1
+            self.links[index] = WorkerLink(index, remote=True)
+        else:
+            index = int(msg["x"])
+        link = self.links[index]
+        link.channel, link.pid, link.host = channel, msg.get("pid"), msg.get("host")
+        return index
 
     # -- HTTP ----------------------------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
@@ -190,14 +198,41 @@ class Brain(Router):
             body=merge_metrics(self.metrics.registry, parts), headers={"Content-Type": "text/plain; version=0.0.4"}
         )
 
+    async def _on_startup(self, app: web.Application) -> None:
+        await super()._on_startup(app)
+        if self.rundir is not None:
+            self._self_http = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(self.rundir / HTTP_SOCKET)),
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=False,
+            )
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._self_http is not None:
+            await self._self_http.close()
+        await super()._on_cleanup(app)
+
+    async def _on_http(self, msg: dict) -> dict:
+        """A worker's forwarded request (any path but generation), through the brain's own HTTP app."""
+        assert self._self_http is not None
+        headers = {"X-Request-Id": msg["rid"]}
+        if msg["ct"]:
+            headers["Content-Type"] = msg["ct"]
+        async with self._self_http.request(
+            msg["m"], "http://brain" + msg["p"], data=msg["b"].encode("latin-1"), headers=headers
+        ) as r:
+            body = await r.read()
+            return {"s": r.status, "ct": r.headers.get("Content-Type", "application/json"), "b": body.decode("latin-1")}
+
     async def workers_list(self, request: web.Request) -> web.Response:
         """`GET /ares/workers`: each relay worker, its process, whether it is connected, requests it sent."""
         inflight: dict[int, int] = {}
         for f in self.inflight.values():
             inflight[f.worker] = inflight.get(f.worker, 0) + 1
         rows = [
-            {"worker": k.index, "pid": k.pid, "connected": k.channel is not None and not k.channel.closed,
-             "dispatched": k.dispatched, "inflight": inflight.get(k.index, 0), "starts": k.starts}
+            {"worker": k.index, "host": k.host, "pid": k.pid, "remote": k.remote,
+             "connected": k.channel is not None and not k.channel.closed, "dispatched": k.dispatched,
+             "inflight": inflight.get(k.index, 0), "starts": k.starts}
             for k in self.links.values()
         ]  # fmt: skip
         return json_response({"workers": rows})
@@ -224,10 +259,11 @@ class Brain(Router):
         return RemoteMigration(rec)
 
     # -- the channel --------------------------------------------------------------------------------------------------
-    def _on_ready(self, msg: dict) -> None:
-        link = self.links[int(msg["x"])]
-        link.pid = msg.get("pid")
-        link.ready.set()
+    def _on_hello(self, msg: dict) -> dict:
+        return {"index": msg["_w"]}  # `_Tagging` checked the key and numbered the worker
+
+    def _on_listening(self, msg: dict) -> None:
+        self.links[int(msg["_w"])].ready.set()
 
     def _link_of(self, channel: Channel) -> WorkerLink | None:
         return next((k for k in self.links.values() if k.channel is channel), None)
@@ -313,102 +349,30 @@ class Brain(Router):
         for rid, f in list(self.inflight.items()):
             if f.worker == link.index:  # type: ignore[attr-defined]
                 self._forget(rid, f.backend_rid)
+        if link.remote:
+            del self.links[link.index]  # a relay of another host that comes back says hello again
         if not self.stopping:
-            log.warning("worker %d disconnected", link.index)
+            log.warning("worker %d (%s pid %s) disconnected", link.index, link.host, link.pid)
 
 
 class _Tagging(Channel):
-    """The brain's end of one worker's channel: tags each message with the worker's index (from its `ready`), so
-    handlers know who sent it, and links the channel to that worker."""
+    """The brain's end of one worker's channel. Its first message must be `hello` (with the shared key over TCP);
+    then each message is tagged with the worker's index (`_w`), so handlers know who sent it."""
 
-    def __init__(self, brain: Brain):
+    def __init__(self, brain: Brain, tcp: bool):
         super().__init__(brain.handlers, brain._on_lost, "brain")
         self.brain = brain
+        self.tcp = tcp
         self.worker: int | None = None
 
     def _dispatch(self, msg: dict) -> None:
-        if msg.get("k") == "ready":
-            self.worker = int(msg["x"])
-            self.brain.links[self.worker].channel = self
+        if self.worker is None:
+            key = self.brain.config.brain_key or ""
+            if msg.get("k") != "hello" or (self.tcp and not hmac.compare_digest(str(msg.get("key") or ""), key)):
+                log.warning("channel: a connection's first message was not a hello with the key; dropped")
+                self.close()
+                return
+            self.worker = self.brain.link_for(self, msg, remote=bool(msg.get("remote")))
             self.name = f"brain-w{self.worker}"
         msg["_w"] = self.worker
         super()._dispatch(msg)
-
-
-def _spawn(rundir: Path, index: int) -> subprocess.Popen:
-    """Start worker `index` (same process group as the brain: stopping the router's group stops it too)."""
-    return subprocess.Popen([sys.executable, "-m", "ares_router.workers", str(rundir), str(index)])
-
-
-async def _supervise(brain: Brain, rundir: Path) -> None:
-    """Restart a worker that exited while the router runs (its requests ended with it; the brain forgot them)."""
-    while True:
-        await asyncio.sleep(SUPERVISE_INTERVAL_S)
-        for link in brain.links.values():
-            # A worker ends cleanly (0) only when told to (SIGTERM, from the brain or from whoever stops the router's
-            # process group): only a crash (an error, a signal it does not handle) is restarted.
-            if link.proc is None or link.proc.poll() is None or link.proc.returncode in (0, -signal.SIGTERM):
-                continue
-            if not brain.stopping:
-                log.error("worker %d (pid %s) exited with %s; starting it again", link.index, link.proc.pid,
-                          link.proc.returncode)  # fmt: skip
-                link.proc = _spawn(rundir, link.index)
-                link.starts += 1
-
-
-async def _stop_workers(brain: Brain) -> None:
-    brain.stopping = True
-    procs = [k.proc for k in brain.links.values() if k.proc is not None and k.proc.poll() is None]
-    for p in procs:
-        p.terminate()
-    deadline = time.monotonic() + 10.0
-    for p in procs:
-        try:
-            await asyncio.to_thread(p.wait, max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            await asyncio.to_thread(p.wait)
-
-
-async def serve_workers(config: RouterConfig, ready: Callable[[int], None] | None = None) -> None:
-    """Run the brain and `config.workers` relay workers until cancelled; `ready(port)` once all of them listen."""
-    rundir = Path(tempfile.mkdtemp(prefix="ares-router-"))  # mode 0700: only this user reaches the brain
-    brain = Brain(config, config.workers)
-    runner = web.AppRunner(brain.build_app(), handler_cancellation=True, access_log=log if config.access_log else None)
-    reserve = reuseport_socket(config.host, config.port)  # the port, before any worker: 0 picks a free one
-    port = reserve.getsockname()[1]
-    server = None
-    supervisor = None
-    try:
-        await runner.setup()
-        await web.UnixSite(runner, str(rundir / HTTP_SOCKET)).start()
-        server = await serve(str(rundir / CHANNEL_SOCKET), lambda: _Tagging(brain))
-        (rundir / CONFIG_FILE).write_bytes(pickle.dumps(replace(config, port=port)))
-        for link in brain.links.values():
-            link.proc = _spawn(rundir, link.index)
-            link.starts = 1
-        supervisor = asyncio.create_task(_supervise(brain, rundir))
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(k.ready.wait() for k in brain.links.values())), WORKER_START_TIMEOUT_S
-            )
-        except asyncio.TimeoutError:
-            raise RuntimeError(f"relay workers not listening after {WORKER_START_TIMEOUT_S:.0f} s") from None
-        reserve.close()  # the workers hold the port now
-        log.info("ARES router listening on http://%s:%d (%d relay workers, brain pid in this process)",
-                 config.host, port, config.workers)  # fmt: skip
-        if ready is not None:
-            ready(port)
-        await asyncio.Event().wait()
-    finally:
-        if supervisor is not None:
-            supervisor.cancel()
-        await _stop_workers(brain)
-        reserve.close()
-        if server is not None:
-            server.close()
-        await runner.cleanup()
-        shutil.rmtree(rundir, ignore_errors=True)
-
-
-__all__ = ["Brain", "RemoteFlight", "merge_metrics", "serve_workers"]

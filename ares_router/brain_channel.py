@@ -1,5 +1,6 @@
-"""The local channel between a multi-process router's brain and its relay workers (`ares_router.brain`,
-`ares_router.workers`): one unix-socket connection per worker, messages both ways.
+"""The channel between a multi-process router's brain and its relay workers (`ares_router.brain`,
+`ares_router.workers`): one connection per worker (a unix socket on the brain's host, TCP from a relay host),
+messages both ways.
 
 Wire: each message is a 4-byte big-endian length and an orjson object. `"k"` names the message kind; a message
 with an id `"i"` is a call and gets exactly one reply (`"k": "~"`, the same `"i"`, and `"v"`: the handler's value,
@@ -217,18 +218,36 @@ class Channel(asyncio.Protocol):
         self._send({"k": REPLY, "i": i, "e": str(message), "s": status if isinstance(status, int) else None})
 
 
-async def serve(path: str, handlers: Callable[[], Channel]) -> asyncio.AbstractServer:
-    """Listen on the unix socket `path`; `handlers()` makes the `Channel` of each connection."""
-    return await asyncio.get_running_loop().create_unix_server(handlers, path)
+def host_port(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (an IPv6 host in brackets) as (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
 
 
-async def connect(path: str, channel: Channel, timeout_s: float = 30.0) -> Channel:
-    """Connect `channel` to the unix socket `path`, retrying until it listens (at most `timeout_s`)."""
+async def serve(address: str, factory: Callable[[], Channel]) -> asyncio.AbstractServer:
+    """Listen on `address` (a unix socket path, or `HOST:PORT` for TCP); `factory()` makes each connection's
+    `Channel`."""
+    loop = asyncio.get_running_loop()
+    if address.startswith("/"):
+        return await loop.create_unix_server(factory, address)
+    host, port = host_port(address)
+    return await loop.create_server(factory, host, port, reuse_address=True)
+
+
+async def connect(address: str, channel: Channel, timeout_s: float = 30.0) -> Channel:
+    """Connect `channel` to `address` (a unix socket path, or `HOST:PORT`), retrying until it listens (at most
+    `timeout_s`). TCP connections have TCP_NODELAY (asyncio's default): a call is one small frame each way."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
         try:
-            await loop.create_unix_connection(lambda: channel, path)
+            if address.startswith("/"):
+                await loop.create_unix_connection(lambda: channel, address)
+            else:
+                host, port = host_port(address)
+                await loop.create_connection(lambda: channel, host, port)
             return channel
         except (FileNotFoundError, ConnectionRefusedError):
             if loop.time() > deadline:

@@ -188,6 +188,20 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="relay worker processes serving the port (SO_REUSEPORT), with one brain process for the poller, policy, "
         "rebalancer and migration control (ares_router/brain.py); 1: everything in one process",
     )
+    p.add_argument(
+        "--brain-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="also take relay workers of other hosts (started with --relay-of) on this TCP address; needs --brain-key",
+    )
+    p.add_argument(
+        "--relay-of",
+        default=None,
+        metavar="HOST:PORT",
+        help="run --workers relay workers on --port for the brain at HOST:PORT (no brain here); the same server flags "
+        "as the brain's; needs --brain-key",
+    )
+    p.add_argument("--brain-key", default=None, help="the key a brain and its relay workers share over TCP")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs latency)")
     return p
@@ -239,6 +253,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         backend_admin_api_key=args.backend_admin_api_key,
         test_lose_replies=tuple(args.ares_test_lose_reply),
         workers=args.workers,
+        brain_listen=args.brain_listen,
+        relay_of=args.relay_of,
+        brain_key=args.brain_key,
     )
 
 

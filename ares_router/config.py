@@ -50,6 +50,9 @@ class RouterConfig:
     backend_admin_api_key: str | None = None  # the servers' SGLang --admin-api-key (None: `admin_api_key`)
     test_lose_replies: tuple[str, ...] = ()  # fault injection: migration commands whose answers are dropped
     workers: int = 1  # relay worker processes on the port, with one brain process (`ares_router.brain`); 1: one process
+    brain_listen: str | None = None  # HOST:PORT where the brain takes relay workers of other hosts (TCP, brain_key)
+    relay_of: str | None = None  # HOST:PORT of a brain: this process runs `workers` relay workers for it, no brain
+    brain_key: str | None = None  # shared key of a brain and its relay workers over TCP
 
     @property
     def backend_headers(self) -> dict[str, str]:
@@ -66,8 +69,12 @@ class RouterConfig:
             raise ValueError("--health-failure-threshold must be >= 1")
         if self.retries < 0:
             raise ValueError("--retries must be >= 0")
-        if self.workers < 1:
-            raise ValueError("--workers must be >= 1")
+        if self.workers < (0 if self.brain_listen else 1):
+            raise ValueError("--workers must be >= 1 (0 only with --brain-listen: a brain whose relays are elsewhere)")
+        if (self.brain_listen or self.relay_of) and not self.brain_key:
+            raise ValueError("--brain-listen and --relay-of need --brain-key (the brain and its relays share it)")
+        if self.brain_listen and self.relay_of:
+            raise ValueError("--brain-listen (a brain) and --relay-of (relays of another brain) exclude each other")
         if self.admission.reserve_tokens < 0:
             raise ValueError("--reserve-tokens must be >= 0")
         if self.migrate_link not in (known := load_profiles()):

@@ -33,7 +33,6 @@ import socket
 import sys
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
@@ -51,7 +50,7 @@ from ares_router.state import Backend, Tracked
 log = logging.getLogger("ares_router.worker")
 
 CHANNEL_SOCKET = "brain.sock"  # in the run directory: the channel
-HTTP_SOCKET = "brain.http"  # the brain's HTTP (admin) app
+HTTP_SOCKET = "brain.http"  # the brain's HTTP (admin) app, which the brain forwards the workers' admin calls to
 CONFIG_FILE = "config.pkl"
 WORKER_HEADER = "X-Ares-Worker"  # every answer names the worker that served it
 
@@ -143,7 +142,6 @@ class RelayWorker(Router):
         self.metrics = RouterMetrics(self.state)  # type: ignore[arg-type] - only its counters/histograms are read
         self.poller = _Models(self.state)  # type: ignore[assignment]
         self.client: PDClient | None = None
-        self.brain_http: aiohttp.ClientSession | None = None
         self.inflight: dict[str, InFlight] = {}
         self.hop_rids: dict[str, str] = {}
         self.client_rids: dict[str, str] = {}
@@ -176,11 +174,6 @@ class RelayWorker(Router):
 
     async def _on_startup(self, app: web.Application) -> None:
         self.client = PDClient.create(self.config.connect_timeout_s, self.config.request_timeout_s)
-        self.brain_http = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(self.rundir / HTTP_SOCKET)),
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-        )
         self._reporter = asyncio.create_task(self._report_tokens())
 
     async def _on_cleanup(self, app: web.Application) -> None:
@@ -188,24 +181,18 @@ class RelayWorker(Router):
             self._reporter.cancel()
         if self.client is not None:
             await self.client.close()
-        if self.brain_http is not None:
-            await self.brain_http.close()
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
-        """Any path but generation: the brain's answer, status, type and body unchanged."""
-        assert self.brain_http is not None
-        headers = {"X-Request-Id": request[RID]}
-        if request.content_type:
-            headers["Content-Type"] = request.content_type
+        """Any path but generation, answered by the brain (over the channel: the same from another host): its
+        status, type and body unchanged."""
+        assert self.state.channel is not None
+        fields = {"m": request.method, "p": request.path_qs, "rid": request[RID], "ct": request.content_type,
+                  "b": (await request.read()).decode("latin-1")}  # fmt: skip
         try:
-            async with self.brain_http.request(
-                request.method, "http://brain" + request.path_qs, data=await request.read(), headers=headers
-            ) as r:
-                body = await r.read()
-                out = {k: r.headers[k] for k in ("Content-Type", "WWW-Authenticate") if k in r.headers}
-                return web.Response(body=body, status=r.status, headers=out)
-        except (aiohttp.ClientError, OSError) as e:
-            raise APIError(503, f"the router's brain is unavailable: {type(e).__name__}") from None
+            got = await self.state.channel.call("http", fields)
+        except (ChannelClosed, RemoteError) as e:
+            raise APIError(503, f"the router's brain is unavailable: {e}") from None
+        return web.Response(body=got["b"].encode("latin-1"), status=got["s"], headers={"Content-Type": got["ct"]})
 
     # -- what the brain decides ---------------------------------------------------------------------------------------
     async def _hold_while_full(self, parsed: ParsedRequest, pinned: Backend | None) -> None:
@@ -309,20 +296,25 @@ class RelayWorker(Router):
 
 
 async def serve_worker(config: RouterConfig, index: int, rundir: Path) -> None:
-    """Run worker `index` until cancelled or until the brain goes away."""
+    """Run worker `index` (this host's) until cancelled or until its brain goes away: the brain in this host's run
+    directory, or the one at `config.relay_of` (TCP, with the shared key), which numbers its workers itself."""
     worker = RelayWorker(config, index, rundir)
     channel = Channel(worker.handlers, name=f"worker{index}")
-    await connect(str(rundir / CHANNEL_SOCKET), channel)
+    await connect(config.relay_of or str(rundir / CHANNEL_SOCKET), channel)
     worker.state.channel = channel
+    hello = {"x": index, "pid": os.getpid(), "host": socket.gethostname(), "remote": bool(config.relay_of),
+             "key": config.brain_key}  # fmt: skip
+    worker.index = (await channel.call("hello", hello, timeout=30.0))["index"]
     runner = web.AppRunner(worker.build_app(), handler_cancellation=True, access_log=log if config.access_log else None)
     await runner.setup()
     try:
         site = web.SockSite(runner, reuseport_socket(config.host, config.port), backlog=1024)
         await site.start()
-        channel.send("ready", {"x": index, "pid": os.getpid()})
+        channel.send("listening")
+        (rundir / f"listening.{index}").touch()  # for a relay host's parent, which has no channel
         assert channel.lost is not None
         await channel.lost  # the brain is gone: so is this worker
-        log.warning("worker %d: the brain went away; stopping", index)
+        log.warning("worker %d: the brain went away; stopping", worker.index)
     finally:
         await runner.cleanup()
         channel.close()

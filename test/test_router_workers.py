@@ -18,6 +18,7 @@ from http_helpers import ares_router, get_json, request, wait_for
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from ares.cluster.launcher import free_ports
 from ares_router.brain import Brain, merge_metrics
 from ares_router.brain_channel import Channel, ChannelClosed, RemoteError, connect, frame, serve
 from ares_router.config import RouterConfig
@@ -246,6 +247,32 @@ def test_reuseport_sockets_share_a_port():
     b.close()
 
 
+def test_a_relay_of_another_host_needs_the_key_and_gets_a_number_of_its_own(tmp_path):
+    """Over TCP (`--brain-listen`) a connection's first message must be a hello with the shared key: without it the
+    brain drops the connection; with it a relay of another host gets the next worker number, and leaves the list
+    when its connection ends (with its requests)."""
+    from ares_router.brain import _Tagging
+
+    async def main() -> None:
+        brain = Brain(_config(brain_listen="127.0.0.1:0", brain_key="k3y"), 1)
+        server = await serve("127.0.0.1:0", lambda: _Tagging(brain, tcp=True))
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        bad = await connect(address, Channel({}))
+        with pytest.raises(ChannelClosed):
+            await bad.call("hello", {"x": 0, "remote": True, "key": "wrong"}, timeout=10)
+        good = await connect(address, Channel({}))
+        assert await good.call("hello", {"x": 0, "remote": True, "key": "k3y", "pid": 7, "host": "h"}) == {"index": 1}
+        good.send("start", {"r": "d" * 32, "c": "c", "e": "/generate", "w": None, "d": 0, "p": 0, "pt": 5, "mt": 5})
+        await wait_async(lambda: "d" * 32 in brain.state.requests)
+        assert brain.links[1].remote and brain.links[1].host == "h" and brain.inflight["d" * 32].worker == 1
+        good.close()
+        await wait_async(lambda: 1 not in brain.links)
+        assert not brain.state.requests and not brain.inflight
+        server.close()
+
+    asyncio.run(main())
+
+
 def test_workers_flag():
     with pytest.raises(ValueError, match="--workers"):
         RouterConfig(prefill=[("http://x", 1)], decode=["http://y"], workers=0)
@@ -260,49 +287,62 @@ def _post(url: str, body: dict) -> tuple[dict, bytes]:
         return dict(r.headers), r.read()
 
 
+def _generate(url: str, ids: list[int], stream: bool) -> tuple[str, list[int]]:
+    """(the worker that served it, output ids) of a greedy 8-token `/generate`, streamed or not."""
+    body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 8}, "stream": stream}
+    headers, raw = _post(url + "/generate", body)
+    if stream:  # the relay's path, token counts reported to the brain
+        events = [json.loads(x[5:]) for x in raw.split(b"\n\n") if x.startswith(b"data:") and b"[DONE]" not in x]
+        return headers[WORKER_HEADER], events[-1]["output_ids"]
+    return headers[WORKER_HEADER], json.loads(raw)["output_ids"]
+
+
 def test_two_workers_serve_correct_answers_and_the_brain_sees_every_request(pd_cluster, tiny_model, tmp_path):
+    """A brain with 2 workers on its port, and a relay of "another host" (`--relay-of`, a second port) for the
+    same brain: every answer is transformers' greedy one, both local workers and the relay serve requests, and the
+    brain counts every request (its bookkeeping, `/ares/workers`, the summed `/metrics`)."""
     from test_e2e_pd import _hf, hf_greedy
 
     prefill = [(p["url"], p["bootstrap_port"]) for p in pd_cluster.state()["processes"] if p["role"] == "prefill"]
+    decode = pd_cluster.decode_urls
     tok, _ = _hf(str(tiny_model))
     prompts = ["The capital of France is", "Once upon a time, in a land far away,", "def fibonacci(n):"]
     expected = {p: hf_greedy(str(tiny_model), tok.encode(p), 8) for p in prompts}
-    with ares_router(tmp_path, prefill, pd_cluster.decode_urls, "least_kv", "--workers", "2") as r:
+    listen = f"127.0.0.1:{free_ports(1)[0]}"
+    key = ("--brain-key", "test-key")
+    with (
+        ares_router(tmp_path, prefill, decode, "least_kv", "--workers", "2", "--brain-listen", listen, *key) as r,
+        ares_router(tmp_path, prefill, decode, "least_kv", "--relay-of", listen, *key) as relay,
+    ):
         served: dict[str, int] = {}
         n = 0
-        for i in range(24):
+        for i in range(30):
             prompt = prompts[i % len(prompts)]
-            ids = tok.encode(prompt)
-            if i % 2:  # streamed: the relay's path, token counts reported to the brain
-                headers, raw = _post(r.url + "/generate", {"input_ids": ids, "stream": True,
-                                     "sampling_params": {"temperature": 0, "max_new_tokens": 8}})  # fmt: skip
-                events = [
-                    json.loads(x[5:]) for x in raw.split(b"\n\n") if x.startswith(b"data:") and b"[DONE]" not in x
-                ]
-                out = events[-1]["output_ids"]
-            else:
-                headers, raw = _post(r.url + "/generate", {"input_ids": ids,
-                                     "sampling_params": {"temperature": 0, "max_new_tokens": 8}})  # fmt: skip
-                out = json.loads(raw)["output_ids"]
+            url = relay.url if i % 5 == 4 else r.url  # every fifth through the relay host's port
+            worker, out = _generate(url, tok.encode(prompt), stream=bool(i % 2))
             assert out == expected[prompt], (i, prompt)
-            served[headers[WORKER_HEADER]] = served.get(headers[WORKER_HEADER], 0) + 1
+            served[worker] = served.get(worker, 0) + 1
             n += 1
-        assert set(served) == {"0", "1"}, served  # both workers relayed requests
+        assert set(served) == {"0", "1", "2"}, served  # both local workers and the relay (numbered 2 by the brain)
         workers = get_json(r.url + "/ares/workers")["workers"]
-        assert sorted(w["dispatched"] for w in workers) == sorted(served.values())
+        assert {w["worker"]: w["dispatched"] for w in workers} == {int(k): v for k, v in served.items()}
+        assert [w["remote"] for w in workers] == [False, False, True]
         assert all(w["connected"] and w["inflight"] == 0 for w in workers)
-        cluster = wait_for(lambda: (c := get_json(r.url + "/ares/cluster"))["inflight"] == 0 and c, DEADLINE_S,
-                           "the brain to see every request end")  # fmt: skip
+        cluster = wait_for(
+            lambda: (c := get_json(r.url + "/ares/cluster"))["inflight"] == 0 and c,
+            DEADLINE_S,
+            "the brain to see every request end",
+        )
         assert cluster["dispatch_count"] == n and cluster["decode"][0]["dispatched"] == n
-        metrics = request(r.url + "/metrics")[2].decode()
+        metrics = request(relay.url + "/metrics")[2].decode()  # any worker's /metrics is the whole router's
         total = sum(
             s.value
             for fam in text_string_to_metric_families(metrics)
             for s in fam.samples
             if s.name == "ares_requests_total" and s.labels.get("endpoint") == "/generate"
         )
-        assert total == n  # counted by both workers, summed by the brain
+        assert total == n  # counted by each worker, summed by the brain
         status, _, raw = request(r.url + "/ares/migrate", {"rid": "nope", "to": "decode0"})
         assert status == 404 and b"no request" in raw  # admin endpoints answered by the brain
-        assert request(r.url + "/health")[0] == 200
+        assert request(relay.url + "/health")[0] == 200
         assert b"ARES router listening" in r.log.read_bytes()
