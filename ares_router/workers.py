@@ -16,9 +16,11 @@ local channel (`ares_router.brain_channel`):
 The brain calls a worker with `migrate` (move a request this worker relays: the migration protocol runs here,
 where the stream is, so the relay splices exactly as in one process) and `metrics` (this worker's counters and
 histograms, which the brain adds to its own for `/metrics`). Every other path (admin, `/metrics`, `/health`,
-`/ares/*`, `/v1/models`) is forwarded to the brain's HTTP socket; keys are checked here first.
+`/ares/*`, `/v1/models`) is forwarded to the brain over the channel (`http`); keys are checked here first.
 
-`python -m ares_router.workers RUNDIR INDEX`: the brain starts it; the configuration is in RUNDIR/config.pkl.
+`python -m ares_router.workers RUNDIR INDEX`: started by `ares_router.multiproc` (the brain's host, or a relay host
+with `--relay-of`: then the channel is TCP and the first message carries the shared key); the configuration is in
+RUNDIR/config.pkl. `docs/router-workers.md` has the whole picture.
 """
 
 from __future__ import annotations
