@@ -10,13 +10,20 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from ares.cluster import Cluster, ClusterSpec
+from ares.cluster.router_proc import RouterProcess, is_sglang, policy_router
 from ares.models import prepare_model
 from ares.shared_data import ENV, MissingDataError, data_root
+
+# The shared ARES servers' SGLang `--admin-api-key` (their migration command endpoint wants it) and
+# `--num-reserved-decode-tokens` (small, so that KV, not SGLang's per-request reserve, is what fills a pool).
+SERVER_KEY = "server-admin-key"
+SERVER_RESERVE = 64
 
 
 def _missing_data(reason: str) -> BaseException:
@@ -28,6 +35,15 @@ def _missing_data(reason: str) -> BaseException:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs_data(*paths): third-party files under $ARES_DATA_DIR the test reads")
+    config.addinivalue_line(
+        "markers", "kills_a_server: SIGKILLs one of the session's shared servers (runs after every other test)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that kill a shared decode server run last, in their collected order: the shared cluster cannot bring a
+    killed server back as it was (its KV, its Mooncake registration), so no later test may meet a dead one."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_a_server") is not None)  # stable: order kept
 
 
 def _as_missing_data(outcome) -> None:
@@ -63,10 +79,104 @@ def running_cluster(tmp_dir: Path, **spec_kwargs) -> Iterator[Cluster]:
         yield cluster
 
 
-@pytest.fixture(scope="module")
-def pd_cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """1 prefill + 1 decode + router on the tiny model, shared by one test module."""
+@pytest.fixture(scope="session")
+def tiny_servers(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Plain SGLang PD servers on the tiny model (no `--ares`): 1 prefill + 2 decode, no router of their own, started
+    once for the modules that test serving itself (`pd_cluster`, `test_router_e2e`)."""
     with running_cluster(
-        tmp_path_factory.mktemp("cluster"), model_path=str(tiny_model), n_prefill=1, n_decode=1, max_total_tokens=4096
+        tmp_path_factory.mktemp("tiny-servers"),
+        model_path=str(tiny_model),
+        n_prefill=1,
+        n_decode=2,
+        max_total_tokens=4096,
+        start_router=False,
     ) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def pd_cluster(tiny_servers: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routed]:
+    """1 prefill + 1 decode of the tiny servers behind SGLang's own PD router, for one test module."""
+    with routed(tiny_servers, tmp_path_factory.mktemp("pd-router"), "sglang_round_robin", n_decode=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def ares_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The suite's one cluster of real ARES servers, started once: SmolLM2-135M (its length head ships with ARES),
+    1 prefill + 3 `--ares` decode servers (Mooncake TCP on loopback) with SGLang's `--admin-api-key SERVER_KEY`,
+    per-token predictions in the responses and a small reserve. No router of its own: each module puts the routers
+    it needs in front (`routed`, `router_over`), which start in seconds where a cluster takes a minute or more."""
+    with running_cluster(
+        tmp_path_factory.mktemp("ares-servers"),
+        model_path=str(prepare_model("smollm2")),
+        n_prefill=1,
+        n_decode=3,
+        ares=True,
+        ares_args=("--ares-return-predictions",),
+        max_total_tokens=8192,
+        router="ares",
+        start_router=False,
+        extra_server_args=("--num-reserved-decode-tokens", str(SERVER_RESERVE), "--admin-api-key", SERVER_KEY),
+    ) as cluster:
+        yield cluster
+
+
+def prefills(cluster: Cluster) -> list[tuple[str, int]]:
+    """(URL, bootstrap port) of every prefill server of `cluster`."""
+    return [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
+
+
+@contextmanager
+def router_over(
+    log_dir: Path, cluster: Cluster, decode_urls: list[str], policy: str, *extra: str
+) -> Iterator[RouterProcess]:
+    """A router with `policy` over `cluster`'s prefill servers and `decode_urls`, stopped by PID at exit. An ARES
+    router gets the servers' admin key for its migration commands (a test that wants it without passes its own
+    router flags to `policy_router`)."""
+    key = () if is_sglang(policy) else ("--backend-admin-api-key", SERVER_KEY)
+    with policy_router(log_dir, prefills(cluster), decode_urls, policy, *key, *extra) as router:
+        yield router
+
+
+@dataclass
+class Routed:
+    """What a test module sees of the shared servers: their first `n_decode` decode servers behind a router of its
+    own (`router_url`), with the `Cluster` calls the tests make (`decode_urls`, `state`, `pids`, `log_dir`)."""
+
+    servers: Cluster
+    router: RouterProcess
+    n_decode: int
+
+    @property
+    def decode_urls(self) -> list[str]:
+        return self.servers.decode_urls[: self.n_decode]
+
+    @property
+    def router_url(self) -> str:
+        return self.router.url
+
+    @property
+    def log_dir(self) -> Path:
+        return self.servers.log_dir
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return self.servers.pids
+
+    def state(self) -> dict:
+        """The shared cluster's state, its processes limited to the prefill servers and this view's decode ones."""
+        names = {f"decode{i}" for i in range(self.n_decode)}
+        st = self.servers.state()
+        st["processes"] = [p for p in st["processes"] if p["role"] == "prefill" or p["name"] in names]
+        return st
+
+
+@contextmanager
+def routed(
+    servers: Cluster, log_dir: Path, policy: str, *extra: str, n_decode: int | None = None
+) -> Iterator[Routed]:
+    """The shared servers (the first `n_decode` decode servers, default all) behind a fresh router with `policy`."""
+    n = len(servers.decode_urls) if n_decode is None else n_decode
+    with router_over(log_dir, servers, servers.decode_urls[:n], policy, *extra) as router:
+        yield Routed(servers, router, n)

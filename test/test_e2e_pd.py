@@ -1,4 +1,5 @@
-"""End to end: a real PD cluster (1 prefill + 1 decode, Mooncake TCP) behind the router, tiny model on CPU.
+"""End to end: a real PD cluster (1 prefill + 1 decode of `conftest.tiny_servers`, Mooncake TCP) behind SGLang's own
+PD router, tiny model on CPU.
 
 Every answer is checked against transformers' greedy generation of the same weights, token for token.
 """

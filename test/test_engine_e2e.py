@@ -1,5 +1,5 @@
-"""The length head inside real SGLang decode servers (`--ares`): SmolLM2-135M, 1 prefill + 2 decode, CPU, behind the
-ARES router (policy `ares`). One cluster for the module.
+"""The length head inside real SGLang decode servers (`--ares`): SmolLM2-135M, 1 prefill + 2 decode of the suite's
+shared servers (`conftest.ares_servers`), CPU, behind an ARES router (policy `ares`) of this module's.
 
 Checked here: every running request gets a prediction after its first decode step and leaves the report when it
 finishes; the served predictions equal the offline head applied to transformers' hidden states of the same tokens;
@@ -16,9 +16,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import prefills, routed
 from http_helpers import ares_router, get_json, request, stream_events, wait_for
 
-from ares.cluster import Cluster, ClusterSpec
 from ares.config import SHIPPED_PREDICTOR
 from ares.models import prepare_model
 
@@ -51,24 +51,15 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(smollm2, tmp_path_factory):
-    spec = ClusterSpec(
-        model_path=str(smollm2),
-        n_prefill=1,
-        n_decode=2,
-        ares=True,
-        ares_args=("--ares-return-predictions",),
-        max_total_tokens=8192,
-        router="ares",
-        router_policy="ares",
-    )
-    with Cluster(spec, log_dir=tmp_path_factory.mktemp("engine-cluster") / "logs") as c:
+def cluster(ares_servers, tmp_path_factory):
+    """Two of the suite's shared ARES servers (`--ares-return-predictions`) behind an `ares` router of this module's."""
+    with routed(ares_servers, tmp_path_factory.mktemp("engine-router"), "ares", n_decode=2) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def prefill(cluster) -> list[tuple[str, int]]:
-    return [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
+    return prefills(cluster.servers)
 
 
 def states(cluster) -> list[dict]:

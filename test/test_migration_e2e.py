@@ -1,6 +1,7 @@
-"""Live decode->decode migration on a real CPU cluster: SmolLM2-135M, 1 prefill + 3 `--ares` decode servers (Mooncake
-TCP on loopback), the ARES router. One cluster for the module; its last two tests each kill a decode server (the
-third one keeps a pair alive for the last).
+"""Live decode->decode migration on a real CPU cluster: the suite's shared servers (`conftest.ares_servers`:
+SmolLM2-135M, 1 prefill + 3 `--ares` decode servers, Mooncake TCP on loopback) behind ARES routers of this module's.
+The kill tests (here and in `test_migration_faults`) each kill one decode server and run after every other test
+(`kills_a_server`): three decode servers keep a live pair for the last of them.
 
 A greedy request's output does not depend on where it runs, so a migrated run must give the client exactly the
 tokens, text and usage of an unmigrated run of the same request: one stream, the same id, every token once.
@@ -9,40 +10,27 @@ tokens, text and usage of an unmigrated run of the same request: one stream, the
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from http_helpers import ares_router, get_json, request, stream_events, wait_for
+from conftest import SERVER_KEY, SERVER_RESERVE, routed, router_over
+from http_helpers import get_json, request, stream_events, wait_for
 
-from ares.cluster import Cluster, ClusterSpec
 from ares.cluster.launcher import http_ok
-from ares.models import prepare_model
 
-MAX_TOTAL_TOKENS = 8192
-RESERVE = 64  # the decode servers' --num-reserved-decode-tokens (and the routers' --reserve-tokens)
+RESERVE = SERVER_RESERVE  # the decode servers' --num-reserved-decode-tokens (and the routers' --reserve-tokens)
+ADMIN = {"Authorization": f"Bearer {SERVER_KEY}"}  # the servers' key, for their migration command endpoint
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    spec = ClusterSpec(
-        model_path=str(prepare_model("smollm2")),
-        n_prefill=1,
-        n_decode=3,
-        ares=True,
-        max_total_tokens=MAX_TOTAL_TOKENS,
-        router="ares",
-        router_policy="round_robin",
-        # A pause between pre-copy stages keeps a request on its source a little longer: several stages happen.
-        router_args=("--ares-migrate-stage-delay", "0.2", "--ares-migrate-last-stage-tokens", "4"),
-        # SGLang reserves 512 tokens per running request by default: 16 requests would fill this pool's admission
-        # before its KV. A small reserve lets KV be what fills up (the rebalancing test needs that).
-        extra_server_args=("--num-reserved-decode-tokens", str(RESERVE)),
-    )
-    with Cluster(spec, log_dir=tmp_path_factory.mktemp("migration-cluster") / "logs") as c:
+def cluster(ares_servers, tmp_path_factory):
+    """The shared ARES servers behind a round-robin router of this module's; a pause between pre-copy stages keeps a
+    request on its source a little longer, so a move goes through several stages."""
+    log_dir = tmp_path_factory.mktemp("migration-router")
+    with routed(ares_servers, log_dir, "round_robin", "--ares-migrate-stage-delay", "0.2",
+                "--ares-migrate-last-stage-tokens", "4") as c:  # fmt: skip
         yield c
 
 
@@ -468,12 +456,11 @@ def test_bad_migration_requests_get_clear_errors(cluster, prompt):
 def test_rebalancer_moves_load_off_the_busier_server(cluster, tmp_path):
     """Round robin puts the long requests on one server and the short ones on the other; once the short ones are
     done, rebalancing by current load (`current_migrate`'s plan) moves long ones across. Outputs stay exact."""
-    prefill = [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
     long_prompts = [list(range(1000 + 300 * i, 1000 + 300 * i + 250)) for i in range(6)]
     with ThreadPoolExecutor(6) as pool:
         refs = list(pool.map(lambda p: generate(cluster.router_url, body(p, 160)), long_prompts))
-    with ares_router(
-        tmp_path, prefill, cluster.decode_urls[:2], "round_robin",
+    with router_over(
+        tmp_path, cluster.servers, cluster.decode_urls[:2], "round_robin",
         "--ares-rebalance", "on", "--ares-rebalance-policy", "current_migrate", "--ares-rebalance-interval", "0.5",
         "--ares-migrate-confirm-rounds", "1",
     ) as r, ThreadPoolExecutor(12) as pool:  # fmt: skip
@@ -493,10 +480,6 @@ def test_rebalancer_moves_load_off_the_busier_server(cluster, tmp_path):
     moved = {m["rid"] for m in committed}
     assert moved <= {o["meta_info"]["id"] for o in longs}
     assert_idle(cluster)
-
-
-def _prefills(cluster) -> list[tuple[str, int]]:
-    return [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
 
 
 def _kv_imbalance(samples: list[tuple[int, int]]) -> float:
@@ -544,7 +527,7 @@ def test_forty_requests_on_one_server_are_rebalanced_with_exact_outputs_and_no_l
     lengths = [4, 8, 16, 32, 64, 128, 192, 256]
     payloads = [body(list(range(2000 + 200 * i, 2000 + 200 * i + 128)), lengths[i % len(lengths)]) for i in range(40)]
     pair = cluster.decode_urls[:2]
-    with ares_router(tmp_path, _prefills(cluster), pair, "round_robin", "--reserve-tokens", str(RESERVE)) as r:
+    with router_over(tmp_path, cluster.servers, pair, "round_robin", "--reserve-tokens", str(RESERVE)) as r:
         ref, still = _run_pinned(r.url, payloads, pair)
     assert_idle(cluster)
     rebalance = (
@@ -552,7 +535,7 @@ def test_forty_requests_on_one_server_are_rebalanced_with_exact_outputs_and_no_l
         "--ares-migrate-confirm-rounds", "1", "--ares-migrate-per-instance", "3", "--ares-migrate-max-concurrent", "3",
         "--reserve-tokens", str(RESERVE),
     )  # fmt: skip
-    with ares_router(tmp_path, _prefills(cluster), pair, "round_robin", *rebalance) as r:
+    with router_over(tmp_path, cluster.servers, pair, "round_robin", *rebalance) as r:
         outs, moving = _run_pinned(r.url, payloads, pair)
         migrations = get_json(r.url + "/ares/migrations")["migrations"]
     committed = [m for m in migrations if m["state"] == "committed"]
@@ -572,7 +555,7 @@ def test_client_gone_mid_migration_leaves_nothing_on_either_server(cluster, prom
     """The client hangs up while its request is being copied to B: the router aborts it on both servers, the agents
     free what they hold (B's reservation, A's request), the migration ends as failed."""
     slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
-    with ares_router(tmp_path, _prefills(cluster), cluster.decode_urls, "round_robin", *slow) as r:
+    with router_over(tmp_path, cluster.servers, cluster.decode_urls, "round_robin", *slow) as r:
         payload = json.dumps({**body(prompt, 400), "stream": True}).encode()
         req = urllib.request.Request(r.url + "/generate", data=payload, headers={"Content-Type": "application/json"})
         resp = urllib.request.urlopen(req, timeout=120)
@@ -595,8 +578,8 @@ def test_a_lost_commit_reply_is_resolved_by_asking_the_target(cluster, prompt, t
     """The target commits but its answer never reaches the router (injected): the router asks the target, which says
     committed, so the move stands: the request runs on the target only and the client gets the exact answer. Then
     a lost `in_reserve` reply: the move fails, the target frees what it holds, the request stays where it was."""
-    with ares_router(
-        tmp_path, _prefills(cluster), cluster.decode_urls, "round_robin", "--ares-test-lose-reply", "in_commit"
+    with router_over(
+        tmp_path, cluster.servers, cluster.decode_urls, "round_robin", "--ares-test-lose-reply", "in_commit"
     ) as r:
         ref = generate(r.url, body(prompt, 200))
         events, answer = stream_and_migrate_via(r.url, cluster, body(prompt, 200), at_tokens=10)
@@ -606,8 +589,8 @@ def test_a_lost_commit_reply_is_resolved_by_asking_the_target(cluster, prompt, t
     check_same_output(events, ref)
     assert "ares_migrations_total" in metrics
     assert_idle(cluster)
-    with ares_router(
-        tmp_path, _prefills(cluster), cluster.decode_urls, "round_robin", "--ares-test-lose-reply", "in_reserve"
+    with router_over(
+        tmp_path, cluster.servers, cluster.decode_urls, "round_robin", "--ares-test-lose-reply", "in_reserve"
     ) as r:
         events, answer = stream_and_migrate_via(r.url, cluster, body(prompt, 200), at_tokens=10)
     assert answer["status"] == 409 and "reply lost" in answer["record"]["reason"], answer
@@ -639,20 +622,21 @@ def stream_and_migrate_via(router: str, cluster, payload: dict, at_tokens: int) 
 
 
 def _incoming(url: str) -> dict:
-    status, _, raw = request(url + "/ares/migrate/cmd", {"cmd": "status"}, timeout=30)
+    status, _, raw = request(url + "/ares/migrate/cmd", {"cmd": "status"}, ADMIN, timeout=30)
     assert status == 200, raw
     return json.loads(raw)["incoming"]
 
 
+@pytest.mark.kills_a_server
 def test_target_killed_during_the_transfer_leaves_the_request_running_on_its_source(cluster, prompt, tmp_path):
-    """It kills a server (the module has three decode servers, so the next test still has two): B dies while A's
+    """It kills a server (three shared decode servers: the next kill test still has two): B dies while A's
     KV is being copied; the move fails, the request never stopped on A, and the client gets the complete, unchanged
     output. A router of its own over the two live decode servers waits 2 s between pre-copy stages, so the kill
     surely lands before the commit."""
     live = [u for u in cluster.decode_urls if http_ok(u + "/health")][:2]
     assert len(live) == 2, live
     slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
-    with ares_router(tmp_path, _prefills(cluster), live, "round_robin", *slow) as r:
+    with router_over(tmp_path, cluster.servers, live, "round_robin", *slow) as r:
         ref = generate(r.url, body(prompt, 150))
         events, answer, killed = _move_and_kill(cluster, r.url, body(prompt, 150), victim="target")
     assert killed, "the target was never seen reserving"
@@ -677,7 +661,7 @@ def _move_and_kill(cluster, router: str, payload: dict, victim: str) -> tuple[li
         url = cluster.decode_urls[int(target[-1])]
         wait_for(lambda: "reserved" in _incoming(url).values(), 60, "the target to reserve", interval=0.02)
         name = source if victim == "source" else target
-        os.killpg(cluster.pids[name], signal.SIGKILL)  # a process group this test module started
+        cluster.servers.kill(name)  # SIGKILL to its process group (the shared servers are this session's)
         killed["name"] = name
 
     mover = None

@@ -1,16 +1,19 @@
-"""Live migration when the source decode server dies mid-migration, on a cluster of its own: a killed server cannot
-be brought back inside a module-scoped cluster, so a kill test gets a fresh cluster (this module reuses
-`test_migration_e2e`'s fixture) rather than leaving a dead server to the tests after it.
+"""Live migration when the source decode server dies mid-migration, on the suite's shared ARES servers (this
+module reuses `test_migration_e2e`'s fixtures). It kills a server, so it runs after every other test
+(`kills_a_server`), with the live pair the first kill test left.
 """
 
 from __future__ import annotations
 
-from http_helpers import ares_router, get_json, request, wait_for
-from test_migration_e2e import _incoming, _move_and_kill, _prefills, body, cluster, prompt  # noqa: F401 - fixtures
+import pytest
+from conftest import router_over
+from http_helpers import get_json, request, wait_for
+from test_migration_e2e import _incoming, _move_and_kill, body, cluster, prompt  # noqa: F401 - fixtures
 
 from ares.cluster.launcher import http_ok
 
 
+@pytest.mark.kills_a_server
 def test_source_killed_mid_migration_ends_the_client_stream_with_an_error_and_the_target_holds_nothing(
     cluster,  # noqa: F811 - the fixture imported above
     prompt,  # noqa: F811 - the fixture imported above
@@ -22,7 +25,7 @@ def test_source_killed_mid_migration_ends_the_client_stream_with_an_error_and_th
     live = [u for u in cluster.decode_urls if http_ok(u + "/health")][:2]
     assert len(live) == 2, live
     slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
-    with ares_router(tmp_path, _prefills(cluster), live, "round_robin", *slow) as r:
+    with router_over(tmp_path, cluster.servers, live, "round_robin", *slow) as r:
         events, answer, killed = _move_and_kill(cluster, r.url, body(prompt, 400), victim="source")
         metrics = request(r.url + "/metrics")[2].decode()
     assert killed, "the target was never seen reserving"

@@ -1,7 +1,7 @@
 """The router's keys (`ares_router.auth`): the pure decision, then a real router over real servers.
 
-The live part shares one small cluster (SmolLM2-135M, whose length head ships with ARES: 1 prefill + 2 `--ares`
-decode servers) started with SGLang's own `--admin-api-key`: the decode servers' migration command endpoint then
+The live part uses the suite's shared servers (`conftest.ares_servers`: SmolLM2-135M, 1 prefill + 3 `--ares` decode
+servers) started with SGLang's own `--admin-api-key`: the decode servers' migration command endpoint then
 wants that key, and a router started with the same `--admin-api-key` passes it on, so its migrations still commit.
 A router without the servers' key still serves on loopback, and its moves fail cleanly.
 """
@@ -15,15 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
-from conftest import running_cluster
+from conftest import SERVER_KEY, prefills
 from http_helpers import ares_router, get_json, request, wait_for
 
 from ares.cluster.launcher import free_ports, http_ok, stop_groups
 from ares.cluster.router_proc import RouterProcess, router_argv
-from ares.models import prepare_model
 from ares_router.auth import Level, decide, is_loopback, level_of
-
-SERVER_KEY = "server-admin-key"
 
 
 def test_levels_follow_sglang_probes_open_admin_actions_and_the_pin():
@@ -67,23 +64,6 @@ def test_loopback_addresses():
     assert not is_loopback("192.168.1.2") and not is_loopback("::ffff:10.0.0.1") and not is_loopback("host")
 
 
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory):
-    """1 prefill + 2 `--ares` decode servers started with SGLang's `--admin-api-key`, no router of their own."""
-    with running_cluster(
-        tmp_path_factory.mktemp("keyed"),
-        model_path=str(prepare_model("smollm2")),
-        n_prefill=1,
-        n_decode=2,
-        ares=True,
-        max_total_tokens=4096,
-        router="ares",
-        start_router=False,
-        extra_server_args=("--admin-api-key", SERVER_KEY),
-    ) as c:
-        yield c
-
-
 @contextmanager
 def keyed_router(tmp_path, cluster, *extra: str, timeout_s: float = 120) -> Iterator[RouterProcess]:
     """An ARES router over `cluster` with `extra` flags, ready once its open `/health` says a prefill and a decode
@@ -91,7 +71,7 @@ def keyed_router(tmp_path, cluster, *extra: str, timeout_s: float = 120) -> Iter
     port = free_ports(1)[0]
     log = tmp_path / f"router-{port}.log"
     with open(log, "wb") as out:
-        argv = router_argv(port, _prefills(cluster), cluster.decode_urls, "round_robin", *extra)
+        argv = router_argv(port, prefills(cluster), cluster.decode_urls, "round_robin", *extra)
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # fmt: skip
     r = RouterProcess(f"http://127.0.0.1:{port}", proc, log)
@@ -104,10 +84,6 @@ def keyed_router(tmp_path, cluster, *extra: str, timeout_s: float = 120) -> Iter
         proc.wait()
 
 
-def _prefills(cluster) -> list[tuple[str, int]]:
-    return [(p["url"], p["bootstrap_port"]) for p in cluster.state()["processes"] if p["role"] == "prefill"]
-
-
 def _body(n: int) -> dict:
     return {"input_ids": list(range(100, 140)), "sampling_params": {"max_new_tokens": n, "temperature": 0,
                                                                     "ignore_eos": True}}  # fmt: skip
@@ -117,8 +93,8 @@ def _cmd(url: str, headers: dict | None = None) -> int:
     return request(url + "/ares/migrate/cmd", {"cmd": "status"}, headers, timeout=30)[0]
 
 
-def test_the_decode_servers_migration_commands_need_their_admin_key(keyed):
-    url = keyed.decode_urls[0]
+def test_the_decode_servers_migration_commands_need_their_admin_key(ares_servers):
+    url = ares_servers.decode_urls[0]
     assert _cmd(url) == 401
     assert _cmd(url, {"Authorization": "Bearer wrong"}) == 401
     assert _cmd(url, {"Authorization": f"Bearer {SERVER_KEY}"}) == 200
@@ -146,11 +122,11 @@ def _move(router: str, cluster, key: str | None, n: int = 300) -> tuple[dict, in
     return json.loads(out_raw), status, json.loads(raw)
 
 
-def test_router_keys_guard_clients_and_admin_actions_and_reach_the_servers(keyed, tmp_path):
+def test_router_keys_guard_clients_and_admin_actions_and_reach_the_servers(ares_servers, tmp_path):
     """Client key for generation, admin key for the migration, the pin and flushes, 401 in the OpenAI shape;
     the router passes its admin key on to the decode servers, so the move commits there."""
     keys = ("--api-key", "client-key", "--admin-api-key", SERVER_KEY)
-    with keyed_router(tmp_path, keyed, *keys) as r:
+    with keyed_router(tmp_path, ares_servers, *keys) as r:
         status, headers, raw = request(r.url + "/generate", _body(4))
         assert status == 401 and headers.get("WWW-Authenticate") == "Bearer"
         err = json.loads(raw)
@@ -167,17 +143,17 @@ def test_router_keys_guard_clients_and_admin_actions_and_reach_the_servers(keyed
         status, headers, _ = request(r.url + "/generate", _body(4), admin_pin)
         assert status == 200 and headers["X-Ares-Decode"] == "decode1"
         ref = json.loads(request(r.url + "/generate", _body(300), client, 600)[2])
-        out, status, rec = _move(r.url, keyed, SERVER_KEY)
+        out, status, rec = _move(r.url, ares_servers, SERVER_KEY)
         assert status == 200 and rec["state"] == "committed", rec
         assert out["output_ids"] == ref["output_ids"]
         assert request(r.url + "/flush_cache", {}, {"Authorization": f"Bearer {SERVER_KEY}"})[0] == 200
 
 
-def test_a_router_without_the_servers_key_cannot_move_and_nothing_breaks(keyed, tmp_path):
+def test_a_router_without_the_servers_key_cannot_move_and_nothing_breaks(ares_servers, tmp_path):
     """No keys on the router (loopback default): it serves, its `/ares/migrate` is open to loopback, but the decode
     servers refuse its commands (401): the move fails cleanly and the request completes where it was."""
-    with ares_router(tmp_path, _prefills(keyed), keyed.decode_urls, "round_robin") as r:
+    with ares_router(tmp_path, prefills(ares_servers), ares_servers.decode_urls, "round_robin") as r:
         ref = json.loads(request(r.url + "/generate", _body(300), None, 600)[2])
-        out, status, rec = _move(r.url, keyed, None)
+        out, status, rec = _move(r.url, ares_servers, None)
     assert status == 409 and rec["state"] == "failed" and "401" in rec["reason"], rec
     assert out["output_ids"] == ref["output_ids"]

@@ -1,17 +1,16 @@
 """The ARES router against real SGLang servers: 1 prefill + 2 decode (tiny model, Mooncake TCP, CPU).
 
-One cluster for the whole module (its router is the ARES router, policy least_kv); tests that need another policy
-or other backends start extra router processes on free ports against the same servers and stop them by PID.
-The last test kills decode1, so it must stay last. Nothing waits a fixed time and then checks: every wait is for a
-condition, with a generous deadline (`_wait`), because CI machines are busy.
+The session's tiny servers (`conftest.tiny_servers`) behind this module's ARES router (policy least_kv); tests that
+need another policy or other backends start extra router processes on free ports against the same servers and stop
+them by PID. The last test kills decode1, so it runs after every other test (`kills_a_server`). Nothing waits a
+fixed time and then checks: every wait is for a condition, with a generous deadline (`_wait`), because CI machines
+are busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,9 +24,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from conftest import routed
 from http_helpers import ares_router, get_json, request, wait_for
 
-from ares.cluster import Cluster, ClusterSpec
 from ares.cluster.launcher import free_ports
 
 HOST = "127.0.0.1"
@@ -123,17 +122,9 @@ def failing_backend() -> Iterator[_Fake]:
 
 # -- fixtures -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cluster(tiny_model, tmp_path_factory):
-    """1 prefill + 2 decode real servers behind the ARES router (least_kv)."""
-    spec = ClusterSpec(
-        model_path=str(tiny_model),
-        n_prefill=1,
-        n_decode=2,
-        max_total_tokens=4096,
-        router="ares",
-        router_policy="least_kv",
-    )
-    with Cluster(spec, log_dir=tmp_path_factory.mktemp("router-cluster") / "logs") as c:
+def cluster(tiny_servers, tmp_path_factory):
+    """The tiny servers (1 prefill + 2 decode, `conftest.tiny_servers`) behind an ARES router (least_kv)."""
+    with routed(tiny_servers, tmp_path_factory.mktemp("router-e2e"), "least_kv") as c:
         yield c
 
 
@@ -523,14 +514,14 @@ def test_late_binding_holds_a_request_at_the_router_while_no_server_admits_it(ba
     _assert_backends_idle(backends)
 
 
+@pytest.mark.kills_a_server
 def test_dead_decode_is_detected_reported_and_retried(cluster, backends, tmp):
-    """Runs last: kills decode1 (a process this module started). A router that has not noticed yet retries on
+    """Runs last: kills decode1 (of the session's tiny servers). A router that has not noticed yet retries on
     decode0; the polling router marks decode1 unhealthy in /ares/cluster and /metrics."""
     with ares_router(
         tmp, backends["prefill"], backends["decode"], "round_robin", "--poll-interval", "60", "--stale-after", "600"
     ) as slow:
-        os.killpg(cluster.procs["decode1"].pid, signal.SIGKILL)
-        cluster.procs["decode1"].wait(timeout=30)
+        cluster.servers.kill("decode1")  # SIGKILL to its process group (this session's tiny servers)
         for _ in range(2):  # round robin: one of the two goes to dead decode1 first
             status, headers, body = _chat(slow.url, max_tokens=2)
             assert status == 200 and headers["X-Ares-Decode"] == "decode0", body
