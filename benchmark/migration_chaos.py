@@ -316,11 +316,13 @@ async def mover(c: Chaos) -> None:
             continue
         moved = [r for r in ready if len(r["hops"]) > 1]
         row = c.rng.choice(moved if moved and c.rng.random() < c.args.repeat_bias else ready)
-        here, left = row["decode"], [h for h in row["hops"][:-1] if h != row["decode"]]
+        # Most moves go to live servers; some to the one that is down (they must fail cleanly too).
+        avoid = {row["decode"]} | ({c.down} if c.down and c.rng.random() < 0.8 else set())
+        here, left = row["decode"], [h for h in row["hops"][:-1] if h not in avoid]
         if left and c.rng.random() < c.args.back_bias:
             to = c.rng.choice(left)  # back to a server it left
         else:
-            to = c.rng.choice([d for d in c.decode_names() if d != here])
+            to = c.rng.choice([d for d in c.decode_names() if d not in avoid])
         c.moving.add(row["request_id"])
         task = asyncio.create_task(move(c, row["request_id"], here, to, list(row["hops"])))
         task.add_done_callback(lambda _t, rid=row["request_id"]: c.moving.discard(rid))
@@ -825,15 +827,15 @@ def main() -> None:
         help="output folder (default benchmark/results/migration_chaos; --quick: .ares/migration_chaos_quick)",
     )
     ap.add_argument("--quick", action="store_true", help="30 short requests, one short stop (a smoke run)")
-    ap.add_argument("--concurrency", type=int, default=12, help="requests at once in the chaos pass")
-    ap.add_argument("--ref-concurrency", type=int, default=24, help="requests at once in the reference pass")
+    ap.add_argument("--concurrency", type=int, default=16, help="requests at once in the chaos pass")
+    ap.add_argument("--ref-concurrency", type=int, default=32, help="requests at once in the reference pass")
     ap.add_argument(
         "--tokens",
         type=int,
         nargs=2,
         default=None,
         metavar=("MIN", "MAX"),
-        help="output tokens per request, uniform (default 64 256; --quick: 32 128)",
+        help="output tokens per request, uniform (default 32 160; --quick: 32 128)",
     )
     ap.add_argument("--hang-up-fraction", type=float, default=0.06, help="clients that hang up after 2-12 s")
     ap.add_argument(
@@ -863,7 +865,7 @@ def main() -> None:
     ap.add_argument("--max-total-tokens", type=int, default=8192, help="KV pool per decode server")
     args = ap.parse_args()
     n = args.requests or (30 if args.quick else 200)
-    args.tokens = tuple(args.tokens or ((32, 128) if args.quick else (64, 256)))
+    args.tokens = tuple(args.tokens or ((32, 128) if args.quick else (32, 160)))
     args.stop_gap = tuple(args.stop_gap or ((15.0, 25.0) if args.quick else (20.0, 45.0)))
     out = args.out or (
         ROOT / ".ares" / "migration_chaos_quick" if args.quick else ROOT / "benchmark" / "results" / "migration_chaos"
