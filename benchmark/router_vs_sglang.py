@@ -317,14 +317,18 @@ async def workers_phase(args: argparse.Namespace, prefill: str, decode: str, bac
             await _ready(url)
             await asyncio.sleep(1.0)
             for stream in (False, True):
-                b0, t0 = cpu_seconds(backend_pid), time.monotonic()
+                b0, brain0, t0 = cpu_seconds(backend_pid), cpu_seconds(proc.pid, tree=False), time.monotonic()
                 r = await closed_loop(url, proc.pid, args.workers_clients, stream, args.duration, args.warmup_s)
-                r["backend_cpu_share"] = (cpu_seconds(backend_pid) - b0) / (time.monotonic() - t0)
+                wall = time.monotonic() - t0  # warm-up included: these two shares are over the whole row
+                r["backend_cpu_share"] = (cpu_seconds(backend_pid) - b0) / wall
+                # N >= 2: the brain process alone (the router's own pid; its workers are its children)
+                r["brain_cpu_share"] = (cpu_seconds(proc.pid, tree=False) - brain0) / wall if n > 1 else None
                 r["workers"], r["loadavg"] = n, loadavg()
                 rows.append(r)
                 log(f"ARES --workers {n}, {args.workers_clients} clients {'stream' if stream else 'non-stream'}: "
                     f"{r['req_per_s']:.0f} req/s, {_num(r['router_cpu_ms_per_request'], 3)} ms CPU/request, router "
-                    f"{r['router_cpu_share']:.0%} of a core, backend {r['backend_cpu_share']:.0%}, client "
+                    f"{r['router_cpu_share']:.0%} of a core (brain {_num(r['brain_cpu_share'], 2)}), backend "
+                    f"{r['backend_cpu_share']:.0%}, client "
                     f"{r['client_cpu_share']:.0%}, errors {r['errors']}")  # fmt: skip
         finally:
             stop(proc)
@@ -597,17 +601,23 @@ def workers_markdown(w: dict | None) -> list[str]:
               f"load average before {w['loadavg_before']}, after {w['loadavg_after']}; {w['duration']} s per row "
               f"after {w['warmup_s']} s of warm-up.", ""]  # fmt: skip
     L += ["| workers | request | req/s | latency p50 / p99 (ms) | router CPU/request (ms) | router CPU share | "
-          "backend CPU share | client CPU share | errors |", "|---:|---|---:|---|---:|---:|---:|---:|---|"]  # fmt: skip
+          "of which the brain | backend CPU share | client CPU share | errors |",
+          "|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in w["rows"]:
         L.append(
             f"| {r['workers']} | {'stream' if r['stream'] else 'non-stream'} | {r['req_per_s']:.0f} | "
             f"{r['latency_ms']['p50']:.1f} / {r['latency_ms']['p99']:.1f} | {_num(r['router_cpu_ms_per_request'], 3)} "
-            f"| {r['router_cpu_share']:.0%} | {r['backend_cpu_share']:.0%} | {r['client_cpu_share']:.0%} | "
+            f"| {r['router_cpu_share']:.0%} | {_share(r.get('brain_cpu_share'))} | {r['backend_cpu_share']:.0%} | "
+            f"{r['client_cpu_share']:.0%} | "
             f"{r['errors'] or ''} |"
         )
     L += ["", "1 worker is the single-process router; N >= 2 is one brain process and N relay workers on one port "
           "(CPU of the whole process tree). Router, backend and client share the machine's cores.", ""]  # fmt: skip
     return L
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def _rounded(x: object) -> object:
