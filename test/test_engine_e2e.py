@@ -184,8 +184,8 @@ def test_ares_dispatch_follows_the_head_where_the_prompt_guess_disagrees(cluster
         ares_router(tmp_path, prefill, cluster.decode_urls, "ares", *flags) as guessing,
         ThreadPoolExecutor(6) as pool,
     ):
-        runs = [pool.submit(generate, r0.url, long_prompt, 400, ignore_eos=True) for _ in range(3)]
-        runs += [pool.submit(generate, r1.url, short_prompt, 400, ignore_eos=True) for _ in range(3)]
+        runs = [pool.submit(generate, r0.url, long_prompt, 250, ignore_eos=True) for _ in range(3)]
+        runs += [pool.submit(generate, r1.url, short_prompt, 250, ignore_eos=True) for _ in range(3)]
 
         def all_predicted() -> list[dict] | None:
             st = states(cluster)

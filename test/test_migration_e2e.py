@@ -9,10 +9,13 @@ tokens, text and usage of an unmigrated run of the same request: one stream, the
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 from conftest import SERVER_KEY, SERVER_RESERVE, routed, router_over
@@ -139,13 +142,29 @@ def assert_idle(cluster) -> None:
     wait_for(idle, 60, "both decode servers to hold no KV")
 
 
+PROMPT = list(range(300, 360))
+REF_LENGTHS = (40, 60, 100, 120, 150, 200, 300, 400)  # the max_new_tokens of the `/generate` references
+
+
 @pytest.fixture(scope="module")
 def prompt():
-    return list(range(300, 360))
+    return PROMPT
 
 
-def test_streaming_request_moves_mid_stream_and_the_client_sees_one_unchanged_stream(cluster, prompt):
-    ref = generate(cluster.router_url, body(prompt, 120))
+@pytest.fixture(scope="session")
+def refs(ares_servers, tmp_path_factory) -> dict[int, dict]:
+    """The unmigrated greedy `/generate` answer to `PROMPT` at every length the tests use, computed once, all at
+    once (one batch across the servers) rather than one by one before each test. Use a copy (`ref(n)`)."""
+    log_dir = tmp_path_factory.mktemp("refs-router")
+    with (
+        router_over(log_dir, ares_servers, ares_servers.decode_urls, "round_robin") as r,
+        ThreadPoolExecutor(len(REF_LENGTHS)) as pool,
+    ):
+        return dict(zip(REF_LENGTHS, pool.map(lambda n: generate(r.url, body(PROMPT, n)), REF_LENGTHS), strict=True))
+
+
+def test_streaming_request_moves_mid_stream_and_the_client_sees_one_unchanged_stream(cluster, refs, prompt):
+    ref = copy.deepcopy(refs[120])
     events, answer = stream_and_migrate(cluster, {**body(prompt, 120), "rid": "mig-stream"}, at_tokens=12)
     assert answer["status"] == 200, answer
     rec = answer["record"]
@@ -162,8 +181,8 @@ def test_streaming_request_moves_mid_stream_and_the_client_sees_one_unchanged_st
     assert series in metrics
 
 
-def test_non_streaming_request_moves_and_the_answer_is_assembled(cluster, prompt):
-    ref = generate(cluster.router_url, body(prompt, 100))
+def test_non_streaming_request_moves_and_the_answer_is_assembled(cluster, refs, prompt):
+    ref = copy.deepcopy(refs[100])
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(generate, cluster.router_url, {**body(prompt, 100), "rid": "mig-answer"})
 
@@ -176,8 +195,8 @@ def test_non_streaming_request_moves_and_the_answer_is_assembled(cluster, prompt
     assert_idle(cluster)
 
 
-def test_move_at_the_first_decode_step(cluster, prompt):
-    ref = generate(cluster.router_url, body(prompt, 60))
+def test_move_at_the_first_decode_step(cluster, refs, prompt):
+    ref = copy.deepcopy(refs[60])
     events, answer = stream_and_migrate(cluster, body(prompt, 60), at_tokens=1)
     assert answer["status"] == 200 and answer["record"]["state"] == "committed", answer
     ref["meta_info"]["id"] = events[-1]["meta_info"]["id"]
@@ -185,10 +204,10 @@ def test_move_at_the_first_decode_step(cluster, prompt):
     assert_idle(cluster)
 
 
-def test_a_request_that_finishes_during_the_move_completes_normally(cluster, prompt):
+def test_a_request_that_finishes_during_the_move_completes_normally(cluster, refs, prompt):
     """Asked to move a few tokens before `max_new_tokens`: either the move commits in time or the request ends on
     its source first and the migration is refused/abandoned; the client's output is complete either way."""
-    ref = generate(cluster.router_url, body(prompt, 40))
+    ref = copy.deepcopy(refs[40])
     events, answer = stream_and_migrate(cluster, body(prompt, 40), at_tokens=37)
     rec = answer["record"]
     assert rec["state"] in ("committed", "failed"), answer
@@ -333,12 +352,12 @@ def _no_internal_message(events: list[dict]) -> None:
     [((1, 2), 8), ((1, 2, 0), 8), ((1, 0), 2)],
     ids=["A-B-C", "A-B-C-A", "A-B-A-at-once"],
 )
-def test_generate_stream_moves_again_and_again_with_the_exact_answer(cluster, prompt, steps, gap):
+def test_generate_stream_moves_again_and_again_with_the_exact_answer(cluster, refs, prompt, steps, gap):
     """Two and three moves of one streaming `/generate` request, back to its first server too (right after it left
     it, the third case: within SGLang's delayed abort of the rid it had there): the client gets one stream with
     the unmigrated greedy answer token for token, one id, one finish (the last server's), no internal message."""
     n = 400
-    ref = generate(cluster.router_url, body(prompt, n))
+    ref = copy.deepcopy(refs[n])
     events, answers, source, route = _stream_with_moves(cluster, body(prompt, n), "/generate", steps, 10, gap)
     _check_moves(answers, source, route)
     assert answers[-1][1]["n_output"] < n  # the last server produced the rest
@@ -371,9 +390,9 @@ def _generated_on(cluster, name: str) -> int:
     return max((r["generated_tokens"] for r in requests), default=0)
 
 
-def test_generate_answer_moved_twice_back_to_its_origin_is_joined(cluster, prompt):
+def test_generate_answer_moved_twice_back_to_its_origin_is_joined(cluster, refs, prompt):
     n = 300
-    ref = generate(cluster.router_url, body(prompt, n))
+    ref = copy.deepcopy(refs[n])
     out, answers, source, route = _run_moving(
         cluster, lambda: generate(cluster.router_url, {**body(prompt, n), "rid": "mig-hops"}), (1, 0)
     )
@@ -453,24 +472,39 @@ def test_bad_migration_requests_get_clear_errors(cluster, prompt):
     assert_idle(cluster)
 
 
+@contextmanager
+def answers_on_the_spare(cluster, tmp_path, payloads: list[dict]) -> Iterator[Callable[[], list[dict]]]:
+    """Run `payloads` unmoved on decode2, which a rebalancing test's own router (over decode0 and decode1) never
+    uses: the reference answers come in beside the test instead of in a run of their own before it. Yields a call
+    that waits for them (in payload order)."""
+    with (
+        router_over(tmp_path, cluster.servers, cluster.decode_urls[2:3], "round_robin") as spare,
+        ThreadPoolExecutor(len(payloads)) as pool,
+    ):
+        futures = [pool.submit(generate, spare.url, p) for p in payloads]
+        yield lambda: [f.result() for f in futures]
+
+
 def test_rebalancer_moves_load_off_the_busier_server(cluster, tmp_path):
     """Round robin puts the long requests on one server and the short ones on the other; once the short ones are
     done, rebalancing by current load (`current_migrate`'s plan) moves long ones across. Outputs stay exact."""
-    long_prompts = [list(range(1000 + 300 * i, 1000 + 300 * i + 250)) for i in range(6)]
-    with ThreadPoolExecutor(6) as pool:
-        refs = list(pool.map(lambda p: generate(cluster.router_url, body(p, 160)), long_prompts))
-    with router_over(
-        tmp_path, cluster.servers, cluster.decode_urls[:2], "round_robin",
-        "--ares-rebalance", "on", "--ares-rebalance-policy", "current_migrate", "--ares-rebalance-interval", "0.5",
-        "--ares-migrate-confirm-rounds", "1",
-    ) as r, ThreadPoolExecutor(12) as pool:  # fmt: skip
-        futures = []
-        for payload in (x for p in long_prompts for x in (body(p, 160), body([5, 6, 7], 4))):
-            futures.append(pool.submit(generate, r.url, payload))
-            n = len(futures)  # one at a time, so that round robin alternates long (decode0) and short (decode1)
-            wait_for(lambda n=n: get_json(r.url + "/ares/cluster")["dispatch_count"] >= n, 60, "the dispatch")
-        outs = [f.result() for f in futures]
-        migrations = get_json(r.url + "/ares/migrations")["migrations"]
+    prefix = list(range(1000, 1230))  # computed once by the prefill server (see the next test)
+    generate(cluster.router_url, body(prefix, 1))
+    long_prompts = [prefix + list(range(2000 + 20 * i, 2020 + 20 * i)) for i in range(6)]
+    with answers_on_the_spare(cluster, tmp_path, [body(p, 160) for p in long_prompts]) as references:
+        with router_over(
+            tmp_path, cluster.servers, cluster.decode_urls[:2], "round_robin",
+            "--ares-rebalance", "on", "--ares-rebalance-policy", "current_migrate", "--ares-rebalance-interval",
+            "0.5", "--ares-migrate-confirm-rounds", "1",
+        ) as r, ThreadPoolExecutor(12) as pool:  # fmt: skip
+            futures = []
+            for payload in (x for p in long_prompts for x in (body(p, 160), body([5, 6, 7], 4))):
+                futures.append(pool.submit(generate, r.url, payload))
+                n = len(futures)  # one at a time, so that round robin alternates long (decode0) and short (decode1)
+                wait_for(lambda n=n: get_json(r.url + "/ares/cluster")["dispatch_count"] >= n, 60, "the dispatch")
+            outs = [f.result() for f in futures]
+            migrations = get_json(r.url + "/ares/migrations")["migrations"]
+        refs = references()
     committed = [m for m in migrations if m["state"] == "committed"]
     assert committed, migrations
     assert all(m["source"] == "decode0" and m["target"] == "decode1" for m in committed), committed
@@ -516,37 +550,39 @@ def _run_pinned(router: str, payloads: list[dict], decode_urls: list[str]) -> tu
     return outs, samples
 
 
-def test_forty_requests_on_one_server_are_rebalanced_with_exact_outputs_and_no_leak(cluster, tmp_path):
-    """40 requests of very different lengths all placed on decode0: without rebalancing decode1 idles; with it
-    (the current-load plan) requests move, the KV imbalance falls well below the unbalanced run's, every request
-    completes once with the unbalanced run's exact output, and both servers end holding no KV. The first peak (all
-    prompts arriving at once) comes before any move can: placement decides it. 128-token prompts put enough KV in
-    use (~60% of decode0's pool) for the current-load plan to act on (it moves while the gap is above 20% of a pool).
-    Measured on 2 cores: imbalance 2.00 unbalanced, 1.57 rebalanced, 13 moves; 1.71 on a busier CI machine, where the
-    first peak (before any move) lasts longer. The bound, 1.8, still needs decode1 to hold over 10% of the KV-time."""
-    lengths = [4, 8, 16, 32, 64, 128, 192, 256]
-    payloads = [body(list(range(2000 + 200 * i, 2000 + 200 * i + 128)), lengths[i % len(lengths)]) for i in range(40)]
+def test_sixteen_requests_on_one_server_are_rebalanced_with_exact_outputs_and_no_leak(cluster, tmp_path):
+    """16 requests of very different lengths all placed on decode0 (decode1 would idle without rebalancing: a KV
+    imbalance of 2): with rebalancing by current load (the `current_migrate` plan) requests move, the imbalance
+    falls well below 2, every request completes once with its unmoved answer (computed meanwhile on decode2), and
+    both servers end holding no KV. The first peak (all prompts arriving at once) comes before any move can:
+    placement decides it. 300-token prompts put enough KV in use (~60% of decode0's pool) for the current-load plan
+    to act on (it moves while the gap is above 20% of a pool); they share a 280-token prefix, which the prefill
+    server computes once (warmed first, so every request takes the same cached path): a CPU prefill of 32 distinct
+    long prompts took a minute. The bound, 1.8, needs decode1 to hold over 10% of the KV-time. (This was 40
+    requests of up to 256 tokens with distinct prompts and the references in a run of their own: 220 s.)"""
+    prefix = list(range(5000, 5280))
+    generate(cluster.router_url, body(prefix, 1))  # the shared prefix into the prefill server's cache
+    lengths = [16, 32, 64, 96, 128, 160, 192, 224]
+    payloads = [body(prefix + list(range(6000 + 20 * i, 6020 + 20 * i)), lengths[i % len(lengths)]) for i in range(16)]
     pair = cluster.decode_urls[:2]
-    with router_over(tmp_path, cluster.servers, pair, "round_robin", "--reserve-tokens", str(RESERVE)) as r:
-        ref, still = _run_pinned(r.url, payloads, pair)
-    assert_idle(cluster)
     rebalance = (
         "--ares-rebalance", "on", "--ares-rebalance-policy", "current_migrate", "--ares-rebalance-interval", "0.5",
         "--ares-migrate-confirm-rounds", "1", "--ares-migrate-per-instance", "3", "--ares-migrate-max-concurrent", "3",
         "--reserve-tokens", str(RESERVE),
     )  # fmt: skip
-    with router_over(tmp_path, cluster.servers, pair, "round_robin", *rebalance) as r:
-        outs, moving = _run_pinned(r.url, payloads, pair)
-        migrations = get_json(r.url + "/ares/migrations")["migrations"]
+    with answers_on_the_spare(cluster, tmp_path, payloads) as references:
+        with router_over(tmp_path, cluster.servers, pair, "round_robin", *rebalance) as r:
+            outs, moving = _run_pinned(r.url, payloads, pair)
+            migrations = get_json(r.url + "/ares/migrations")["migrations"]
+        ref = references()
     committed = [m for m in migrations if m["state"] == "committed"]
     assert len(committed) >= 3, migrations
-    assert {o["decode"] for o in ref + outs} == {"decode0"}  # where they were placed
+    assert {o["decode"] for o in outs} == {"decode0"}  # where they were placed
     for o, want, n in zip(outs, ref, (p["sampling_params"]["max_new_tokens"] for p in payloads), strict=True):
         assert o["output_ids"] == want["output_ids"] and o["meta_info"]["completion_tokens"] == n
-    assert len({o["meta_info"]["id"] for o in outs}) == 40  # each once
-    (tmp_path / "kv_samples.json").write_text(json.dumps({"still": still, "moving": moving}))
-    unbalanced, balanced = _kv_imbalance(still), _kv_imbalance(moving)
-    assert unbalanced > 1.99, unbalanced  # decode1 never held anything
+    assert len({o["meta_info"]["id"] for o in outs}) == len(payloads)  # each once
+    (tmp_path / "kv_samples.json").write_text(json.dumps({"moving": moving}))
+    balanced = _kv_imbalance(moving)
     assert balanced < 1.8, (balanced, len(moving), committed)
     assert_idle(cluster)
 
@@ -574,14 +610,14 @@ def test_client_gone_mid_migration_leaves_nothing_on_either_server(cluster, prom
     assert not {"attached", "reserved"} & set(_incoming(target_url).values())
 
 
-def test_a_lost_commit_reply_is_resolved_by_asking_the_target(cluster, prompt, tmp_path):
+def test_a_lost_commit_reply_is_resolved_by_asking_the_target(cluster, refs, prompt, tmp_path):
     """The target commits but its answer never reaches the router (injected): the router asks the target, which says
     committed, so the move stands: the request runs on the target only and the client gets the exact answer. Then
     a lost `in_reserve` reply: the move fails, the target frees what it holds, the request stays where it was."""
     with router_over(
         tmp_path, cluster.servers, cluster.decode_urls, "round_robin", "--ares-test-lose-reply", "in_commit"
     ) as r:
-        ref = generate(r.url, body(prompt, 200))
+        ref = copy.deepcopy(refs[200])
         events, answer = stream_and_migrate_via(r.url, cluster, body(prompt, 200), at_tokens=10)
         metrics = request(r.url + "/metrics")[2].decode()
     assert answer["status"] == 200 and answer["record"]["state"] == "committed", answer
@@ -628,7 +664,7 @@ def _incoming(url: str) -> dict:
 
 
 @pytest.mark.kills_a_server
-def test_target_killed_during_the_transfer_leaves_the_request_running_on_its_source(cluster, prompt, tmp_path):
+def test_target_killed_during_the_transfer_leaves_the_request_running_on_its_source(cluster, refs, prompt, tmp_path):
     """It kills a server (three shared decode servers: the next kill test still has two): B dies while A's
     KV is being copied; the move fails, the request never stopped on A, and the client gets the complete, unchanged
     output. A router of its own over the two live decode servers waits 2 s between pre-copy stages, so the kill
@@ -637,8 +673,8 @@ def test_target_killed_during_the_transfer_leaves_the_request_running_on_its_sou
     assert len(live) == 2, live
     slow = ("--ares-migrate-stage-delay", "2", "--ares-migrate-last-stage-tokens", "1")
     with router_over(tmp_path, cluster.servers, live, "round_robin", *slow) as r:
-        ref = generate(r.url, body(prompt, 150))
-        events, answer, killed = _move_and_kill(cluster, r.url, body(prompt, 150), victim="target")
+        ref = copy.deepcopy(refs[150])
+        events, answer, killed = _move_and_fault(cluster, r.url, body(prompt, 150), victim="target")
     assert killed, "the target was never seen reserving"
     rec = answer["record"]
     # B dies mid-read (its answer: the transfer failed) or before the next command (unreachable).
@@ -650,19 +686,24 @@ def test_target_killed_during_the_transfer_leaves_the_request_running_on_its_sou
     wait_for(lambda: get_json(source_url + "/ares/state")["used_tokens"] == 0, 60, "the source to free the KV")
 
 
-def _move_and_kill(cluster, router: str, payload: dict, victim: str) -> tuple[list[dict], dict, dict]:
-    """Stream `payload` through `router`; after 10 tokens migrate it to a live decode server other than its source
-    (named in the router's answer), and SIGKILL the `victim` ("source" or "target") once the target reserved."""
+def _move_and_fault(
+    cluster, router: str, payload: dict, victim: str, fault: Callable[[str], None] | None = None
+) -> tuple[list[dict], dict, dict]:
+    """Stream `payload` through `router`; after 10 tokens migrate it to a live decode server other than its source,
+    and once the target reserved, do `fault` (default: SIGKILL, `Cluster.kill`) to the `victim` ("source" or
+    "target"), by the cluster's name. `answer` holds the source and target by the cluster's names, and the router's
+    status and record; the last dict names the server the fault hit (empty if the target never reserved)."""
     events: list[dict] = []
     answer: dict = {}
-    killed: dict = {}
+    hit: dict = {}
+    do = fault or cluster.servers.kill  # SIGKILL to its process group (the shared servers are this session's)
 
-    def kill_once_reserved(source: str, target: str) -> None:
+    def fault_once_reserved(source: str, target: str) -> None:
         url = cluster.decode_urls[int(target[-1])]
         wait_for(lambda: "reserved" in _incoming(url).values(), 60, "the target to reserve", interval=0.02)
         name = source if victim == "source" else target
-        cluster.servers.kill(name)  # SIGKILL to its process group (the shared servers are this session's)
-        killed["name"] = name
+        do(name)
+        hit["name"] = name
 
     mover = None
     for event in stream_events(router + "/generate", payload):
@@ -675,13 +716,16 @@ def _move_and_kill(cluster, router: str, payload: dict, victim: str) -> tuple[li
                 for i, u in enumerate(cluster.decode_urls)
                 if f"decode{i}" != source and http_ok(u + "/health")
             )
-            threading.Thread(target=kill_once_reserved, args=(source, target)).start()
+            threading.Thread(target=fault_once_reserved, args=(source, target)).start()
 
-            def run(rid: str = meta["id"], to: str = target) -> None:
+            answer["target"] = target
+
+            # By URL: the router (over the live servers only, after a kill) may number its servers differently.
+            def run(rid: str = meta["id"], to: str = cluster.decode_urls[int(target[-1])]) -> None:
                 answer["status"], answer["record"] = migrate(router, rid, to)
 
             mover = threading.Thread(target=run)
             mover.start()
     assert mover is not None
     mover.join()
-    return events, answer, killed
+    return events, answer, hit

@@ -175,7 +175,7 @@ def test_endpoints_answer_and_echo_request_ids(cluster, backends):
     out = json.loads(body)
     assert status == 200 and len(out["output_ids"]) == 3
     assert headers["X-Request-Id"] == "body-chosen-id"
-    log = (cluster.log_dir / "router.log").read_text()
+    log = cluster.router.log_text()
     assert f"rid=body-chosen-id /generate attempt 1 -> prefill0, {headers['X-Ares-Decode']} (backend rid " in log
     assert "rid=client-chosen-id /v1/chat/completions attempt 1" in log
     status, _, body = _request(r + "/generate", {**gen, "stream": True})
@@ -261,7 +261,7 @@ def test_sglang_benchmark_serving_has_no_failed_request(cluster, backends, tiny_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text().splitlines()[-1])
     errors = sorted({e[-500:] for e in result["errors"] if e})
-    router_log = (cluster.log_dir / "router.log").read_text().splitlines()
+    router_log = cluster.router.log_text().splitlines()
     router_warnings = [ln for ln in router_log if " WARNING " in ln or " ERROR " in ln]
     assert result["completed"] == n, (errors, router_warnings[-20:])
     assert "Failed requests" not in proc.stdout or "Failed requests: 0" in proc.stdout.replace("  ", " ")
@@ -383,7 +383,7 @@ def test_client_disconnect_aborts_on_prefill_and_decode(cluster, backends):
     _wait(lambda: _json(r + "/ares/cluster")["inflight"] == 0, what="router bookkeeping to drain")
     for rid in ("disconnect-stream", "disconnect-blocking"):
         line = f"rid={rid} client disconnected; aborting"
-        _wait(lambda ln=line: ln in (cluster.log_dir / "router.log").read_text(), what=f"the log line {line!r}")
+        _wait(lambda ln=line: ln in cluster.router.log_text(), what=f"the log line {line!r}")
 
 
 def test_backend_failing_before_first_token_is_retried_elsewhere(backends, tmp):
