@@ -57,7 +57,7 @@ class RemoteFlight:
     rid: str  # the first backend rid
     worker: int
     endpoint: str
-    why: str | None  # why it cannot move (`splice.not_migratable`), None if it can
+    why: str | None  # why it cannot move (`wire.not_migratable`), None if it can
     client_rid: str
     hops: list[Hop]  # where it ran and runs, under which backend rid
     moving: _Moving | None = None  # set while a move is under way

@@ -31,8 +31,9 @@ from ares_router.policy.gate import RebalanceGate
 from ares_router.poller import Poller
 from ares_router.protocol import GENERATE, APIError, ParsedRequest, check_model, parse_request
 from ares_router.relay import SSE_DONE, HopFailed, StreamRelay, completion_tokens, joined_answer, last_event_tokens
-from ares_router.splice import Splicer, not_migratable
+from ares_router.splice import Splicer
 from ares_router.state import Backend, RouterState
+from ares_router.wire import not_migratable
 
 log = logging.getLogger("ares_router")
 

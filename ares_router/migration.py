@@ -23,8 +23,9 @@ import aiohttp
 import orjson
 
 from ares_router.backends import JSON_HEADERS, bootstrap_fields
-from ares_router.protocol import GENERATE, MID_PARAM, MIGRATE_CMD_PATH
+from ares_router.protocol import GENERATE
 from ares_router.state import Backend
+from ares_router.wire import MID_PARAM, MIGRATE_CMD_PATH
 
 log = logging.getLogger("ares_router.migration")
 
@@ -147,6 +148,10 @@ class MigrationFailed(Exception):
         self.refused = refused
 
 
+# A connection that broke without an answer (a command may be tried once more); a refused connect is one of them.
+_BROKEN = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
+
+
 @dataclass(frozen=True)
 class Commands:
     """Sends migration commands to the decode servers over the router's pool, with the servers' admin key (their
@@ -159,15 +164,27 @@ class Commands:
     lose_replies: frozenset[str] = frozenset()
 
     async def __call__(self, server: Backend, msg: dict, timeout_s: float = 120.0) -> dict:
-        """One command to `server`; its answer, or MigrationFailed naming the server and reason."""
-        try:
-            async with self.session.post(
-                server.url + MIGRATE_CMD_PATH, data=orjson.dumps(msg), headers={**JSON_HEADERS, **self.headers},
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-            ) as resp:  # fmt: skip
-                body = await resp.read()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            raise MigrationFailed(f"{server.name} unreachable: {type(e).__name__}") from None
+        """One command to `server`; its answer, or MigrationFailed naming the server and reason.
+
+        A connection that breaks before any answer (reset, closed by the server) is tried once more on a fresh
+        one: the pool reuses idle connections that SGLang's server (uvicorn, 5 s keep-alive) may be closing just
+        then, and a server resumed after a stop closes the connections it held idle, with the command unread.
+        Every command is safe to repeat: the agent answers a repeated state-changing command once (by migration
+        id and command), and the others only read or copy the same positions again."""
+        for attempt in range(2):
+            try:
+                async with self.session.post(
+                    server.url + MIGRATE_CMD_PATH, data=orjson.dumps(msg), headers={**JSON_HEADERS, **self.headers},
+                    timeout=aiohttp.ClientTimeout(total=timeout_s),
+                ) as resp:  # fmt: skip
+                    body = await resp.read()
+                break
+            except _BROKEN as e:
+                if attempt or isinstance(e, aiohttp.ClientConnectorError):  # refused: the server is down
+                    raise MigrationFailed(f"{server.name} unreachable: {type(e).__name__}") from None
+                log.info("%s %s: connection broke before an answer (%r); trying once more", server.name, msg["cmd"], e)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                raise MigrationFailed(f"{server.name} unreachable: {type(e).__name__}") from None
         try:
             answer = orjson.loads(body)
         except orjson.JSONDecodeError:

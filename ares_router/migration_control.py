@@ -22,8 +22,8 @@ from ares_router.policy import Migration as PolicyMigration
 from ares_router.policy import NewRequest, plan_rebalance
 from ares_router.policy.gate import RebalanceGate
 from ares_router.protocol import APIError
-from ares_router.splice import not_migratable
 from ares_router.state import Backend, RouterState
+from ares_router.wire import not_migratable
 
 log = logging.getLogger("ares_router")
 
@@ -70,7 +70,7 @@ class MigrationControl:
 
     @staticmethod
     def _why_not_migratable(flight: InFlight) -> str | None:
-        """Why the relayed request cannot move, or None (`splice.not_migratable` of its endpoint and body)."""
+        """Why the relayed request cannot move, or None (`wire.not_migratable` of its endpoint and body)."""
         return not_migratable(flight.endpoint, flight.body)
 
     def _flight_of(self, rid: str) -> InFlight | None:

@@ -42,12 +42,11 @@ from ares_router.policy import ClusterSnapshot, InstanceState, build_snapshot
 from ares_router.pollclient import BadResponse, ConnectFailed, PollClient
 from ares_router.reports import BadPayload, parse_ares_state, parse_models, parse_v1_loads
 from ares_router.state import Backend, DecodeLoad, RouterState
+from ares_router.wire import STATE_PATH, STATE_QUERY
 
 log = logging.getLogger("ares_router.poller")
 
 LOADS_PATH = "/v1/loads?include=core,disagg,queues"
-ARES_STATE_PATH = "/ares/state"
-ARES_STATE_QUERY = "?format=columns"  # ask for version 2; a version-1 server ignores it
 MODELS_PATH = "/v1/models"
 SERVER_INFO_PATH = "/server_info"
 ASSEMBLE_SLICE_S = 0.001  # the longest stretch the rebuild assembles instances on the event loop before yielding
@@ -131,7 +130,7 @@ class Poller:
         self._client: PollClient | None = None
         self._tasks: list[asyncio.Task] = []  # one poll task per server, and the rebuild task
         self._models_inflight: dict[str, asyncio.Task] = {}  # backend name -> its model-list fetch
-        self.ares_state_url_path = ARES_STATE_PATH + ARES_STATE_QUERY  # what decode servers are asked for
+        self.ares_state_url_path = STATE_PATH + STATE_QUERY  # what decode servers are asked for
         self.rounds = 0  # snapshot rebuilds (each one a "round" for `on_round` and the metrics)
         # The last round: the longest single poll (HTTP + parse) since the previous rebuild, the rebuild's wall time
         # and the part of it that held the event loop (the rest ran in the worker thread).
@@ -340,7 +339,7 @@ class Poller:
                 elif status == 404:
                     self._no_ares_state[d.index] = time.monotonic()
                 else:
-                    raise BadPayload(f"{ARES_STATE_PATH} answered {status}")
+                    raise BadPayload(f"{STATE_PATH} answered {status}")
             if load is None:
                 url = d.url + LOADS_PATH
                 status, raw = await self._get(url)

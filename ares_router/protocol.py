@@ -43,13 +43,6 @@ GENERATE = "/generate"  # SGLang's native endpoint: no `model` field, its own er
 SGLANG_DEFAULT_MODEL = "default"
 MODEL_NOT_FOUND = "model_not_found"
 
-# Live migration on the wire, shared by the router and the decode servers' migration agent (`ares.migration`):
-# the command endpoint of every `--ares` decode server, the `custom_params` key that marks the router's copy of a
-# moving request on its target, and the finish message that ends a request's stream on a server it left.
-MIGRATE_CMD_PATH = "/ares/migrate/cmd"
-MID_PARAM = "ares_mid"
-MIGRATED_PREFIX = "ares_migrated:"
-
 
 def error_type(status: int) -> str:
     """SGLang-style error type for an HTTP status: 400 -> BadRequestError, 503 -> ServiceUnavailableError."""

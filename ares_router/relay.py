@@ -18,9 +18,10 @@ import orjson
 from aiohttp import web
 
 from ares_router.migration import InFlight, Migration
-from ares_router.protocol import GENERATE, MIGRATED_PREFIX, APIError
+from ares_router.protocol import GENERATE, APIError
 from ares_router.splice import Splicer
 from ares_router.state import Tracked
+from ares_router.wire import MIGRATED_PREFIX
 
 SSE = b"data:"
 SSE_DONE = b"data: [DONE]"

@@ -1,50 +1,7 @@
 """What decode servers report about their load, and how the router reads it (`parse_ares_state`,
 `parse_v1_loads`, `parse_models`); the poller (`ares_router/poller.py`) asks, this module reads.
 
-`/ares/state` is served by decode servers started with `--ares`. The router always asks with `?format=columns` and
-reads whichever version the body declares, so a server that only knows version 1 (and ignores the query) keeps
-working. Unknown keys are ignored in both versions.
-
-Version 1 (rows; what `GET /ares/state` without the query returns):
-
-    {"version": 1,
-     "capacity_tokens": int,     # KV pool size in tokens
-     "used_tokens": int,         # KV tokens in use now
-     "queued_reqs": int,         # waiting, preallocating, transferring or retracted requests (optional, default 0)
-     "migration": {"version": 1, "reserved_tokens": int, "in": int, "out": int,   # optional: servers that
-                   "kv_bytes_per_token": float},                                # migrate (the router reads the last)
-     "requests": [               # running requests
-        {"rid": str,
-         "prompt_tokens": int,
-         "generated_tokens": int,
-         "predicted_remaining": float | null,   # the length head's prediction of tokens still to come
-         "predicted_p90": float | null}]}       # optional upper quantile of the same
-
-Version 2 (columns; the answer to `GET /ares/state?format=columns`): the same numbers, one entry per field, so the
-router turns each field into a numpy array in one call instead of building a Python dict per request (at 256
-instances x 256 running requests, version 1 costs more than a 100 ms poll interval allows on one core):
-
-    {"version": 2,
-     "capacity_tokens": int,
-     "used_tokens": int,
-     "queued_reqs": int,              # optional, default 0
-     "migration": {...},              # optional, as in version 1
-     "rids": [str, ...],              # the n running requests, any order; row k of every column is rids[k]
-     "prompt_tokens": COLUMN,         # n token counts (int32)
-     "generated_tokens": COLUMN,      # n token counts (int32)
-     "predicted_remaining": COLUMN,   # n predictions (float32); NaN/null: no prediction yet for that request.
-                                      #   The key may also be null or absent: no predictions at all (no head)
-     "predicted_p90": COLUMN}         # optional, as predicted_remaining
-
-    COLUMN = a base64 string (RFC 4648, with padding) of the n values as little-endian binary: int32 (`<i4`) for
-             the two token counts, float32 (`<f4`) for the predictions, NaN for "no prediction"; this is the fast
-             form: numpy.frombuffer, no Python object per value. Server side, e.g.
-             base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
-           | a JSON array of n numbers (null for "no prediction"): the readable form, same meaning, ~5x slower to
-             read (one Python object per value).
-
-Every column has exactly n values (n = 0: "" or []); token counts must be finite and >= 0; a body that breaks this
-is a bad poll (`BadPayload`), like a missing key.
+The schema of `/ares/state` (both versions) is in `ares_router.wire`.
 """
 
 from __future__ import annotations

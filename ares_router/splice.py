@@ -23,36 +23,13 @@ from typing import Any
 
 import orjson
 
-from ares_router.protocol import GENERATE, MIGRATED_PREFIX
+from ares_router.wire import CHAT, COMPLETIONS, MIGRATED_PREFIX
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-MIGRATABLE_ENDPOINTS = (GENERATE, COMPLETIONS, CHAT)
 # Stand-ins for the spliced fields while an event is encoded (then replaced by the joined bytes): random, so no
 # text a model writes can be one.
 _MARK = uuid.uuid4().hex
 _TEXT_MARK = f"ares-text-{_MARK}"
 _IDS_MARK = f"ares-ids-{_MARK}"
-
-
-def not_migratable(endpoint: str, body: dict) -> str | None:
-    """Why a request to `endpoint` with this body cannot move (state that lives in A's HTTP handler, or several
-    requests behind one id), or None. What lives in A's scheduler (grammar, logprobs, penalties) A checks itself."""
-    if endpoint not in MIGRATABLE_ENDPOINTS:
-        return f"requests to {endpoint} cannot migrate (only {', '.join(MIGRATABLE_ENDPOINTS)})"
-    if endpoint == GENERATE:
-        return None
-    if (body.get("n") or 1) != 1:
-        return "n > 1 (several choices behind one id)"
-    if body.get("echo"):
-        return "echo (B would echo the prompt again)"
-    if body.get("logprobs") or body.get("top_logprobs"):
-        return "logprobs"
-    if body.get("tools") or body.get("functions"):
-        return "tools (the tool-call parser's state lives in A's handler)"
-    if body.get("response_format") or body.get("regex") or body.get("ebnf") or body.get("json_schema"):
-        return "constrained decoding"
-    return None
 
 
 def _finish(obj: dict) -> Any:

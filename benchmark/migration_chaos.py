@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from ares.cluster import Cluster, ClusterSpec  # noqa: E402
 from ares.migration.chaos import OK_VERDICTS, VERDICTS, Answer, verdict  # noqa: E402
 from ares.models import prepare_model  # noqa: E402
-from ares_router.protocol import MIGRATE_CMD_PATH  # noqa: E402
+from ares_router.wire import MIGRATE_CMD_PATH  # noqa: E402
 
 ENDPOINTS = ("/generate", "/v1/chat/completions", "/v1/completions")
 INTERNAL = b"ares_migrated"

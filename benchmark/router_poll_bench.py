@@ -248,8 +248,9 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
     reports are in each snapshot."""
     from tqdm import tqdm
 
-    from ares_router.poller import ARES_STATE_PATH, ARES_STATE_QUERY, Poller
+    from ares_router.poller import Poller
     from ares_router.state import RouterState
+    from ares_router.wire import STATE_PATH, STATE_QUERY
 
     n = len(urls)
     state = RouterState.create([(urls[0], 8998)], urls, "ares", seed=0)
@@ -263,9 +264,9 @@ async def measure(urls: list[str], fmt: str, args: argparse.Namespace, progress:
             tracked += 1
     poller = Poller(state, interval_s=3600.0, timeout_s=args.poll_timeout)  # rounds run by hand below
     if fmt == "v1":
-        poller.ares_state_url_path = ARES_STATE_PATH  # ask as a router that only knew version 1 did (no query)
+        poller.ares_state_url_path = STATE_PATH  # ask as a router that only knew version 1 did (no query)
     elif fmt == "v2-lists":  # the stand-in then answers version 2 with JSON arrays (a server's choice)
-        poller.ares_state_url_path = ARES_STATE_PATH + ARES_STATE_QUERY + "&bench=v2-lists"
+        poller.ares_state_url_path = STATE_PATH + STATE_QUERY + "&bench=v2-lists"
     await poller.start()
     for _ in range(min(args.warmup, 2) if slow else args.warmup):
         await poller.poll_once()

@@ -11,8 +11,9 @@ from ares_router.migration import Hop, InFlight, Migration
 from ares_router.policy import Migration as PolicyMigration
 from ares_router.policy.gate import RebalanceGate, RebalanceLimits
 from ares_router.reports import parse_ares_state
-from ares_router.splice import Splicer, not_migratable
+from ares_router.splice import Splicer
 from ares_router.state import Backend, RouterState
+from ares_router.wire import not_migratable
 
 
 def test_stage_sends_complete_pages_only():

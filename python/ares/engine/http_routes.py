@@ -16,12 +16,10 @@ from fastapi import Request, Response
 
 from ares.config import AresServerConfig
 from ares.engine.state_report import COLUMNS
-from ares_router.protocol import MIGRATE_CMD_PATH
+from ares_router.wire import MIGRATE_CMD_PATH, STATE_PATH
 
 logger = logging.getLogger("ares.engine")
 
-STATE_PATH = "/ares/state"
-MIGRATE_PATH = MIGRATE_CMD_PATH
 
 
 class IpcClient:
@@ -118,5 +116,5 @@ def add_routes(config: AresServerConfig) -> None:
 
     auth_level(AuthLevel.ADMIN_OPTIONAL)(migrate_cmd)  # SGLang's middleware reads the mark off the endpoint
     app.add_api_route(STATE_PATH, ares_state, methods=["GET"])
-    app.add_api_route(MIGRATE_PATH, migrate_cmd, methods=["POST"])
-    logger.info("ARES: %s and %s served from %s", STATE_PATH, MIGRATE_PATH, config.state_ipc)
+    app.add_api_route(MIGRATE_CMD_PATH, migrate_cmd, methods=["POST"])
+    logger.info("ARES: %s and %s served from %s", STATE_PATH, MIGRATE_CMD_PATH, config.state_ipc)
