@@ -15,6 +15,7 @@ when the last read returns.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +25,15 @@ from ares.migration.commands import Answers, CommandError, TickQueue, dispatch
 from ares.migration.commands import migration_service as _service
 from ares.migration.pages import page_pairs, page_runs, read_batch, split_batches
 from ares.migration.transfer import TransferWorker
-from ares_router.protocol import MID_PARAM, MIGRATED_PREFIX
+from ares_router.wire import MID_PARAM, MIGRATED_PREFIX
 
 logger = logging.getLogger("ares.migration")
 
 __all__ = ["ARRIVED_ATTR", "MID_PARAM", "CommandError", "MigrationAgent", "migration_service", "prompt_digest"]
 
-IDLE_TTL_S = 60.0  # B frees an incoming migration no command touched for this long (A or R gone silent)
+# B frees an incoming migration no command touched for this long (A or the router gone silent, e.g. a router that
+# died mid-migration). The environment variable sets it for a server (tests shorten it).
+IDLE_TTL_S = float(os.environ.get("ARES_MIGRATE_IDLE_TTL_S", "60"))
 KEPT_RECORDS = 256  # ended records kept per direction for `status`
 
 # Set on a request once its migration committed here (see `MigrationAgent.attach`).
