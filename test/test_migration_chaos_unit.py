@@ -236,3 +236,73 @@ def test_a_killed_server_restarts_on_its_port(tmp_path):
     finally:
         cluster.stop()
     assert cluster.pids == {}
+
+
+# -- what the chaos run found ----------------------------------------------------------------------------------------
+def test_a_command_whose_connection_broke_without_an_answer_is_sent_once_more():
+    """The chaos run's failed moves `unreachable: ClientOSError`: the router's pool reused a connection the server
+    was closing (SGLang's uvicorn keeps idle connections 5 s, aiohttp's pool 15 s; a server resumed after SIGSTOP
+    closes the ones it held idle, the command unread). The command is sent once more; a refused connect (the
+    server is down) and an error answer are not."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from ares_router.migration import Commands, MigrationFailed
+
+    async def run() -> None:
+        calls: list[str] = []
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            calls.append((await request.json())["cmd"])
+            if len(calls) == 1:
+                assert request.transport is not None
+                request.transport.close()  # the connection breaks before any answer
+                return web.Response()
+            if len(calls) == 3:
+                return web.json_response({"status": 409, "reason": "finished"}, status=409)
+            return web.json_response({"status": 200, "n": len(calls)})
+
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handler)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession() as session:
+                cmds = Commands(session)
+                backend = Backend("decode", 0, str(server.make_url("")).rstrip("/"))
+                assert (await cmds(backend, {"cmd": "out_pause", "mid": "m"}))["n"] == 2
+                assert calls == ["out_pause", "out_pause"]
+                with pytest.raises(MigrationFailed, match="finished") as refused:
+                    await cmds(backend, {"cmd": "out_slots", "mid": "m"})
+                assert refused.value.refused and len(calls) == 3  # an answer, even an error, is not repeated
+                down = Backend("decode", 1, f"http://127.0.0.1:{free_ports(1)[0]}")
+                with pytest.raises(MigrationFailed, match="unreachable: ClientConnectorError"):
+                    await cmds(down, {"cmd": "out_begin", "mid": "m"})
+        finally:
+            await server.close()
+
+    asyncio.run(run())
+
+
+def test_a_repeated_pause_answers_the_paused_state_again():
+    """The router may now repeat `out_pause` (above): the agent answers the first answer again instead of running
+    it twice (a second run would find the request out of the batch and answer 409 not_running)."""
+    from ares.migration.commands import Answers, CommandError, dispatch
+
+    class Source:
+        runs = 0
+
+        def cmd_out_pause(self, msg: dict) -> dict:
+            self.runs += 1
+            if self.runs > 1:
+                raise CommandError(409, "not_running")
+            return {"output_ids": [7, 8], "written": 9, "slots": [1]}
+
+    src, answers = Source(), Answers()
+    first = dispatch(src, answers, {"cmd": "out_pause", "mid": "m1"})
+    again = dispatch(src, answers, {"cmd": "out_pause", "mid": "m1"})
+    assert first == {"status": 200, "output_ids": [7, 8], "written": 9, "slots": [1]}
+    assert again == {**first, "repeated": True} and src.runs == 1

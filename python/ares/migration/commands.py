@@ -104,7 +104,10 @@ class Answers:
             self._answers.popitem(last=False)
 
 
-REPEATABLE = frozenset({"out_begin", "in_reserve", "in_commit", "out_finalize", "out_resume", "in_abort"})
+# Commands that change state, answered once per migration id: a repeat gets the first answer and does nothing (the
+# router repeats a command whose connection broke). `out_pause` too: repeated, it would find the request already
+# out of the batch (409) instead of answering its paused state again.
+REPEATABLE = frozenset({"out_begin", "in_reserve", "out_pause", "in_commit", "out_finalize", "out_resume", "in_abort"})
 
 
 def dispatch(handlers: Any, answers: Answers, msg: dict) -> dict:
