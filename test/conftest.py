@@ -7,13 +7,17 @@ nothing silently skips there. Data found missing deeper down (`ares.shared_data.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
+from http_helpers import request
 
 from ares.cluster import Cluster, ClusterSpec
 from ares.cluster.router_proc import RouterProcess, is_sglang, policy_router
@@ -24,6 +28,7 @@ from ares.shared_data import ENV, MissingDataError, data_root
 # `--num-reserved-decode-tokens` (small, so that KV, not SGLang's per-request reserve, is what fills a pool).
 SERVER_KEY = "server-admin-key"
 SERVER_RESERVE = 64
+SERVER_IDLE_TTL_S = 15
 
 
 def _missing_data(reason: str) -> BaseException:
@@ -106,20 +111,58 @@ def ares_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The suite's one cluster of real ARES servers, started once: SmolLM2-135M (its length head ships with ARES),
     1 prefill + 3 `--ares` decode servers (Mooncake TCP on loopback) with SGLang's `--admin-api-key SERVER_KEY`,
     per-token predictions in the responses and a small reserve. No router of its own: each module puts the routers
-    it needs in front (`routed`, `router_over`), which start in seconds where a cluster takes a minute or more."""
-    with running_cluster(
-        tmp_path_factory.mktemp("ares-servers"),
-        model_path=str(prepare_model("smollm2")),
-        n_prefill=1,
-        n_decode=3,
-        ares=True,
-        ares_args=("--ares-return-predictions",),
-        max_total_tokens=8192,
-        router="ares",
-        start_router=False,
-        extra_server_args=("--num-reserved-decode-tokens", str(SERVER_RESERVE), "--admin-api-key", SERVER_KEY),
-    ) as cluster:
+    it needs in front (`routed`, `router_over`), which start in seconds where a cluster takes a minute or more.
+    A target frees an incoming migration no command touched for `SERVER_IDLE_TTL_S` (60 s by default), so the test
+    of a router dying mid-migration waits that long, not a minute."""
+    cluster = Cluster(
+        ClusterSpec(
+            model_path=str(prepare_model("smollm2")),
+            n_prefill=1,
+            n_decode=3,
+            ares=True,
+            ares_args=("--ares-return-predictions",),
+            max_total_tokens=8192,
+            router="ares",
+            start_router=False,
+            extra_server_args=("--num-reserved-decode-tokens", str(SERVER_RESERVE), "--admin-api-key", SERVER_KEY),
+        ),
+        log_dir=tmp_path_factory.mktemp("ares-servers") / "logs",
+    )
+    with patch.dict(os.environ, {"ARES_MIGRATE_IDLE_TTL_S": str(SERVER_IDLE_TTL_S)}):  # the servers' environment
+        cluster.start()
+    try:
         yield cluster
+    finally:
+        cluster.stop()
+
+
+def greedy_body(prompt: list[int], max_new_tokens: int) -> dict:
+    """A `/generate` body: greedy, exactly `max_new_tokens` new tokens (EOS ignored)."""
+    return {
+        "input_ids": prompt,
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
+    }
+
+
+PROMPT = list(range(300, 360))  # the migration tests' prompt
+REF_LENGTHS = (40, 60, 100, 120, 150, 200, 300, 400)  # the max_new_tokens of its references (`refs`)
+
+
+@pytest.fixture(scope="session")
+def refs(ares_servers: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    """The unmigrated greedy `/generate` answer to `PROMPT` at every length the migration tests use, computed once a
+    session, all at once (one batch across the shared servers) rather than one by one before each test. Tests
+    change what they compare, so each takes a copy."""
+    with (
+        router_over(tmp_path_factory.mktemp("refs-router"), ares_servers, ares_servers.decode_urls, "round_robin") as r,
+        ThreadPoolExecutor(len(REF_LENGTHS)) as pool,
+    ):
+        answers = pool.map(lambda n: request(r.url + "/generate", greedy_body(PROMPT, n), timeout=600), REF_LENGTHS)
+        out = {}
+        for n, (status, _, raw) in zip(REF_LENGTHS, answers, strict=True):
+            assert status == 200, raw[:300]
+            out[n] = json.loads(raw)
+        return out
 
 
 def prefills(cluster: Cluster) -> list[tuple[str, int]]:

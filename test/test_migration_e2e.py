@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
-from conftest import SERVER_KEY, SERVER_RESERVE, routed, router_over
+from conftest import PROMPT, SERVER_KEY, SERVER_RESERVE, routed, router_over
+from conftest import greedy_body as body
 from http_helpers import get_json, request, stream_events, wait_for
 
 from ares.cluster.launcher import http_ok
@@ -35,13 +36,6 @@ def cluster(ares_servers, tmp_path_factory):
     with routed(ares_servers, log_dir, "round_robin", "--ares-migrate-stage-delay", "0.2",
                 "--ares-migrate-last-stage-tokens", "4") as c:  # fmt: skip
         yield c
-
-
-def body(prompt: list[int], max_new_tokens: int) -> dict:
-    return {
-        "input_ids": prompt,
-        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
-    }
 
 
 def generate(url: str, payload: dict) -> dict:
@@ -142,25 +136,9 @@ def assert_idle(cluster) -> None:
     wait_for(idle, 60, "both decode servers to hold no KV")
 
 
-PROMPT = list(range(300, 360))
-REF_LENGTHS = (40, 60, 100, 120, 150, 200, 300, 400)  # the max_new_tokens of the `/generate` references
-
-
 @pytest.fixture(scope="module")
 def prompt():
     return PROMPT
-
-
-@pytest.fixture(scope="session")
-def refs(ares_servers, tmp_path_factory) -> dict[int, dict]:
-    """The unmigrated greedy `/generate` answer to `PROMPT` at every length the tests use, computed once, all at
-    once (one batch across the servers) rather than one by one before each test. Use a copy (`ref(n)`)."""
-    log_dir = tmp_path_factory.mktemp("refs-router")
-    with (
-        router_over(log_dir, ares_servers, ares_servers.decode_urls, "round_robin") as r,
-        ThreadPoolExecutor(len(REF_LENGTHS)) as pool,
-    ):
-        return dict(zip(REF_LENGTHS, pool.map(lambda n: generate(r.url, body(PROMPT, n)), REF_LENGTHS), strict=True))
 
 
 def test_streaming_request_moves_mid_stream_and_the_client_sees_one_unchanged_stream(cluster, refs, prompt):
@@ -553,7 +531,7 @@ def _run_pinned(router: str, payloads: list[dict], decode_urls: list[str]) -> tu
 def test_sixteen_requests_on_one_server_are_rebalanced_with_exact_outputs_and_no_leak(cluster, tmp_path):
     """16 requests of very different lengths all placed on decode0 (decode1 would idle without rebalancing: a KV
     imbalance of 2): with rebalancing by current load (the `current_migrate` plan) requests move, the imbalance
-    falls well below 2, every request completes once with its unmoved answer (computed meanwhile on decode2), and
+    falls well below 2, every request completes once with its unmoved answer (computed after, unmoved), and
     both servers end holding no KV. The first peak (all prompts arriving at once) comes before any move can:
     placement decides it. 300-token prompts put enough KV in use (~60% of decode0's pool) for the current-load plan
     to act on (it moves while the gap is above 20% of a pool); they share a 280-token prefix, which the prefill
@@ -570,11 +548,11 @@ def test_sixteen_requests_on_one_server_are_rebalanced_with_exact_outputs_and_no
         "--ares-migrate-confirm-rounds", "1", "--ares-migrate-per-instance", "3", "--ares-migrate-max-concurrent", "3",
         "--reserve-tokens", str(RESERVE),
     )  # fmt: skip
-    with answers_on_the_spare(cluster, tmp_path, payloads) as references:
-        with router_over(tmp_path, cluster.servers, pair, "round_robin", *rebalance) as r:
-            outs, moving = _run_pinned(r.url, payloads, pair)
-            migrations = get_json(r.url + "/ares/migrations")["migrations"]
-        ref = references()
+    with router_over(tmp_path, cluster.servers, pair, "round_robin", *rebalance) as r:
+        outs, moving = _run_pinned(r.url, payloads, pair)
+        migrations = get_json(r.url + "/ares/migrations")["migrations"]
+    with ThreadPoolExecutor(len(payloads)) as pool:  # after the run, spread over the three servers: quicker
+        ref = list(pool.map(lambda p: generate(cluster.router_url, p), payloads))  # than all 16 beside it on one
     committed = [m for m in migrations if m["state"] == "committed"]
     assert len(committed) >= 3, migrations
     assert {o["decode"] for o in outs} == {"decode0"}  # where they were placed
