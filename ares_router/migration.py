@@ -241,6 +241,10 @@ async def run_migration(
             except MigrationFailed as e:
                 if "not_attached" not in e.reason or time.monotonic() > deadline:
                     raise
+                if m.target_response.done() and (failed := _attach_failure(m.target_response)):
+                    # R's request to B broke (e.g. a connection B closed when it resumed after a stop): it will
+                    # never attach, so fail now instead of waiting out the attach timeout.
+                    raise MigrationFailed(f"{target.name} never got the request: {failed}") from None
                 await asyncio.sleep(0.02)
         sent = 0
         ps = int(layout["page_size"])
@@ -293,6 +297,14 @@ async def run_migration(
         m.total_s = time.monotonic() - m.t_start
     if m.state == "committed":
         await _finalize(cmds, source, m)
+
+
+def _attach_failure(task: asyncio.Task) -> str | None:
+    """Why R's request to the target (a finished task) failed, or None if it got a response."""
+    if task.cancelled():
+        return "cancelled"
+    e = task.exception()
+    return None if e is None else f"{type(e).__name__}: {e}"[:200]
 
 
 async def _resolve_commit(cmds: Commands, target: Backend, m: Migration, why: str) -> bool:

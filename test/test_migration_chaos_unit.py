@@ -306,3 +306,48 @@ def test_a_repeated_pause_answers_the_paused_state_again():
     again = dispatch(src, answers, {"cmd": "out_pause", "mid": "m1"})
     assert first == {"status": 200, "output_ids": [7, 8], "written": 9, "slots": [1]}
     assert again == {**first, "repeated": True} and src.runs == 1
+
+
+def test_a_move_whose_request_never_reached_the_target_fails_at_once():
+    """The second chaos run's `in_reserve: not_attached` failures: R's request to the target broke (sent while the
+    target was SIGSTOPped), so it could never attach, and the move waited out the 30 s attach timeout. Now it fails
+    as soon as that request has failed, and is undone (the request goes on on its source)."""
+    import asyncio
+
+    import aiohttp
+
+    from ares_router.migration import MigrationFailed, MigrationLimits, run_migration
+
+    class Session:
+        async def _reset(self) -> None:
+            raise aiohttp.ClientOSError(104, "Connection reset by peer")
+
+        def post(self, url: str, data: bytes | None = None, headers: dict | None = None):
+            return self._reset()
+
+    class FakeCommands:
+        session = Session()
+
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, str]] = []
+
+        async def __call__(self, server: Backend, msg: dict, timeout_s: float = 120.0) -> dict:
+            self.sent.append((server.name, msg["cmd"]))
+            if msg["cmd"] == "out_begin":
+                return {"layout": {"page_size": 1}, "prompt_digest": "d", "output_ids": [5]}
+            if msg["cmd"] == "in_reserve":
+                raise MigrationFailed(f"{server.name} in_reserve: HTTP 404 not_attached", True)
+            return {}
+
+    d = [Backend("decode", i, f"http://127.0.0.1:{9000 + i}") for i in range(2)]
+    p = Backend("prefill", 0, "http://127.0.0.1:8999", bootstrap_port=8998)
+    flight = InFlight.create("r1", "/generate", {"input_ids": [1, 2]}, True, p, d[0])
+    m = Migration("m1", "r1", "decode0", "decode1")
+    flight.moves.append(m)
+    cmds = FakeCommands()
+    t0 = time.monotonic()
+    asyncio.run(run_migration(cmds, flight, d[1], MigrationLimits(attach_timeout_s=30.0), m))
+    assert m.state == "failed" and "never got the request" in m.reason and "ClientOSError" in m.reason, m
+    assert time.monotonic() - t0 < 10  # not the 30 s attach timeout
+    assert ("decode1", "in_abort") in cmds.sent and ("decode0", "out_resume") in cmds.sent
+    assert [h.decode.name for h in flight.hops] == ["decode0"]
