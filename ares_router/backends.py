@@ -21,6 +21,7 @@ import orjson
 from ares_router.state import Backend
 
 log = logging.getLogger("ares_router.backends")
+BACKEND_KEEPALIVE_S = 4.0  # below uvicorn's 5 s keep-alive (SGLang's HTTP server)
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -85,9 +86,11 @@ class PDClient:
         """A client with an unlimited pool (200 concurrent streams need 400 connections) and no read timeout by
         default: a long generation is not an error."""
         timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s)
-        session = aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None), auto_decompress=False
-        )
+        # Idle pooled connections are dropped before SGLang's server (uvicorn, keep-alive 5 s) drops them: a request
+        # sent on a connection the server is closing fails with a reset, and the router would take the server for
+        # dead until its next poll (the chaos benchmark lost 22 requests so with aiohttp's default of 15 s).
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=BACKEND_KEEPALIVE_S)
+        session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
         return cls(session)
 
     async def close(self) -> None:
