@@ -154,12 +154,17 @@ class Dispatch:
         self.client_rids[rid] = flight.rid
 
     def _flight_ended(self, rid: str, flight: InFlight) -> None:
-        """Forget a request that finished, failed or was aborted (every id it had, its bookkeeping)."""
+        """Forget a request that finished, failed or was aborted (every id it had, its bookkeeping, the gate's
+        history of it)."""
+        self._drop_flight(rid, flight)
+        self.gate.forget([flight.rid])
+
+    def _drop_flight(self, rid: str, flight: InFlight) -> None:
+        """Forget every id of a request that ended, and its row in the state (a relay worker's `_flight_ended` too)."""
         self.state.finish(flight.backend_rid)
         self.inflight.pop(flight.rid, None)
         for hop in flight.hops:
             self.hop_rids.pop(hop.rid, None)
-        self.gate.forget([flight.rid])
         if self.client_rids.get(rid) == flight.rid:
             del self.client_rids[rid]
 

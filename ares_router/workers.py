@@ -243,12 +243,8 @@ class RelayWorker(Router):
         )  # fmt: skip
 
     def _flight_ended(self, rid: str, flight: InFlight) -> None:
-        self.state.finish(flight.backend_rid)
-        self.inflight.pop(flight.rid, None)
-        for hop in flight.hops:
-            self.hop_rids.pop(hop.rid, None)
-        if self.client_rids.get(rid) == flight.rid:
-            del self.client_rids[rid]
+        """Forget the request here (no gate in a worker: the brain's forgets it on `end`) and tell the brain."""
+        self._drop_flight(rid, flight)
         self.state.notify("end", {"r": flight.rid, "b": flight.backend_rid})
 
     def _record_head_error(self, backend_rid: str, decode: Backend, final_tokens) -> None:  # noqa: ANN001
