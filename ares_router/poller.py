@@ -13,8 +13,8 @@ finish) are assembled again and spliced into its result on the loop. Nothing cha
 next poll waits until a rebuild has used its last answer (self-clocked), and an idle router (nothing in flight) polls
 servers whose answers do not change `IDLE_BACKOFF` times less often.
 
-Decode servers are asked for `GET /ares/state?format=columns` (ARES decode servers, schemas below) and, when that
-answers 404, for SGLang's own `GET /v1/loads`; the 404 is remembered and `/ares/state` re-probed every `reprobe_s`.
+Decode servers are asked for `GET /ares/state?format=columns` (ARES decode servers) and, when that answers 404,
+for SGLang's own `GET /v1/loads`; the 404 is remembered and `/ares/state` re-probed every `reprobe_s`.
 Prefill servers are asked for `/v1/loads` as a health check. A refused connection marks the server unhealthy (not
 chosen) at once; other failures (timeouts, bad answers) do after `failure_threshold` polls in a row, because a busy
 CPU server can miss one poll's deadline while still serving. The next successful poll brings it back.
@@ -22,7 +22,7 @@ Independently, the router stops choosing a server whose last good poll is older 
 polling itself stalls). Each server's model ids (`GET /v1/models`, else `/server_info`'s `served_model_name`) are
 fetched after its first good poll and every `models_refresh_s`; the router answers unknown models with 404.
 
-The report schemas and their readers are in `ares_router/reports.py`.
+The readers of the reports are in `ares_router/reports.py`; the `/ares/state` schema is in `ares_router/wire.py`.
 """
 
 from __future__ import annotations
