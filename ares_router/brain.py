@@ -372,7 +372,9 @@ class _Tagging(Channel):
                 log.warning("channel: a connection's first message was not a hello with the key; dropped")
                 self.close()
                 return
-            self.worker = self.brain.link_for(self, msg, remote=bool(msg.get("remote")))
+            # Over TCP always a relay of another host (a new number): a peer's own word must not let it take over
+            # one of this host's workers' links.
+            self.worker = self.brain.link_for(self, msg, remote=self.tcp or bool(msg.get("remote")))
             self.name = f"brain-w{self.worker}"
         msg["_w"] = self.worker
         super()._dispatch(msg)
