@@ -132,7 +132,10 @@ async def serve_brain(config: RouterConfig, ready: Callable[[int], None] | None 
         if reserve is not None:
             reserve.close()
         for server in servers:
-            server.close()
+            server.close()  # stops listening; the connections it accepted are closed here:
+        for k in list(brain.links.values()):
+            if k.channel is not None:
+                k.channel.close()  # relays of other hosts see the brain go away (and stop) now
         await runner.cleanup()
         shutil.rmtree(rundir, ignore_errors=True)
 
