@@ -128,6 +128,9 @@ class MigrationControl:
                 log.exception("rebalance round failed")
 
     async def _rebalance_one(self, pm: PolicyMigration, flight: InFlight, target: Backend) -> None:
+        if flight.pending() is not None:  # an `/ares/migrate` call started a move of it since the round chose it
+            self.gate.done(pm, committed=False, now=time.monotonic(), reason="not_running")
+            return
         try:
             m = await self._migrate(flight, target)
             committed, reason = m.state == "committed", m.reason

@@ -375,3 +375,28 @@ def test_transfer_worker_fails_a_read_past_its_deadline_and_frees_only_after_it_
     assert freed.wait(5) and not worker.pulling("m1")
     worker.when_idle("m1", lambda: freed.clear())  # idle: runs at once
     assert not freed.is_set()
+
+
+def test_a_rebalancing_move_of_a_request_an_operator_moved_meanwhile_does_not_start():
+    """The rebalance round chose a request and started a task for it; before the task ran, `/ares/migrate` started a
+    move of the same request: the round's move must not run beside it (two moves from one hop), and the gate hears
+    it ended with the request's reason (no back-off of the pair)."""
+    import asyncio
+    import types
+
+    from ares_router.migration_control import MigrationControl
+
+    d0, d1 = Backend("decode", 0, "http://d0"), Backend("decode", 1, "http://d1")
+    flight = InFlight.create("r" * 32, "/generate", {}, True, Backend("prefill", 0, "http://p", 8998), d0)
+    flight.moves.append(Migration("m-operator", flight.rid, "decode0", "decode1"))  # the operator's move, under way
+    gate = RebalanceGate(RebalanceLimits(confirm_rounds=1))
+    pm = _m(flight.rid, 0, 1)
+    assert gate.choose([pm], [flight.rid], now=0.0) == [pm]
+    started: list = []
+
+    async def migrate(flight: InFlight, target: Backend) -> None:
+        started.append(target)
+
+    fake = types.SimpleNamespace(gate=gate, _migrate=migrate)
+    asyncio.run(MigrationControl._rebalance_one(fake, pm, flight, d1))  # type: ignore[arg-type]
+    assert not started and not gate.in_flight and not gate.backoff
