@@ -53,7 +53,7 @@ demo: models
 # Regenerates every CPU-measurable table and plot under benchmark/results/ (many hours on 2 cores; each script
 # records the commit, command and inputs). QUICK=1: the simulator scripts' smoke runs (written under .ares/, never
 # over the recorded results). kernel_bench.py needs a GPU: `python benchmark/kernel_bench.py` on one.
-RESULT_SCRIPTS := predictor_accuracy router_overhead migration_chaos
+RESULT_SCRIPTS := predictor_accuracy router_overhead migration_chaos relay_cpu_vs_base
 SIM_POLICIES := round_robin,least_kv,current_migrate,ares,ares_true_lengths,current_migrate_hold,ares_hold,pooled_bound
 results: models
 ifeq ($(QUICK),1)
