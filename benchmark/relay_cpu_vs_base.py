@@ -229,8 +229,11 @@ def main() -> int:
     except ImportError:
         pass
     t0 = time.time()
+    # Stamped at the start, when HEAD is resolved (others may commit while this runs).
+    stamp = record(ROOT, [ROOT / "benchmark" / "router_loopback.py", ROOT / "benchmark" / "router_vs_sglang.py"])
     commits = {"head": git("rev-parse", args.head), "base": git("rev-parse", args.base)}
     doc: dict = {
+        "git": stamp,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "commits": {
             **commits,
@@ -274,7 +277,6 @@ def main() -> int:
     doc["summary"] = summarise(doc["rows"])
     doc["loadavg_after"] = loadavg()
     doc["wall_s"] = time.time() - t0
-    doc["git"] = record(ROOT, [ROOT / "benchmark" / "router_loopback.py", ROOT / "benchmark" / "router_vs_sglang.py"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown(doc)
