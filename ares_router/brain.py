@@ -355,6 +355,11 @@ class Brain(Router):
             log.warning("worker %d (%s pid %s) disconnected", link.index, link.host, link.pid)
 
 
+# What a peer may send before its hello is accepted (a hello is a few hundred bytes; a worker sends nothing else
+# until it is answered): a connection that has not said who it is cannot make the brain buffer up to `MAX_FRAME`.
+PRE_HELLO_BYTES = 64 * 1024
+
+
 class _Tagging(Channel):
     """The brain's end of one worker's channel. Its first message must be `hello` (with the shared key over TCP);
     then each message is tagged with the worker's index (`_w`), so handlers know who sent it."""
@@ -364,6 +369,14 @@ class _Tagging(Channel):
         self.brain = brain
         self.tcp = tcp
         self.worker: int | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.worker is None and len(self._buf) + len(data) > PRE_HELLO_BYTES:
+            log.warning("channel: %d bytes before a hello; dropped", len(self._buf) + len(data))
+            self._buf.clear()
+            self.close()
+            return
+        super().data_received(data)
 
     def _dispatch(self, msg: dict) -> None:
         if self.worker is None:

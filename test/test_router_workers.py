@@ -346,3 +346,23 @@ def test_two_workers_serve_correct_answers_and_the_brain_sees_every_request(pd_c
         assert status == 404 and b"no request" in raw  # admin endpoints answered by the brain
         assert request(relay.url + "/health")[0] == 200
         assert b"ARES router listening" in r.log.read_bytes()
+
+
+def test_a_connection_that_sends_a_lot_before_its_hello_is_dropped():
+    """Before a hello is accepted the brain buffers at most `PRE_HELLO_BYTES`: a peer announcing a huge frame and
+    sending its bytes is cut off, without a key and without the brain holding up to `MAX_FRAME` for it."""
+    from ares_router.brain import PRE_HELLO_BYTES, _Tagging
+
+    async def main() -> None:
+        brain = Brain(_config(brain_listen="127.0.0.1:0", brain_key="k3y"), 1)
+        server = await serve("127.0.0.1:0", lambda: _Tagging(brain, tcp=True))
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write((10 * 1024**2).to_bytes(4, "big") + b"x" * (PRE_HELLO_BYTES + 1))
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # the brain closed the connection
+        writer.close()
+        assert 1 not in brain.links and brain.links[0].channel is None
+        server.close()
+
+    asyncio.run(main())
