@@ -148,8 +148,6 @@ class RelayWorker(Router):
         self.hop_rids: dict[str, str] = {}
         self.client_rids: dict[str, str] = {}
         self.migration_log: list[dict] = []
-        self._rebalancer = None
-        self._migration_tasks: set[asyncio.Task] = set()
         self.migration_limits = MigrationLimits(
             max_stages=config.migrate_max_stages,
             last_stage_tokens=config.migrate_last_stage_tokens,
