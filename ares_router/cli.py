@@ -11,7 +11,7 @@ import sys
 from ares_router.config import ROUTER_POLICIES, RouterConfig
 from ares_router.estimate import OutputEstimator
 from ares_router.link_profile import DEFAULT_LINK, load_profiles
-from ares_router.policy import DEFAULT_HOLD_MAX_WAIT_S, DEFAULT_RESERVE_TOKENS, Admission, LoadModel
+from ares_router.policy import DEFAULT_HOLD_MAX_WAIT_S, DEFAULT_RESERVE_TOKENS, Admission, LoadModel, max_wait_arg
 from ares_router.policy.gate import RebalanceLimits
 
 
@@ -94,7 +94,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--estimate-cap", type=float, default=e.cap_tokens, help="initial output estimate: upper bound")
     p.add_argument(
         "--ares-hold-max-wait-s",
-        type=lambda v: None if v.lower() == "none" else float(v),
+        type=max_wait_arg,
         default=DEFAULT_HOLD_MAX_WAIT_S,
         help="aging of requests held at the router (*_hold policies): one held this many seconds is released before "
         "any behind it, and holds them and new arrivals back while it fits nowhere; 'none': no aging "

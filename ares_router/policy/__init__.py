@@ -48,7 +48,7 @@ from ares_router.policy.dispatch import (
     eligible,
 )
 from ares_router.policy.gate import RebalanceGate, RebalanceLimits, reason_class
-from ares_router.policy.hold import DEFAULT_HOLD_MAX_WAIT_S, HoldRelease
+from ares_router.policy.hold import DEFAULT_HOLD_MAX_WAIT_S, HoldRelease, max_wait_arg
 from ares_router.policy.load_model import LoadModel, MigrationCost
 from ares_router.policy.rebalance import (
     REBALANCERS,
@@ -111,6 +111,7 @@ __all__ = [
     "eligible",
     "get_policy",
     "holds",
+    "max_wait_arg",
     "new_request",
     "place",
     "planned_remaining",

@@ -26,6 +26,11 @@ import numpy as np
 DEFAULT_HOLD_MAX_WAIT_S: float | None = None
 
 
+def max_wait_arg(value: str) -> float | None:
+    """The aging flag's value in both CLIs: seconds, or 'none' for no aging."""
+    return None if value.lower() == "none" else float(value)
+
+
 @dataclass(frozen=True)
 class HoldRelease:
     """The release rule for held requests; `max_wait_s` None: no aging (first fit, as before)."""

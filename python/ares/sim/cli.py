@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from ares_router.policy import ADMISSION_MODES, DEFAULT_HOLD_MAX_WAIT_S, POLICIES, LoadModel, RebalanceLimits
+from ares_router.policy import (
+    ADMISSION_MODES,
+    DEFAULT_HOLD_MAX_WAIT_S,
+    POLICIES,
+    LoadModel,
+    RebalanceLimits,
+    max_wait_arg,
+)
 
 from .bounds import POOLED_BOUND
 from .cost_model import PRESETS, get_cost_model
@@ -65,7 +72,7 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--hold-max-wait",
-        type=lambda v: None if v.lower() == "none" else float(v),
+        type=max_wait_arg,
         default=DEFAULT_HOLD_MAX_WAIT_S,
         help="aging for late binding (*_hold policies): a request held this many seconds is released before any "
         "behind it and holds new arrivals back while it fits nowhere; 'none': no aging (default: the router's, "
