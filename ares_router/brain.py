@@ -33,7 +33,7 @@ from ares_router.admin import json_response
 from ares_router.app import Router
 from ares_router.brain_channel import Channel, ChannelClosed, RemoteError
 from ares_router.config import RouterConfig
-from ares_router.migration import Hop
+from ares_router.migration import Hop, OnHops
 from ares_router.protocol import ParsedRequest
 from ares_router.state import Backend
 from ares_router.workers import HTTP_SOCKET
@@ -51,7 +51,7 @@ class _Moving:
 
 
 @dataclass
-class RemoteFlight:
+class RemoteFlight(OnHops):
     """A request a worker relays, as the brain's migration control sees it (the parts of `InFlight` it reads)."""
 
     rid: str  # the first backend rid
@@ -61,14 +61,6 @@ class RemoteFlight:
     client_rid: str
     hops: list[Hop]  # where it ran and runs, under which backend rid
     moving: _Moving | None = None  # set while a move is under way
-
-    @property
-    def decode(self) -> Backend:
-        return self.hops[-1].decode
-
-    @property
-    def backend_rid(self) -> str:
-        return self.hops[-1].rid
 
     def pending(self) -> _Moving | None:
         return self.moving

@@ -84,8 +84,25 @@ class Hop:
     decode: Backend
 
 
+class OnHops:
+    """Where a relayed request runs now, read off its `hops` (the last is the current one): the router's `InFlight`
+    and the multi-process brain's `RemoteFlight` (`ares_router.brain`)."""
+
+    hops: list[Hop]
+
+    @property
+    def decode(self) -> Backend:
+        """The decode server the request runs on now (the latest committed move's target)."""
+        return self.hops[-1].decode
+
+    @property
+    def backend_rid(self) -> str:
+        """The request's rid on the server it runs on now."""
+        return self.hops[-1].rid
+
+
 @dataclass
-class InFlight:
+class InFlight(OnHops):
     """What the router keeps about a request it relays, for migrating it: its body, where it ran and runs, and its
     moves (the relay follows them hop by hop)."""
 
@@ -101,16 +118,6 @@ class InFlight:
     def create(cls, rid: str, endpoint: str, body: dict, stream: bool, prefill: Backend, decode: Backend) -> InFlight:
         """A request just dispatched to `decode` under `rid`."""
         return cls(rid, endpoint, body, stream, prefill, [Hop(rid, decode)])
-
-    @property
-    def decode(self) -> Backend:
-        """The decode server the request runs on now (the latest committed move's target)."""
-        return self.hops[-1].decode
-
-    @property
-    def backend_rid(self) -> str:
-        """The request's rid on the server it runs on now."""
-        return self.hops[-1].rid
 
     def pending(self, hop: int | None = None) -> Migration | None:
         """The move of the request from hop `hop` (default: the current one) that has not failed, if any: a move
