@@ -111,7 +111,7 @@ async def serve_brain(config: RouterConfig, ready: Callable[[int], None] | None 
         supervisor = asyncio.create_task(
             supervise(lambda: [k for k in brain.links.values() if not k.remote], rundir, lambda: brain.stopping)  # type: ignore[misc]
         )
-        local = [k.ready.wait() for k in brain.links.values()]
+        local = [k.ready.wait() for k in brain.links.values() if not k.remote]  # a relay of another host may be here
         try:
             await asyncio.wait_for(asyncio.gather(*local), WORKER_START_TIMEOUT_S)
         except asyncio.TimeoutError:
