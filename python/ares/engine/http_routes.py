@@ -21,7 +21,6 @@ from ares_router.wire import MIGRATE_CMD_PATH, STATE_PATH
 logger = logging.getLogger("ares.engine")
 
 
-
 class IpcClient:
     """A REQ socket to a service thread; one request at a time, a fresh socket after a timeout (a REQ socket that
     missed its reply cannot send again)."""
