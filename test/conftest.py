@@ -216,9 +216,7 @@ class Routed:
 
 
 @contextmanager
-def routed(
-    servers: Cluster, log_dir: Path, policy: str, *extra: str, n_decode: int | None = None
-) -> Iterator[Routed]:
+def routed(servers: Cluster, log_dir: Path, policy: str, *extra: str, n_decode: int | None = None) -> Iterator[Routed]:
     """The shared servers (the first `n_decode` decode servers, default all) behind a fresh router with `policy`."""
     n = len(servers.decode_urls) if n_decode is None else n_decode
     with router_over(log_dir, servers, servers.decode_urls[:n], policy, *extra) as router:
