@@ -34,6 +34,8 @@ log = logging.getLogger("ares_router.multiproc")
 
 WORKER_START_TIMEOUT_S = 120.0
 SUPERVISE_INTERVAL_S = 0.5
+RESTART_RESET_S = 60.0  # a worker that ran this long since its restart is restarted at once again
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 class _Proc(Protocol):
@@ -58,13 +60,29 @@ def spawn(rundir: Path, index: int) -> subprocess.Popen:
 
 async def supervise(procs: Callable[[], list[_Proc]], rundir: Path, stopping: Callable[[], bool]) -> None:
     """Restart a worker that crashed. A worker ends cleanly (0) only when told to (SIGTERM, from its parent or from
-    whoever stops the router's process group), so only other ends (an error, a signal it does not handle) count."""
+    whoever stops the router's process group), so only other ends (an error, a signal it does not handle) count.
+    The first restart is at once; a worker that crashes again within `RESTART_RESET_S` of its restart waits twice as
+    long each time, up to `RESTART_BACKOFF_MAX_S` (one that cannot start is not spawned twice a second forever)."""
+    delay: dict[int, float] = {}  # worker -> the wait before its next restart
+    due: dict[int, float] = {}  # worker -> when its pending restart may happen
+    restarted: dict[int, float] = {}  # worker -> when it was last restarted
     while True:
         await asyncio.sleep(SUPERVISE_INTERVAL_S)
         for w in procs():
             if w.proc is None or w.proc.poll() is None or w.proc.returncode in (0, -signal.SIGTERM) or stopping():
                 continue
-            log.error("worker %d (pid %d) exited with %s; starting it again", w.index, w.proc.pid, w.proc.returncode)
+            now = time.monotonic()
+            if w.index not in due:
+                if now - restarted.get(w.index, -float("inf")) > RESTART_RESET_S:
+                    delay[w.index] = 0.0  # ran a good while (or never restarted): restart at once
+                due[w.index] = now + delay.get(w.index, 0.0)
+                delay[w.index] = min(max(2 * delay.get(w.index, 0.0), SUPERVISE_INTERVAL_S), RESTART_BACKOFF_MAX_S)
+                log.error("worker %d (pid %d) exited with %s; starting it again in %.1f s", w.index, w.proc.pid,
+                          w.proc.returncode, due[w.index] - now)  # fmt: skip
+            if now < due[w.index]:
+                continue
+            del due[w.index]
+            restarted[w.index] = now
             w.proc = spawn(rundir, w.index)
             w.starts += 1
 

@@ -366,3 +366,39 @@ def test_a_connection_that_sends_a_lot_before_its_hello_is_dropped():
         server.close()
 
     asyncio.run(main())
+
+
+def test_a_worker_that_keeps_crashing_is_restarted_less_and_less_often(monkeypatch, tmp_path):
+    """The supervisor restarts a crashed worker at once, then, while it crashes again soon after each restart, waits
+    twice as long each time (capped): a worker that cannot start is not spawned twice a second forever."""
+    from types import SimpleNamespace
+
+    from ares_router import multiproc
+
+    class Crashed:
+        pid, returncode = 1, 1
+
+        def poll(self) -> int:
+            return 1
+
+    spawned: list[float] = []
+
+    def spawn(rundir: Path, index: int) -> Crashed:
+        spawned.append(asyncio.get_running_loop().time())
+        return Crashed()
+
+    monkeypatch.setattr(multiproc, "spawn", spawn)
+    monkeypatch.setattr(multiproc, "SUPERVISE_INTERVAL_S", 0.01)
+    monkeypatch.setattr(multiproc, "RESTART_BACKOFF_MAX_S", 0.16)
+    w = SimpleNamespace(index=0, proc=Crashed(), starts=1)
+
+    async def main() -> None:
+        task = asyncio.create_task(multiproc.supervise(lambda: [w], tmp_path, lambda: False))
+        await asyncio.sleep(0.6)
+        task.cancel()
+
+    asyncio.run(main())
+    gaps = [b - a for a, b in zip(spawned, spawned[1:], strict=False)]
+    # at once, then 0.01, 0.02, 0.04, 0.08, 0.16, 0.16 ... apart (without the back-off: one every 0.01 s)
+    assert 3 <= len(spawned) <= 8, spawned
+    assert gaps[-1] >= 0.07 and w.starts == 1 + len(spawned)
