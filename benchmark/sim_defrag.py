@@ -28,6 +28,7 @@ from provenance import record
 from sim_map import cache_settings, cell_spec
 
 from ares.sim.cli import DEFAULT_ACCURACY, add_sim_arguments, spec_from_args
+from ares.sim.sweep import format_mean_ci as _f
 from ares.sim.sweep import mean_ci95, paired_ratio, run_point
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,13 +160,6 @@ def _mean(runs: list[dict], head: str) -> dict:
     m, h = mean_ci95([float(r["attainment"][head]) for r in runs])
     out["attainment"] = {"mean": m, "ci95": h}
     return out
-
-
-def _f(d: dict | None, digits: int = 3, scale: float = 1.0) -> str:
-    if not d or d.get("mean") is None:
-        return "n/a"
-    h = d.get("ci95")
-    return f"{d['mean'] * scale:.{digits}f}" + ("" if h is None or h != h else f" ± {h * scale:.{digits}f}")
 
 
 def markdown(doc: dict) -> str:

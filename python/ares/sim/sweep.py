@@ -203,6 +203,15 @@ def mean_ci95(vals: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, half
 
 
+def format_mean_ci(d: dict | None, digits: int = 3, scale: float = 1.0) -> str:
+    """`{"mean", "ci95"}` (as `mean_ci95` and `paired_ratio` give them) as "m ± h" for a table; "n/a" without a mean,
+    the mean alone without an interval."""
+    if not d or d.get("mean") is None:
+        return "n/a"
+    h = d.get("ci95")
+    return f"{d['mean'] * scale:.{digits}f}" + ("" if h is None or h != h else f" ± {h * scale:.{digits}f}")
+
+
 def paired_ratio(rates_a: Sequence[float | None], rates_b: Sequence[float | None]) -> dict:
     """Goodput of a over b seed by seed (same seed = same requests), over the seeds both resolved: mean, half-width
     of the 95% interval, and how many seeds that is."""
