@@ -650,6 +650,16 @@ def targets(summary: dict, settled: dict) -> list[dict]:
     return [{"target": name, "wanted": TARGETS[name], "value": val, "met": met} for name, (val, met) in values.items()]
 
 
+
+def _verdict_table(key: str, counts: dict[str, dict[str, int]]) -> list[str]:
+    """A markdown table: one row per `key` value, one column per verdict (request counts)."""
+    return [
+        f"| {key} | " + " | ".join(VERDICTS) + " |",
+        "|---" * (len(VERDICTS) + 1) + "|",
+        *(f"| {k} | " + " | ".join(str(c.get(v, 0)) for v in VERDICTS) + " |" for k, c in counts.items()),
+    ]
+
+
 def markdown(result: dict) -> str:
     """The report."""
     s, prov = result["summary"], result["provenance"]
@@ -675,21 +685,11 @@ def markdown(result: dict) -> str:
         "",
         "By committed moves of the request:",
         "",
-        "| moves | " + " | ".join(VERDICTS) + " |",
-        "|---" * (len(VERDICTS) + 1) + "|",
-        *(
-            f"| {k} | " + " | ".join(str(c.get(v, 0)) for v in VERDICTS) + " |"
-            for k, c in s["verdicts_by_moves"].items()
-        ),
+        *_verdict_table("moves", s["verdicts_by_moves"]),
         "",
         "By endpoint:",
         "",
-        "| endpoint | " + " | ".join(VERDICTS) + " |",
-        "|---" * (len(VERDICTS) + 1) + "|",
-        *(
-            f"| {k} | " + " | ".join(str(c.get(v, 0)) for v in VERDICTS) + " |"
-            for k, c in s["verdicts_by_kind"].items()
-        ),
+        *_verdict_table("endpoint", s["verdicts_by_kind"]),
         "",
         "## Moves",
         "",
