@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from provenance import record  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ares.sim.bounds import POOLED_BOUND  # noqa: E402
+from ares.sim.bounds import POOLED_BOUND, fluid_bound  # noqa: E402
 from ares.sim.cli import DEFAULT_ACCURACY, add_sim_arguments, spec_from_args  # noqa: E402
 from ares.sim.regimes import OutputSpread, cv, mean_footprint, with_concurrency  # noqa: E402
 from ares.sim.sweep import (  # noqa: E402
@@ -47,9 +47,11 @@ from ares.sim.sweep import (  # noqa: E402
     aggregate_goodput,
     capacity_rate,
     find_goodput,
+    mean_ci95,
     paired_ratio,
     run_point,
 )
+from ares.sim.sweep import format_mean_ci as fmt_ci  # noqa: E402
 from ares.workloads import Workload, load_workload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,14 +60,24 @@ QUICK_OUT = ROOT / ".ares" / "sim_quick" / "map"
 MAP_POLICIES = (
     "round_robin,least_kv,current_migrate,ares,ares_true_lengths,current_migrate_hold,ares_hold," + POOLED_BOUND
 )
+# A policy name may carry the decode servers' admission rule: "ares_hold+predictive" = ares_hold placing onto
+# servers run with `--ares-admission predictive` (`SimConfig.admission`); no suffix = SGLang's rule.
+ADMISSION_SEP = "+"
 # ares over current-load placement, over static placement, and over current-load migration (what prediction adds);
-# late binding (router-side hold) with prediction over current-load placement, and over late binding without it
+# late binding (router-side hold) with prediction over current-load placement, and over late binding without it;
+# what perfect length knowledge would add (a policy's *_true_lengths twin over it); predictive admission. A ratio is
+# reported where both of its policies ran.
 RATIOS = (
     ("ares", "least_kv"),
     ("ares", "round_robin"),
     ("ares", "current_migrate"),
+    ("ares_true_lengths", "ares"),
     ("ares_hold", "least_kv"),
     ("ares_hold", "current_migrate_hold"),
+    ("ares_hold_true_lengths", "ares_hold"),
+    ("ares_hold+predictive", "least_kv"),
+    ("ares_hold+predictive", "ares_hold"),
+    ("ares_hold+predictive", "current_migrate_hold"),
 )
 
 
@@ -97,30 +109,56 @@ def cache_settings(base: RunSpec, args: argparse.Namespace, err_src: str) -> dic
     }  # fmt: skip
 
 
-def cell_spec(args: argparse.Namespace, conc: float, out_cv: float | None) -> RunSpec:
-    """The RunSpec of one cell: the flags' spec, its cost at concurrency `conc`, outputs spread to `out_cv`."""
+def cell_spec(
+    args: argparse.Namespace, conc: float, out_cv: float | None, duration_s: float | None = None, policy: str = ""
+) -> RunSpec:
+    """The RunSpec of one cell: the flags' spec, its cost at concurrency `conc`, outputs spread to `out_cv`, and
+    `duration_s` of arrivals (default: the flags'); the admission rule named in `policy` (`ADMISSION_SEP`), if any."""
     spec, _ = spec_from_args(args)
     native = native_hour(spec.workload, spec.seed)
     cost = with_concurrency(spec.config.cost, mean_footprint(native), conc)
     spread = None if out_cv is None else OutputSpread.fit(native, out_cv)
-    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, cost=cost), output_spread=spread)
+    config = dataclasses.replace(spec.config, cost=cost)
+    if ADMISSION_SEP in policy:
+        config = dataclasses.replace(config, admission=policy.split(ADMISSION_SEP, 1)[1])
+    return dataclasses.replace(spec, config=config, output_spread=spread, duration_s=duration_s or spec.duration_s)
+
+
+def base_policy(policy: str) -> str:
+    """The placement policy of a map column ("ares_hold+predictive" -> "ares_hold")."""
+    return policy.split(ADMISSION_SEP, 1)[0]
+
+
+def cell_duration(args: argparse.Namespace, cap_rate: float) -> float:
+    """Seconds of arrivals for a cell: `--duration`, or with `--min-requests N` the shortest multiple of 60 s (at
+    least 600) in which N requests arrive at half the cell's capacity rate (goodput at few requests per instance is
+    about half of it), capped at `--duration`: small-C cells need long runs, large-C cells get them cheaply."""
+    if not args.min_requests:
+        return args.duration
+    need = args.min_requests / (0.5 * cap_rate)
+    return float(min(args.duration, max(600.0, 60.0 * np.ceil(need / 60.0))))
 
 
 def _search(task: dict) -> dict:
     """One goodput search (runs in a worker process)."""
     args = argparse.Namespace(**task["args"])
-    spec = cell_spec(args, task["conc"], task["cv"])
-    found, runs = find_goodput(spec, task["policy"], task["start"], seed=task["seed"], resolution=args.resolution)
+    spec = cell_spec(args, task["conc"], task["cv"], task["duration_s"], task["policy"])
+    found, runs = find_goodput(
+        spec, base_policy(task["policy"]), task["start"], seed=task["seed"], resolution=args.resolution
+    )
     return {"goodput": {s: g.to_dict() for s, g in found.items()}, "runs": len(runs)}
+
+
+LOAD_KEEP = ("attainment", "rate", "requests", "finished_frac", "itl_p50", "itl_p99", "tpot_p99", "ttft_p99",
+             "retractions", "migrations")  # fmt: skip
 
 
 def _load_point(task: dict) -> dict:
     """One run at a fixed load (runs in a worker process)."""
     args = argparse.Namespace(**task["args"])
-    spec = cell_spec(args, task["conc"], task["cv"])
-    r = run_point(spec, task["policy"], task["rate"], seed=0)
-    keep = ("attainment", "itl_p50", "itl_p99", "tpot_p99", "ttft_p99", "retractions", "migrations")
-    return {k: r[k] for k in keep}
+    spec = cell_spec(args, task["conc"], task["cv"], task["duration_s"], task["policy"])
+    r = run_point(spec, base_policy(task["policy"]), task["rate"], seed=task.get("seed", 0))
+    return {k: r[k] for k in LOAD_KEEP}
 
 
 def _run(fn, tasks: list[dict], cache: Path, done: dict, jobs: int, desc: str) -> None:
@@ -150,6 +188,18 @@ def main() -> int:
     p.add_argument("--loads", default="0.6,0.9,1.2", help="fixed loads, x the cell's pooled-bound goodput")
     p.add_argument("--jobs", type=int, default=1, help="searches run at once (processes)")
     p.add_argument("--fresh", action="store_true", help="ignore the cache of an earlier run")
+    p.add_argument(
+        "--search",
+        default=None,
+        help="policies whose goodput is searched (default: all; the pooled "
+        "bound always is, it sets the loads); the others run at the fixed loads only",
+    )
+    p.add_argument(
+        "--min-requests",
+        type=int,
+        default=0,
+        help="size each cell's runs for about this many requests (`cell_duration`; 0: --duration everywhere)",
+    )
     p.add_argument("--out", default=None, help="output folder (default benchmark/results/sim_map)")
     args = p.parse_args()
     if args.quick:
@@ -160,6 +210,9 @@ def main() -> int:
     concs = [float(x) for x in args.concurrency.split(",")]
     cvs = [None if x == "native" else float(x) for x in args.cv.split(",")]
     policies = [x for x in args.policy.split(",") if x]
+    searched = policies if args.search is None else [x for x in policies if x in args.search.split(",")]
+    if POOLED_BOUND in policies and POOLED_BOUND not in searched:
+        searched.append(POOLED_BOUND)
     seeds = [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds))
     base, err_src = spec_from_args(args)
     settings = cache_settings(base, args, err_src)
@@ -173,11 +226,14 @@ def main() -> int:
             done[json.dumps(r["key"], sort_keys=True)] = r["value"]
     argd = vars(args)
     cells = [(c, v) for c in concs for v in cvs]
-    starts = {cell: 0.6 * capacity_rate(cell_spec(args, *cell)) for cell in cells}
+    caps = {cell: capacity_rate(cell_spec(args, *cell)) for cell in cells}
+    durations = {cell: cell_duration(args, caps[cell]) for cell in cells}
     tasks = [
-        {"args": argd, "conc": c, "cv": v, "policy": pol, "seed": s, "start": starts[(c, v)],
-         "key": {**settings, "kind": "search", "conc": c, "cv": v, "policy": pol, "seed": s}}
-        for (c, v) in cells for pol in policies for s in seeds
+        {"args": argd, "conc": c, "cv": v, "policy": pol, "seed": s, "start": 0.6 * caps[(c, v)],
+         "duration_s": durations[(c, v)],
+         "key": {**settings, "duration_s": durations[(c, v)], "kind": "search", "conc": c, "cv": v, "policy": pol,
+                 "seed": s}}
+        for (c, v) in cells for pol in searched for s in seeds
     ]  # fmt: skip
     _run(_search, tasks, cache, done, args.jobs, "goodput searches")
     doc: dict = {
@@ -186,6 +242,7 @@ def main() -> int:
         "policies": policies,
         "seeds": seeds,
         "loads": [float(x) for x in args.loads.split(",")],
+        "searched": searched,
         "cells": [],
     }
     slos = list(base.slos_or_default())
@@ -193,14 +250,17 @@ def main() -> int:
     for c, v in cells:
         per = {
             pol: [done[_key(t)] for t in tasks if t["policy"] == pol and (t["conc"], t["cv"]) == (c, v)]
-            for pol in policies
+            for pol in searched
         }  # fmt: skip
-        spec = cell_spec(args, c, v)
+        spec = cell_spec(args, c, v, durations[(c, v)])
         hour = native_hour(spec.workload, spec.seed)  # the sample the spread is fitted on
         olen = hour.output_tokens if spec.output_spread is None else spec.output_spread.lengths(hour.output_tokens)
         cell: dict = {"concurrency": c, "cv": v, "cv_measured": cv(olen), "mean_output": float(olen.mean())}
-        cell.update(goodput={}, ratios={})
+        cell.update(goodput={}, ratios={}, duration_s=durations[(c, v)], capacity_rate_rps=caps[(c, v)])
         cell["kv_capacity_tokens"] = spec.config.cost.kv_capacity_tokens
+        # the provable bound on the hour the cell's runs are drawn like (its output lengths spread as theirs)
+        work = hour if spec.output_spread is None else spec.output_spread.apply(hour)
+        cell["fluid_bound"] = fluid_bound(work, spec.config, attainment=0.9)
         for pol, rs in per.items():
             cell["goodput"][pol] = {
                 s: aggregate_goodput([Goodput(**{k: r["goodput"][s][k] for k in ("lo", "hi", "status")}) for r in rs])
@@ -218,16 +278,23 @@ def main() -> int:
         if ref:
             for x in doc["loads"]:
                 for pol in policies:
-                    load_tasks.append({
-                        "args": argd, "conc": c, "cv": v, "policy": pol, "rate": ref * x,
-                        "key": {**settings, "kind": "load", "conc": c, "cv": v, "policy": pol, "load": x},
-                    })  # fmt: skip
+                    for s in seeds:
+                        load_tasks.append({
+                            "args": argd, "conc": c, "cv": v, "policy": pol, "rate": ref * x, "seed": s,
+                            "duration_s": durations[(c, v)],
+                            "key": {**settings, "duration_s": durations[(c, v)], "kind": "load", "conc": c,
+                                    "cv": v, "policy": pol, "load": x, "seed": s, "rate": ref * x},
+                        })  # fmt: skip
         doc["cells"].append(cell)
     _run(_load_point, load_tasks, cache, done, args.jobs, "fixed loads")
     by_cell = {(cell["concurrency"], cell["cv"]): cell for cell in doc["cells"]}
+    head = slos[0]
     for t in load_tasks:
         at_load = by_cell[(t["conc"], t["cv"])].setdefault("at_load", {})
-        at_load.setdefault(f"{t['key']['load']:g}", {})[t["policy"]] = done[_key(t)]
+        r = dict(done[_key(t)], good_rps=done[_key(t)]["attainment"][head] * done[_key(t)]["rate"])
+        at_load.setdefault(f"{t['key']['load']:g}", {}).setdefault(t["policy"], []).append(r)
+    for cell in doc["cells"]:
+        cell["load_summary"] = {x: load_summary(runs) for x, runs in cell.get("at_load", {}).items()}
     doc["slos"] = {k: v.to_dict() for k, v in base.slos_or_default().items()}
     (out / "sim_map.json").write_text(json.dumps(doc, indent=1))
     md = markdown(doc)
@@ -237,6 +304,31 @@ def main() -> int:
     print(md)
     print(f"wrote {out}")
     return 0
+
+
+def load_summary(runs: dict[str, list[dict]]) -> dict:
+    """Per policy at one fixed load (runs by seed, in seed order): mean and 95% interval over seeds of the numbers
+    the table shows; per ratio of `RATIOS` (both policies run): paired by seed, SLO-meeting requests per second and
+    retractions; the fewest requests any run had."""
+    out: dict = {"policies": {}, "ratios": {}}
+    for pol, rs in runs.items():
+        row = {}
+        for k in ("good_rps", "tpot_p99", "retractions", "finished_frac"):
+            m, h = mean_ci95([float(r[k]) for r in rs])
+            row[k] = {"mean": m, "ci95": h}
+        m, h = mean_ci95([float(next(iter(r["attainment"].values()))) for r in rs])
+        row["attainment"] = {"mean": m, "ci95": h}
+        row["min_requests"] = min(int(r["requests"]) for r in rs)
+        out["policies"][pol] = row
+    for a, b in RATIOS:
+        if a in runs and b in runs:
+            ta, tb = (sum(int(r["retractions"]) for r in runs[p]) for p in (a, b))
+            out["ratios"][f"{a}/{b}"] = {
+                "good_rps": paired_ratio([r["good_rps"] for r in runs[a]], [r["good_rps"] for r in runs[b]]),
+                # a ratio per seed is undefined where a seed has none: the totals over seeds instead
+                "retractions": {"a": ta, "b": tb, "ratio": ta / tb if tb else None},
+            }
+    return out
 
 
 def _cv_label(v: float | None) -> str:
@@ -261,13 +353,30 @@ def markdown(doc: dict) -> str:
         " coefficient of variation (in brackets: measured on the hour of requests the spread is fitted on). Goodput in"
         " req/s (mean ± 95% interval over seeds; `below X`: no rate searched met the SLO).",
     ]
+    searched = doc.get("searched", doc["policies"])
+    lines += [
+        "",
+        "Per cell: seconds of arrivals per run, and the provable bound (`bounds.fluid_bound`, per-instance"
+        " pools, 90% attainment; it counts resources only, no latency SLO) beside the simulated pooled bound:",
+        "",
+        "| C | CV | seconds | capacity rate req/s | fluid bound req/s (binding) |",
+        "|---|---|---:|---:|---|",
+    ]
+    for cell in doc["cells"]:
+        fb = cell.get("fluid_bound")
+        lines.append(
+            f"| {cell['concurrency']:g} | {_cv_label(cell['cv'])} | {cell.get('duration_s', st['duration_s']):g} | "
+            f"{cell.get('capacity_rate_rps', float('nan')):.2f} | "
+            + (f"{fb['rate']:.2f} ({fb['binding']})" if fb else "n/a")
+            + " |"
+        )
     for s in doc["slos"]:
-        keys = [f"{a}/{b}" for a, b in RATIOS]
-        lines += ["", f"## SLO {s}", "", "| C | CV | " + " | ".join(doc["policies"] + keys) + " |"]
-        lines.append("|---|---|" + "---:|" * (len(doc["policies"]) + len(keys)))
+        keys = [f"{a}/{b}" for a, b in RATIOS if a in searched and b in searched]
+        lines += ["", f"## SLO {s}", "", "| C | CV | " + " | ".join(searched + keys) + " |"]
+        lines.append("|---|---|" + "---:|" * (len(searched) + len(keys)))
         for cell in doc["cells"]:
             cells = []
-            for pol in doc["policies"]:
+            for pol in searched:
                 g = cell["goodput"][pol][s]
                 cells.append(_fmt(g["mean"], g["ci95"]) if g["status"] == "ok" else g["label"].split(" (")[0])
             for key in keys:
@@ -277,19 +386,33 @@ def markdown(doc: dict) -> str:
                 f"| {cell['concurrency']:g} | {_cv_label(cell['cv'])} ({cell['cv_measured']:.2f}) | "
                 + " | ".join(cells) + " |"
             )  # fmt: skip
-    lines += ["", "## Tails at fixed loads (x the pooled bound's headline goodput; seed 0)", ""]
-    lines += [
-        "| C | CV | load | policy | attainment (headline) | P99 ITL ms | P99 TPOT ms | retractions | migrations |"
-    ]
-    lines += ["|---|---|---:|---|---:|---:|---:|---:|---:|"]
     head = next(iter(doc["slos"]))
+    lines += ["", f"## At fixed loads (x the pooled bound's `{head}` goodput), every seed", "",
+              f"SLO-meeting requests per second (`{head}` attainment x measured rate), attainment, P99 TPOT and "
+              "retractions: mean ± 95% interval over seeds; ratios paired by seed (retractions: totals over seeds).",
+              "", "| C | CV | load | policy | good req/s | attainment | P99 TPOT ms | retractions | fewest requests |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for cell in doc["cells"]:
-        for load, pols in cell.get("at_load", {}).items():
-            for pol, r in pols.items():
+        for load, summ in cell.get("load_summary", {}).items():
+            for pol, r in summ["policies"].items():
                 lines.append(
-                    f"| {cell['concurrency']:g} | {_cv_label(cell['cv'])} | {load} | {pol} | "
-                    f"{r['attainment'][head]:.3f} | {r['itl_p99'] * 1e3:.1f} | {r['tpot_p99'] * 1e3:.1f} | "
-                    f"{r['retractions']} | {r['migrations']} |"
+                    f"| {cell['concurrency']:g} | {_cv_label(cell['cv'])} | {load} | {pol} | {fmt_ci(r['good_rps'])} | "
+                    f"{fmt_ci(r['attainment'])} | {fmt_ci(r['tpot_p99'], 1, 1e3)} | {fmt_ci(r['retractions'], 0)} | "
+                    f"{r['min_requests']} |"
+                )
+    lines += [
+        "",
+        "| C | CV | load | ratio | good req/s (paired) | retractions (totals) |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for cell in doc["cells"]:
+        for load, summ in cell.get("load_summary", {}).items():
+            for key, r in summ["ratios"].items():
+                rt = r["retractions"]
+                lines.append(
+                    f"| {cell['concurrency']:g} | {_cv_label(cell['cv'])} | {load} | {key} | {fmt_ci(r['good_rps'])}x "
+                    f"({r['good_rps']['seeds']} seeds) | {rt['a']} / {rt['b']}"
+                    + (f" = {rt['ratio']:.2f}x |" if rt["ratio"] is not None else " |")
                 )
     return "\n".join(lines) + "\n"
 

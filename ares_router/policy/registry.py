@@ -58,6 +58,10 @@ POLICIES: Mapping[str, Callable[[], Policy]] = MappingProxyType(
         # late binding (kept at the router while every instance is full), with and without prediction
         "ares_hold": _policy("ares_hold", "predicted_peak", "predicted", hold_when_full=True),
         "current_migrate_hold": _policy("current_migrate_hold", "least_kv", "current_load", hold_when_full=True),
+        # ares_hold fed true remaining lengths (simulator only): what perfect knowledge would add to late binding
+        "ares_hold_true_lengths": _policy(
+            "ares_hold_true_lengths", "predicted_peak", "predicted", hold_when_full=True, needs_true_lengths=True
+        ),
         # late binding with prediction, plus defragmenting moves for the request held longest
         "ares_hold_defrag": _policy(
             "ares_hold_defrag", "predicted_peak", "predicted", defrag=True, hold_when_full=True
