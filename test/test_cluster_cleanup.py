@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from standin_server import N_CHILDREN, wrapper
 
 from ares.cluster import Cluster, ClusterError, ClusterSpec
 from ares.cluster.launcher import group_members
@@ -68,8 +69,8 @@ INNER_TEST = textwrap.dedent(
     from ares.cluster import Cluster, ClusterSpec
 
     def test_fails_while_cluster_runs(tmp_path):
-        with Cluster(ClusterSpec(model_path=os.environ["TINY"], n_prefill=1, n_decode=1, max_total_tokens=2048),
-                     log_dir=tmp_path) as cluster:
+        spec = ClusterSpec(model_path="m", n_prefill=1, n_decode=1, python=os.environ["STANDIN_PYTHON"])
+        with Cluster(spec, log_dir=tmp_path) as cluster:
             with open(os.environ["PIDS_OUT"], "w") as f:
                 json.dump(cluster.pids, f)
             assert False, "this test fails on purpose while the cluster runs"
@@ -77,11 +78,11 @@ INNER_TEST = textwrap.dedent(
 )
 
 
-def test_cluster_stopped_when_a_test_fails(tiny_model, tmp_path):
-    """A pytest run whose test fails mid-cluster leaves no process behind."""
+def test_cluster_stopped_when_a_test_fails(tmp_path):
+    """A pytest run whose test fails mid-cluster leaves no process behind (stand-in servers: `standin_server`)."""
     (tmp_path / "test_inner.py").write_text(INNER_TEST)
     pids_out = tmp_path / "pids.json"
-    env = {**os.environ, "TINY": str(tiny_model), "PIDS_OUT": str(pids_out)}
+    env = {**os.environ, "STANDIN_PYTHON": str(wrapper(tmp_path)), "PIDS_OUT": str(pids_out)}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
         capture_output=True,
@@ -97,7 +98,8 @@ def test_cluster_stopped_when_a_test_fails(tiny_model, tmp_path):
 
 
 def test_cli_up_status_down(tmp_path):
-    """`ares cluster up` leaves a recorded, healthy cluster; `ares cluster down` stops exactly those PIDs."""
+    """`ares cluster up` leaves a recorded, healthy cluster; `ares cluster down` stops exactly those PIDs and their
+    children (stand-in servers: `standin_server`)."""
     env = {**os.environ, "ARES_CACHE_DIR": str(tmp_path / "cache")}
     # The models are already in the default cache; point this run's cache there for them only.
     env_models = Path(os.environ.get("ARES_CACHE_DIR") or Path.home() / ".cache" / "ares") / "models"
@@ -118,6 +120,8 @@ def test_cli_up_status_down(tmp_path):
             "t",
             "--max-total-tokens",
             "2048",
+            "--python",
+            str(wrapper(tmp_path)),
         ],
         capture_output=True,
         text=True,
@@ -133,7 +137,7 @@ def test_cli_up_status_down(tmp_path):
         pids = {p["pid"] for p in state["processes"]}
         assert len(pids) == 3 and all(p["url"].startswith("http://127.0.0.1:") for p in state["processes"])
         members = group_members(pids)
-        assert len(members) > len(pids)  # SGLang's scheduler/detokenizer children share their server's group
+        assert len(members) == len(pids) * (1 + N_CHILDREN)  # children share their server's group
     finally:
         down = subprocess.run([*ares, "down", "--name", "t"], capture_output=True, text=True, env=env, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr

@@ -28,6 +28,7 @@ def spec_from_args(args: argparse.Namespace, model_path: str) -> ClusterSpec:
         max_total_tokens=args.max_total_tokens,
         router=args.router,
         router_policy=args.router_policy,  # None: the chosen router's own default
+        **({"python": args.python} if getattr(args, "python", None) else {}),
     )
 
 
@@ -109,6 +110,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         + ")",
     )
     up.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the servers' health")
+    up.add_argument(
+        "--python", default=None, help="the interpreter that runs the servers and router, e.g. another venv's with "
+        "SGLang (default: this one)"
+    )  # fmt: skip
     up.add_argument("--log-dir", default=None, help="server logs (default: next to the state file)")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the cluster")
     for q in (
