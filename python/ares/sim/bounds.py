@@ -158,7 +158,8 @@ def fluid_bound(work, cfg: SimConfig, attainment: float = 0.9, k_max: int = 32) 
     server the bound holds as far as that model does. With q < 1 a schedule may give up the most expensive
     requests, which on heavy-tailed outputs carry most of the work: the bound is then far looser (it is a bound on
     any policy, including one that starves the longest tenth). Returns the bound and the rate of each constraint
-    ("kv", "k1", ..., "time", "time_k1", ...), req/s.
+    ("kv", "k1", ..., "time", "time_k1", ...), req/s. `slo_bound.slo_fluid_bound` tightens it with the SLOs and
+    one selection of SLO-meeting requests for every constraint.
     """
     if not 0 < attainment <= 1:
         raise ValueError(f"attainment must be in (0, 1], got {attainment}")
