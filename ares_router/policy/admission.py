@@ -70,12 +70,14 @@ class Admission:
         """The new tokens SGLang budgets for a request: its max_tokens (NaN: none) capped by what the pool can hold
         beside its prompt (capacity - prompt - 2) and clipped to CLIP."""
         if isinstance(max_new, np.ndarray):
-            m = np.minimum(np.where(np.isnan(max_new), np.inf, max_new), self.clip_max_new_tokens)
+            # fmin skips NaN: min(CLIP, max_new) where given, CLIP where not, in one ufunc call.
+            m = np.fmin(max_new, self.clip_max_new_tokens)
         else:  # one request (on one or many instances): no array work for its own numbers
             m = self.clip_max_new_tokens if math.isnan(max_new) else min(max_new, self.clip_max_new_tokens)
         room = capacity - prompt - 2
         if isinstance(room, np.ndarray) or isinstance(m, np.ndarray):
-            return np.clip(np.minimum(m, room), 0.0, None)
+            # np.maximum(x, 0.0) is what np.clip(x, 0.0, None) runs, without clip's Python-level dispatch.
+            return np.maximum(np.minimum(m, room), 0.0)
         return float(max(0.0, min(m, room)))
 
     def output_limit(self, prompt: Num, max_new: Num, capacity: Num) -> Num:

@@ -92,10 +92,10 @@ class DecodeLoad:
     def __post_init__(self) -> None:
         # Snapshots share these columns (no copy per poll), so nothing may change them in place.
         for col in (self.prompt_tokens, self.generated_tokens, self.predicted_remaining, self.predicted_p90):
-            col.flags.writeable = False
+            col.setflags(write=False)  # as `col.flags.writeable = False`, without building a flags object
         # Derived once per poll, here rather than in cached properties (their lock costs more than the arithmetic).
         lengths = self.prompt_tokens + self.generated_tokens  # KV tokens as SGLang's admission counts them
-        lengths.flags.writeable = False
+        lengths.setflags(write=False)
         object.__setattr__(self, "lengths", lengths)
         object.__setattr__(self, "length_sum", float(lengths.sum()))  # KV tokens the reported requests explain
         nan = np.isnan(self.predicted_remaining)

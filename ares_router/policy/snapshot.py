@@ -74,6 +74,14 @@ class InstanceState:
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, not {self.admission!r}")
         n, m = self.lengths.size, self.pending_prompt.size
+        if (
+            self.generated.size == n
+            and self.predicted_remaining.size == n
+            and self.predicted_upper.size == n
+            and self.max_new_tokens.size == n
+            and self.pending_predicted.size == m
+        ):
+            return  # every column given (the assembler's case, once per instance and poll): nothing to fill
         for name, size, fill in (
             ("generated", n, 0.0),
             ("predicted_remaining", n, math.nan),

@@ -155,7 +155,9 @@ class RouterView:
             f = gen / self.col_out[run]
             pred = em.predict(rem, f, self.col_z[run])
             upper = em.upper(pred, f)
-        edges = np.searchsorted(owner, np.arange(D + 1))
+        # Python ints for the per-instance loop (numpy scalar indexing there costs more than the slicing itself)
+        edges = np.searchsorted(owner, np.arange(D + 1)).tolist()
+        used_of = used.tolist()
         ids = run.tolist()
         loads = []
         for j, inst in enumerate(self.decode):
@@ -163,8 +165,8 @@ class RouterView:
             loads.append(
                 DecodeLoad(
                     inst.cap,
-                    int(used[j]),
-                    int(b - a),
+                    used_of[j],
+                    b - a,
                     len(inst.prealloc) + inst.n_pre + len(inst.retracted),
                     "ares_state",
                     tuple(ids[a:b]),
