@@ -208,10 +208,48 @@ def chat_body(model: str, max_tokens: int) -> dict:
     }  # fmt: skip
 
 
-def test_chat_stream_moves_and_the_client_sees_one_unchanged_stream(cluster, model):
+def completion_body(model: str, max_tokens: int, stream_usage: bool = False) -> dict:
+    return {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, **({"stream_options": {"include_usage": True}} if stream_usage else {})}  # fmt: skip
+
+
+def chat_answer_body(model: str, max_tokens: int) -> dict:
+    return {k: v for k, v in chat_body(model, max_tokens).items() if k != "stream_options"}
+
+
+# The OpenAI references (unmigrated answers) the tests below compare with: (endpoint, streamed, max_tokens) -> body.
+OPENAI_REFS = {
+    ("/v1/chat/completions", True, 90): lambda m: chat_body(m, 90),
+    ("/v1/completions", False, 90): lambda m: completion_body(m, 90),
+    ("/v1/chat/completions", True, 300): lambda m: chat_body(m, 300),
+    ("/v1/completions", True, 300): lambda m: completion_body(m, 300, stream_usage=True),
+    ("/v1/chat/completions", False, 200): lambda m: chat_answer_body(m, 200),
+    ("/v1/completions", False, 200): lambda m: completion_body(m, 200),
+}
+
+
+@pytest.fixture(scope="module")
+def openai_refs(cluster, model) -> dict:
+    """Every OpenAI reference of this module, computed at once across the servers (as `refs` is for `/generate`):
+    a streamed one as its list of events, an answer as its JSON."""
+
+    def one(key):
+        endpoint, streamed, _ = key
+        payload = OPENAI_REFS[key](model)
+        if streamed:
+            return list(stream_events(cluster.router_url + endpoint, payload))
+        status, _, raw = request(cluster.router_url + endpoint, payload, timeout=600)
+        assert status == 200, raw[:300]
+        return json.loads(raw)
+
+    with ThreadPoolExecutor(len(OPENAI_REFS)) as pool:
+        return dict(zip(OPENAI_REFS, pool.map(one, OPENAI_REFS), strict=True))
+
+
+def test_chat_stream_moves_and_the_client_sees_one_unchanged_stream(cluster, model, openai_refs):
     """OpenAI chat streams carry deltas: the client gets A's deltas, then B's, one role chunk, one finish, B's usage
     (which counts A's tokens too), one id."""
-    ref = list(stream_events(cluster.router_url + "/v1/chat/completions", chat_body(model, 90)))
+    ref = openai_refs[("/v1/chat/completions", True, 90)]
     events, answer = stream_and_migrate(cluster, chat_body(model, 90), 10, "/v1/chat/completions")
     assert answer["status"] == 200 and answer["record"]["state"] == "committed", answer
     assert answer["record"]["n_output"] < 90  # B produced the rest
@@ -226,11 +264,9 @@ def test_chat_stream_moves_and_the_client_sees_one_unchanged_stream(cluster, mod
     assert_idle(cluster)
 
 
-def test_non_streaming_completion_moves_and_the_answer_is_assembled(cluster, model):
-    payload = {"model": model, "prompt": "Once upon a time", "max_tokens": 90, "temperature": 0, "ignore_eos": True}
-    status, _, raw = request(cluster.router_url + "/v1/completions", payload, timeout=600)
-    assert status == 200, raw[:300]
-    ref = json.loads(raw)
+def test_non_streaming_completion_moves_and_the_answer_is_assembled(cluster, model, openai_refs):
+    payload = completion_body(model, 90)
+    ref = openai_refs[("/v1/completions", False, 90)]
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(request, cluster.router_url + "/v1/completions", {**payload, "rid": "mig-comp"}, None, 600)
         source = wait_for(lambda: running(cluster, 8), 60, "the request to run on a decode server")
@@ -382,16 +418,12 @@ def test_generate_answer_moved_twice_back_to_its_origin_is_joined(cluster, refs,
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
-def test_openai_streams_move_three_times_with_the_exact_answer(cluster, model, endpoint):
+def test_openai_streams_move_three_times_with_the_exact_answer(cluster, model, endpoint, openai_refs):
     """A -> B -> C -> A on the OpenAI streams: the text of an unmigrated run, one id and `created`, one role chunk
     (chat), one finish, the last server's usage counting every token."""
     n = 300
-    if endpoint == "/v1/chat/completions":
-        payload = chat_body(model, n)
-    else:
-        payload = {"model": model, "prompt": "Once upon a time", "max_tokens": n, "temperature": 0,
-                   "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    ref = list(stream_events(cluster.router_url + endpoint, payload))
+    payload = OPENAI_REFS[(endpoint, True, n)](model)
+    ref = openai_refs[(endpoint, True, n)]
     events, answers, source, route = _stream_with_moves(cluster, payload, endpoint, (1, 2, 0), 10, 8)
     _check_moves(answers, source, route)
     assert "".join(map(_openai_text, events)) == "".join(map(_openai_text, ref))
@@ -408,15 +440,10 @@ def test_openai_streams_move_three_times_with_the_exact_answer(cluster, model, e
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
-def test_openai_answers_moved_twice_are_joined(cluster, model, endpoint):
+def test_openai_answers_moved_twice_are_joined(cluster, model, endpoint, openai_refs):
     n = 200
-    if endpoint == "/v1/chat/completions":
-        payload = {k: v for k, v in chat_body(model, n).items() if k != "stream_options"}
-    else:
-        payload = {"model": model, "prompt": "Once upon a time", "max_tokens": n, "temperature": 0, "ignore_eos": True}
-    status, _, raw = request(cluster.router_url + endpoint, payload, timeout=600)
-    assert status == 200, raw[:300]
-    ref = json.loads(raw)
+    payload = OPENAI_REFS[(endpoint, False, n)](model)
+    ref = openai_refs[(endpoint, False, n)]
     (out_status, _, raw), answers, source, route = _run_moving(
         cluster, lambda: request(cluster.router_url + endpoint, {**payload, "rid": "mig-hops"}, None, 600), (1, 2)
     )

@@ -87,10 +87,13 @@ def test_the_map_script_writes_its_tables_and_resumes_from_its_cache(tmp_path):
     ]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=root, capture_output=True, timeout=600)
     lines = (tmp_path / "cache.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * 3 * 2 + 2 * 3  # searches (cells x policies x seeds) + fixed-load runs
+    assert len(lines) == 2 * 3 * 2 + 2 * 3 * 2  # searches, then fixed-load runs (cells x policies x seeds each)
     doc = json.loads((tmp_path / "sim_map.json").read_text())
     assert [c["cv"] for c in doc["cells"]] == [None, 1.0] and doc["cells"][1]["cv_measured"] == pytest.approx(1, 0.02)
     assert set(doc["cells"][0]["ratios"]) == {"ares/least_kv", "ares/round_robin"}
+    at_load = doc["cells"][0]["load_summary"]["0.9"]
+    assert at_load["ratios"]["ares/least_kv"]["good_rps"]["seeds"] == 2  # paired over both seeds
+    assert doc["cells"][0]["slo_fluid_bound"]["tpot_1.25x"]["rate"] <= doc["cells"][0]["fluid_bound"]["rate"] * 1.01
     assert "| 5 | 1 (1.00) |" in (tmp_path / "sim_map.md").read_text()
     assert (tmp_path / "sim_map_ares_vs_least_kv.png").stat().st_size > 0
     again = subprocess.run(cmd, check=True, cwd=root, capture_output=True, text=True, timeout=600)
