@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -19,16 +20,33 @@ def _launch_server(*args: str, timeout: float = 240) -> subprocess.CompletedProc
     )
 
 
-def test_help_lists_ares_flags():
-    out = _launch_server("--help")
+@pytest.fixture(scope="module")
+def launched(tiny_model, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every SGLang launch this module checks, run two at a time: each spends ~10 s importing SGLang on one core,
+    so run one by one they leave the other core idle. Keyed by test."""
+    from ares.predictor.head import HeadConfig, LengthHead, save_head
+
+    head = tmp_path_factory.mktemp("wrong-size-head") / "head"
+    save_head(LengthHead(HeadConfig(hidden_size=32)), head)
+    tiny_decode = ("--model-path", str(tiny_model), "--device", "cpu", "--disaggregation-mode", "decode", "--ares")
+    launches = {
+        "help": ("--help",),
+        "prefill": ("--model-path", str(tiny_model), "--device", "cpu", "--disaggregation-mode", "prefill", "--ares"),
+        "wrong_size": (*tiny_decode, "--ares-predictor", str(head)),
+        "no_checkpoint": tiny_decode,
+    }
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(launches, pool.map(lambda a: _launch_server(*a), launches.values()), strict=True))
+
+
+def test_help_lists_ares_flags(launched):
+    out = launched["help"]
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--ares " in out.stdout and "--ares-predictor" in out.stdout
 
 
-def test_ares_on_prefill_server_is_a_startup_error(tiny_model):
-    out = _launch_server(
-        "--model-path", str(tiny_model), "--device", "cpu", "--disaggregation-mode", "prefill", "--ares"
-    )
+def test_ares_on_prefill_server_is_a_startup_error(launched):
+    out = launched["prefill"]
     assert out.returncode != 0
     assert "--ares is only valid on a PD decode server" in out.stderr + out.stdout
 
@@ -96,38 +114,38 @@ def _probe_hooks(env_config: AresServerConfig | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_plugin_without_ares_installs_only_cli_hooks():
+@pytest.fixture(scope="module")
+def probes() -> dict[str, dict]:
+    """The two hook probes, side by side (each a one-core SGLang import, as in `launched`)."""
+    configs = {"off": None, "cpu": AresServerConfig(cpu_mode=True)}
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(configs, pool.map(_probe_hooks, configs.values()), strict=True))
+
+
+def test_plugin_without_ares_installs_only_cli_hooks(probes):
     """SGLang loads the installed plugin; with ARES off it adds flags and nothing else."""
     from ares.plugin import CLI_HOOK_TARGETS
 
-    probe = _probe_hooks(None)
+    probe = probes["off"]
     assert sorted(probe["targets"]) == sorted(CLI_HOOK_TARGETS)
     assert probe["vllm"] is False
 
 
-def test_plugin_cpu_mode_installs_cpu_patches_in_children():
-    probe = _probe_hooks(AresServerConfig(cpu_mode=True))
+def test_plugin_cpu_mode_installs_cpu_patches_in_children(probes):
+    probe = probes["cpu"]
     assert probe["vllm"] is True
 
 
-def test_predictor_of_the_wrong_size_fails_at_startup(tiny_model, tmp_path):
+def test_predictor_of_the_wrong_size_fails_at_startup(launched):
     """A head trained for another hidden size stops the server before it loads anything, naming both sizes."""
-    from ares.predictor.head import HeadConfig, LengthHead, save_head
-
-    save_head(LengthHead(HeadConfig(hidden_size=32)), tmp_path / "head")
-    out = _launch_server(
-        "--model-path", str(tiny_model), "--device", "cpu", "--disaggregation-mode", "decode", "--ares",
-        "--ares-predictor", str(tmp_path / "head"),
-    )  # fmt: skip
+    out = launched["wrong_size"]
     assert out.returncode != 0
     assert "checkpoint hidden size 32 does not match model hidden size 64" in out.stderr + out.stdout
 
 
-def test_ares_without_a_fitting_checkpoint_fails_at_startup_naming_the_flag(tiny_model):
+def test_ares_without_a_fitting_checkpoint_fails_at_startup_naming_the_flag(launched):
     """The shipped head fits SmolLM2-135M only; another model with --ares and no --ares-predictor stops at startup."""
-    out = _launch_server(
-        "--model-path", str(tiny_model), "--device", "cpu", "--disaggregation-mode", "decode", "--ares"
-    )  # fmt: skip
+    out = launched["no_checkpoint"]
     assert out.returncode != 0
     assert "--ares needs a length-predictor checkpoint" in out.stderr + out.stdout
     assert "--ares-predictor PATH" in out.stderr + out.stdout
