@@ -45,10 +45,39 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# The session's shared server sets (fixture name -> running cluster), and the test after which each is no longer
+# needed: a set is stopped right after its last user (`pytest_runtest_teardown`), not at the end of the session.
+# Seven SGLang servers resident at once take ~20 GB of a 24 GB machine; the tiny set's users run first, so the
+# SmolLM2 set never shares the machine with it.
+_SHARED: dict[str, Cluster] = {}
+_LAST_USER: dict[str, str] = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: the last user is one that runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that kill a shared decode server run last, in their collected order: the shared cluster cannot bring a
-    killed server back as it was (its KV, its Mooncake registration), so no later test may meet a dead one."""
-    items.sort(key=lambda item: item.get_closest_marker("kills_a_server") is not None)  # stable: order kept
+    """Order: the modules on the tiny servers first, then the rest; within each, tests that kill a shared decode
+    server last, in their collected order (stable sort): the shared cluster cannot bring a killed server back as it
+    was (its KV, its Mooncake registration), so no later test may meet a dead one."""
+    tiny_modules = {item.module for item in items if "tiny_servers" in getattr(item, "fixturenames", ())}
+    items.sort(
+        key=lambda item: (
+            getattr(item, "module", None) not in tiny_modules,
+            item.get_closest_marker("kills_a_server") is not None,
+        )
+    )
+    _LAST_USER.clear()
+    for name in ("tiny_servers", "ares_servers"):
+        users = [item.nodeid for item in items if name in getattr(item, "fixturenames", ())]
+        if users:
+            _LAST_USER[name] = users[-1]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    yield  # the test's own fixtures (a module's routers) are gone first
+    for name, last in _LAST_USER.items():
+        if item.nodeid == last and name in _SHARED:
+            _SHARED.pop(name).stop()
 
 
 def _as_missing_data(outcome) -> None:
@@ -88,15 +117,22 @@ def running_cluster(tmp_dir: Path, **spec_kwargs) -> Iterator[Cluster]:
 def tiny_servers(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Plain SGLang PD servers on the tiny model (no `--ares`): 1 prefill + 2 decode, no router of their own, started
     once for the modules that test serving itself (`pd_cluster`, `test_router_e2e`)."""
-    with running_cluster(
-        tmp_path_factory.mktemp("tiny-servers"),
-        model_path=str(tiny_model),
-        n_prefill=1,
-        n_decode=2,
-        max_total_tokens=4096,
-        start_router=False,
-    ) as cluster:
+    cluster = Cluster(
+        ClusterSpec(model_path=str(tiny_model), n_prefill=1, n_decode=2, max_total_tokens=4096, start_router=False),
+        log_dir=tmp_path_factory.mktemp("tiny-servers") / "logs",
+    )
+    yield from _shared("tiny_servers", cluster)
+
+
+def _shared(name: str, cluster: Cluster) -> Iterator[Cluster]:
+    """Start `cluster` as shared set `name`, yield it, stop it at the end unless its last user's teardown did."""
+    _SHARED[name] = cluster
+    try:
+        cluster.start()
         yield cluster
+    finally:
+        if _SHARED.pop(name, None) is not None:
+            cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +165,10 @@ def ares_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         log_dir=tmp_path_factory.mktemp("ares-servers") / "logs",
     )
     with patch.dict(os.environ, {"ARES_MIGRATE_IDLE_TTL_S": str(SERVER_IDLE_TTL_S)}):  # the servers' environment
-        cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+        shared = _shared("ares_servers", cluster)
+        started = next(shared)
+    yield started
+    yield from shared  # stops it (unless its last user's teardown already did)
 
 
 def greedy_body(prompt: list[int], max_new_tokens: int) -> dict:
