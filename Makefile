@@ -71,6 +71,10 @@ else
 	$(PY) benchmark/sim_map.py --jobs 2 --fresh
 	$(PY) benchmark/sim_map.py --jobs 2 --fresh --reserve-tokens 0 --concurrency 5,40 --cv native \
 	  --out benchmark/results/sim_map_reserve0
+	$(PY) benchmark/sim_map.py --decode 32 --concurrency 3,5 --cv native --seeds 5 --duration 1800 --min-requests 2500 \
+	  --resolution 0.05 --loads 0.9,1.2 --search pooled_bound --jobs 2 --out benchmark/results/sim_map_d32 \
+	  --policy least_kv,current_migrate_hold,ares_hold,ares_hold_true_lengths,ares_hold+predictive,pooled_bound
+	$(PY) benchmark/sim_bound_witness.py
 	$(VENV)/bin/ares sim --workload r1 --decode 256 --duration 600 --seeds 1 --resolution 0.05 --poll 1.0 \
 	  --policy round_robin,least_kv,current_migrate,ares,ares_hold,pooled_bound --out benchmark/results/sim_r1_256
 	$(PY) benchmark/sim_speed.py --policy ares,round_robin,least_kv,ares_hold
