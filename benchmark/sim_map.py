@@ -365,9 +365,9 @@ def markdown(doc: dict) -> str:
         "Per cell: seconds of arrivals per run, and the provable bounds on goodput at 90% attainment, valid for any"
         " policy (`bounds.fluid_bound`: per-instance pools, resources only; `slo_bound.slo_fluid_bound`: with the"
         " SLOs, one selection of the SLO-meeting requests; on 20,000 requests of the hour). Both are far above the"
-        " simulated pooled bound, which is no bound at all: a least_kv run that defers its most expensive 5-8% of"
-        " requests meets 90% attainment above it (see README). At 90% attainment a schedule may give up the"
-        " heaviest tenth of requests, which carries most of the work:",
+        " simulated pooled bound, which is no bound at all: a least_kv run that defers its heaviest 8% of requests"
+        " meets 90% attainment above it (`benchmark/sim_bound_witness.py`). At 90% attainment a schedule may give up"
+        " the heaviest tenth of requests, which carries most of the work:",
         "",
         "| C | CV | seconds | capacity rate req/s | fluid bound req/s (binding) | SLO-aware bound per SLO req/s |",
         "|---|---|---:|---:|---|---|",
