@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from provenance import record
-from router_loopback import HOST, cpu_seconds, raise_nofile, start_backend, stop, wait_http
+from router_loopback import HOST, cpu_seconds, raise_nofile, start_backend, stop, use_uvloop, wait_http
 from router_vs_sglang import _ready, closed_loop, loadavg, log
 
 from ares.cluster.launcher import free_ports
@@ -222,12 +222,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=OUT / "relay_cpu_vs_base", help="results path without suffix")
     args = p.parse_args()
     raise_nofile()
-    try:
-        import uvloop  # a cheaper client leaves more of the 2 cores to the routers
-
-        uvloop.install()
-    except ImportError:
-        pass
+    use_uvloop()
     t0 = time.time()
     # Stamped at the start, when HEAD is resolved (others may commit while this runs).
     stamp = record(ROOT, [ROOT / "benchmark" / "router_loopback.py", ROOT / "benchmark" / "router_vs_sglang.py"])

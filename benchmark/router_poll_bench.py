@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 from provenance import record
+from router_loopback import use_uvloop
 
 OUT = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
@@ -484,12 +485,7 @@ def main() -> int:
     if args.router_core not in available:
         p.error(f"--router-core {args.router_core} is not one of this process's cores {sorted(available)}")
     server_cores = available - {args.router_core}
-    try:
-        import uvloop  # what `python -m ares_router` runs on
-
-        uvloop.install()
-    except ImportError:
-        pass
+    use_uvloop()
     from tqdm import tqdm
 
     loadavg_before = list(os.getloadavg())

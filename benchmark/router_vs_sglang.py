@@ -56,6 +56,7 @@ from router_loopback import (
     raise_nofile,
     start_backend,
     stop,
+    use_uvloop,
     wait_http,
 )
 
@@ -783,12 +784,7 @@ def main() -> int:
     if args.stream_tokens <= INSTANT_MAX_TOKENS:
         p.error(f"--stream-tokens must be above {INSTANT_MAX_TOKENS} (the backend paces only those)")
     raise_nofile()
-    try:
-        import uvloop  # the client's loop: a cheaper client leaves more of the 2 cores to the routers
-
-        uvloop.install()
-    except ImportError:
-        pass
+    use_uvloop()
     if args.workers_only:
         return run_workers_only(args)
     t0 = time.time()
